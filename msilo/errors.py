@@ -1,0 +1,83 @@
+"""msilo's exception hierarchy.
+
+SIP-facing errors carry the ``status`` and ``reason`` of the response that
+answers them, so the transport can reply without a lookup table.  Library code
+raises these; only the server layer logs.
+"""
+
+from __future__ import annotations
+
+
+class MsiloError(Exception):
+    """Base class of every error msilo raises on purpose."""
+
+
+class ConfigError(MsiloError):
+    """A configuration file, key or value is invalid; the message names the key and the rule."""
+
+
+class SipError(MsiloError):
+    """An error that is answered with a SIP response ``status`` / ``reason``."""
+
+    status: int = 500
+    reason: str = "Server Internal Error"
+
+    def __init__(self, detail: str = "", *, status: int | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+        if reason is not None:
+            self.reason = reason
+
+
+class ParseError(SipError):
+    """The bytes are not a well-formed SIP message (RFC 3261 §25)."""
+
+    status = 400
+    reason = "Bad Request"
+
+
+class MessageTooLarge(ParseError):
+    """The message is larger than the configured or protocol limit (RFC 3261 §21.5.14)."""
+
+    status = 513
+    reason = "Message Too Large"
+
+
+class UnsupportedURIScheme(ParseError):
+    """The Request-URI scheme is not sip, sips or tel (RFC 3261 §21.4.16)."""
+
+    status = 416
+    reason = "Unsupported URI Scheme"
+
+
+class TooManyHops(SipError):
+    """Max-Forwards reached zero (RFC 3261 §16.3 step 3)."""
+
+    status = 483
+    reason = "Too Many Hops"
+
+
+class AddressIncomplete(SipError):
+    """The Request-URI has no user part (RFC 3261 §21.4.22)."""
+
+    status = 484
+    reason = "Address Incomplete"
+
+
+class StorageError(MsiloError):
+    """The database failed; the request is answered 503 and nothing is acknowledged."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The database cannot be reached right now (connection lost, server down)."""
+
+
+class QueueFull(StorageError):
+    """The batch writer's queue is full; the request is answered 503 with Retry-After."""
+
+
+class SchemaError(StorageError):
+    """The database schema is missing, foreign or of an unexpected version."""

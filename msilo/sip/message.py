@@ -1,0 +1,202 @@
+"""Value types produced by both SIP parsers (the C one and its pure-Python twin).
+
+This module is the contract: ``msilo._fastparse`` and ``msilo.sip._parse_py``
+return instances with exactly these public attributes, and the rest of msilo
+(transactions, routing) reads only these attributes.  Header names are matched
+case-insensitively; compact forms (RFC 3261 §7.3.3) are expanded to their full
+canonical lower-case names in ``headers``.
+
+Values are ``str`` (decoded as UTF-8 with ``surrogateescape`` so no byte is lost)
+except the body, which stays ``bytes``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class _Value:
+    """Slots-based value object with equality and a readable repr (for tests and logs)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """Names of every public field, base classes first."""
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names.extend(klass.__dict__.get("__slots__", ()))
+        return tuple(names)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the public fields as a plain dict (nested values converted too)."""
+        return {name: _plain(getattr(self, name, None)) for name in self.fields()}
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n, None)!r}" for n in self.fields())
+        return f"{type(self).__name__}({fields})"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Value):
+        return value.as_dict()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class SipURI(_Value):
+    """A parsed sip:, sips: or tel: URI (RFC 3261 §19.1.1, RFC 3966)."""
+
+    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "raw")
+
+    scheme: str                      # "sip", "sips" or "tel", lower-case
+    user: str | None                 # as written (escapes not resolved); tel: the number
+    password: str | None
+    host: str                        # as written; IPv6 references keep their brackets; tel: ""
+    port: int | None
+    params: dict[str, str | None]    # names lower-cased; a flag parameter maps to None
+    headers: dict[str, str]          # ?name=value part
+    raw: str                         # the URI text exactly as given
+
+
+class NameAddr(_Value):
+    """From / To / Route style value: ``"Display" <uri>;params`` (RFC 3261 §20.20)."""
+
+    __slots__ = ("display", "uri", "tag", "params")
+
+    display: str | None              # unquoted display name, or None
+    uri: str                         # the URI text (without <>)
+    tag: str | None                  # the tag parameter
+    params: dict[str, str | None]    # header parameters (tag included), names lower-cased
+
+
+class Via(_Value):
+    """One Via value (RFC 3261 §20.42, RFC 3581)."""
+
+    __slots__ = ("protocol", "transport", "host", "port", "branch", "received", "rport",
+                 "params", "raw")
+
+    protocol: str                    # "SIP/2.0"
+    transport: str                   # upper-case: "UDP", "TCP", "TLS", ...
+    host: str                        # sent-by host (IPv6 with brackets)
+    port: int | None                 # sent-by port
+    branch: str | None
+    received: str | None
+    rport: int | None                # the rport value; see params["rport"] for a bare flag
+    params: dict[str, str | None]    # all parameters, names lower-cased
+    raw: str                         # the value exactly as received
+
+
+class CSeq(_Value):
+    """CSeq value (RFC 3261 §20.16)."""
+
+    __slots__ = ("number", "method")
+
+    number: int
+    method: str
+
+
+class ContentType(_Value):
+    """Content-Type value (RFC 3261 §20.15): media type plus parameters."""
+
+    __slots__ = ("type", "subtype", "params", "raw")
+
+    type: str                        # lower-case, e.g. "text"
+    subtype: str                     # lower-case, e.g. "plain"
+    params: dict[str, str]           # names lower-cased, values unquoted
+    raw: str                         # the full header value as received (D4 stores this)
+
+    @property
+    def mime(self) -> str:
+        """``type/subtype`` in lower case."""
+        return f"{self.type}/{self.subtype}"
+
+
+class Contact(_Value):
+    """One Contact value (RFC 3261 §20.10, RFC 3840, RFC 5626)."""
+
+    __slots__ = ("display", "uri", "expires", "q", "methods", "instance", "params")
+
+    display: str | None
+    uri: str
+    expires: int | None              # the expires parameter, if present and numeric
+    q: float | None
+    methods: tuple[str, ...] | None  # RFC 3840 methods="..." list, upper-case; None if absent
+    instance: str | None             # +sip.instance value, unquoted
+    params: dict[str, str | None]
+
+
+class SipMessage(_Value):
+    """Fields common to requests and responses."""
+
+    __slots__ = ("headers", "body", "via", "from_", "to", "call_id", "cseq",
+                 "max_forwards", "expires", "content_type", "content_length",
+                 "contacts", "contact_star", "allow")
+
+    # Every header in order of appearance: (canonical lower-case full name, value).
+    # Comma-joined values of list headers stay one entry here; typed fields split them.
+    headers: list[tuple[str, str]]
+    body: bytes
+    via: Via | None                  # the top Via
+    from_: NameAddr | None
+    to: NameAddr | None
+    call_id: str | None
+    cseq: CSeq | None
+    max_forwards: int | None
+    expires: int | None
+    content_type: ContentType | None
+    content_length: int | None
+    contacts: list[Contact]
+    contact_star: bool               # Contact: *
+    allow: tuple[str, ...] | None    # upper-case methods; None if no Allow header
+
+    def get_header(self, name: str) -> str | None:
+        """First value of a header (case-insensitive; compact forms accepted), or None."""
+        from msilo.sip.headers import canonical_name
+
+        key = canonical_name(name)
+        for hname, value in self.headers:
+            if hname == key:
+                return value
+        return None
+
+    def get_headers(self, name: str) -> list[str]:
+        """Every value of a header, in order (case-insensitive; compact forms accepted)."""
+        from msilo.sip.headers import canonical_name
+
+        key = canonical_name(name)
+        return [value for hname, value in self.headers if hname == key]
+
+
+class SipRequest(SipMessage):
+    """A parsed request: ``Method SP Request-URI SP SIP-Version`` (RFC 3261 §7.1)."""
+
+    __slots__ = ("method", "uri", "version")
+
+    method: str
+    uri: str                         # Request-URI text
+    version: str
+
+    is_request = True
+
+
+class SipResponse(SipMessage):
+    """A parsed response: ``SIP-Version SP Status-Code SP Reason-Phrase`` (RFC 3261 §7.2)."""
+
+    __slots__ = ("status", "reason", "version")
+
+    status: int
+    reason: str
+    version: str
+
+    is_request = False

@@ -1,0 +1,105 @@
+"""Shared fixtures: a real PostgreSQL for the tests that need one.
+
+Where the server comes from, in order (as asyncpg's own harness does):
+1. ``MSILO_TEST_PG_DSN`` if set;
+2. ``postgres://postgres@127.0.0.1:5432/postgres`` if it answers;
+3. a throwaway cluster started from the PostgreSQL binaries on the machine.
+If none can be had, PostgreSQL tests are skipped with the reason, unless
+``MSILO_REQUIRE_PG=1`` (CI), where that is a failure.
+Every test session works in a fresh database that is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+LOCAL_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+async def _answers(dsn: str) -> bool:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+async def _admin(dsn: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _with_database(dsn: str, database: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def _start_temp_cluster() -> tuple[str, object] | None:
+    try:
+        from asyncpg import cluster as pgcluster
+    except ImportError:
+        return None
+    try:
+        cluster = pgcluster.TempCluster()
+        cluster.init(username="postgres")
+        cluster.trust_local_connections()
+        cluster.start(port="dynamic", server_settings={})
+    except Exception:  # noqa: BLE001 - any failure means "no throwaway cluster here"
+        return None
+    addr = cluster.get_connection_spec()
+    dsn = f"postgres://postgres@{addr['host']}:{addr['port']}/postgres"
+    return dsn, cluster
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> Iterator[str]:
+    """DSN of a PostgreSQL server's maintenance database (see module docstring)."""
+    cluster = None
+    dsn = os.environ.get("MSILO_TEST_PG_DSN")
+    reason = ""
+    if dsn is None:
+        if asyncio.run(_answers(LOCAL_DSN)):
+            dsn = LOCAL_DSN
+        else:
+            started = _start_temp_cluster()
+            if started is not None:
+                dsn, cluster = started
+            else:
+                reason = ("no PostgreSQL: MSILO_TEST_PG_DSN unset, nothing on 127.0.0.1:5432, "
+                          "and no PostgreSQL binaries to start a throwaway cluster")
+    if dsn is None:
+        if os.environ.get("MSILO_REQUIRE_PG") == "1":
+            pytest.fail(reason + " (MSILO_REQUIRE_PG=1)")
+        pytest.skip(reason)
+    try:
+        yield dsn
+    finally:
+        if cluster is not None:
+            cluster.stop()  # type: ignore[attr-defined]
+            cluster.destroy()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """DSN of a fresh database for this test session, dropped at the end."""
+    name = f"msilo_test_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(pg_server_dsn, name)
+    finally:
+        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

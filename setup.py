@@ -34,16 +34,20 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-class build_ext(_build_ext):  # noqa: N801 - setuptools command naming
+class build_ext(_build_ext):
     """Cythonize msilo's extension, loudly refusing to build without Cython or a compiler."""
 
-    user_options = [
+    user_options = [  # noqa: RUF012 - setuptools reads this class attribute
         *_build_ext.user_options,
         ("cython-always", None, "run the cythonize() compile step even if the .c file exists"),
         ("cython-annotate", None, "produce a colorized HTML version of the Cython source"),
         ("cython-directives=", None, "Cython compiler directives, k=v[,k=v...]"),
     ]
-    boolean_options = [*_build_ext.boolean_options, "cython-always", "cython-annotate"]
+    boolean_options = [  # noqa: RUF012
+        *_build_ext.boolean_options,
+        "cython-always",
+        "cython-annotate",
+    ]
 
     def initialize_options(self) -> None:
         super().initialize_options()
@@ -105,8 +109,12 @@ class build_ext(_build_ext):  # noqa: N801 - setuptools command naming
 
 
 if NO_EXTENSIONS:
-    print("*" * 70, "\nmsilo: MSILO_NO_EXTENSIONS is set: PURE-PYTHON build (slow parser)\n",
-          "*" * 70, file=sys.stderr)
+    print(
+        "*" * 70,
+        "\nmsilo: MSILO_NO_EXTENSIONS is set: PURE-PYTHON build (slow parser)\n",
+        "*" * 70,
+        file=sys.stderr,
+    )
     ext_modules: list[Extension] = []
 else:
     macros = [("MSILO_DEBUG", "1")] if DEBUG else []

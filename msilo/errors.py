@@ -22,8 +22,9 @@ class SipError(MsiloError):
     status: int = 500
     reason: str = "Server Internal Error"
 
-    def __init__(self, detail: str = "", *, status: int | None = None,
-                 reason: str | None = None) -> None:
+    def __init__(
+        self, detail: str = "", *, status: int | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail
         if status is not None:

@@ -80,8 +80,10 @@ def pg_server_dsn() -> Iterator[str]:
             if started is not None:
                 dsn, cluster = started
             else:
-                reason = ("no PostgreSQL: MSILO_TEST_PG_DSN unset, nothing on 127.0.0.1:5432, "
-                          "and no PostgreSQL binaries to start a throwaway cluster")
+                reason = (
+                    "no PostgreSQL: MSILO_TEST_PG_DSN unset, nothing on 127.0.0.1:5432, "
+                    "and no PostgreSQL binaries to start a throwaway cluster"
+                )
     if dsn is None:
         if os.environ.get("MSILO_REQUIRE_PG") == "1":
             pytest.fail(reason + " (MSILO_REQUIRE_PG=1)")

@@ -7,26 +7,26 @@ from __future__ import annotations
 
 # compact form -> canonical lower-case full name
 COMPACT_FORMS: dict[str, str] = {
-    "a": "accept-contact",       # RFC 3841
-    "b": "referred-by",          # RFC 3892
+    "a": "accept-contact",  # RFC 3841
+    "b": "referred-by",  # RFC 3892
     "c": "content-type",
     "d": "request-disposition",  # RFC 3841
     "e": "content-encoding",
     "f": "from",
     "i": "call-id",
-    "j": "reject-contact",       # RFC 3841
+    "j": "reject-contact",  # RFC 3841
     "k": "supported",
     "l": "content-length",
     "m": "contact",
-    "n": "identity-info",        # RFC 4474
-    "o": "event",                # RFC 6665
-    "r": "refer-to",             # RFC 3515
+    "n": "identity-info",  # RFC 4474
+    "o": "event",  # RFC 6665
+    "r": "refer-to",  # RFC 3515
     "s": "subject",
     "t": "to",
-    "u": "allow-events",         # RFC 6665
+    "u": "allow-events",  # RFC 6665
     "v": "via",
-    "x": "session-expires",      # RFC 4028
-    "y": "identity",             # RFC 8224
+    "x": "session-expires",  # RFC 4028
+    "y": "identity",  # RFC 8224
 }
 
 # canonical lower-case name -> the spelling we emit

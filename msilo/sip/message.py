@@ -59,14 +59,14 @@ class SipURI(_Value):
 
     __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "raw")
 
-    scheme: str                      # "sip", "sips" or "tel", lower-case
-    user: str | None                 # as written (escapes not resolved); tel: the number
+    scheme: str  # "sip", "sips" or "tel", lower-case
+    user: str | None  # as written (escapes not resolved); tel: the number
     password: str | None
-    host: str                        # as written; IPv6 references keep their brackets; tel: ""
+    host: str  # as written; IPv6 references keep their brackets; tel: ""
     port: int | None
-    params: dict[str, str | None]    # names lower-cased; a flag parameter maps to None
-    headers: dict[str, str]          # ?name=value part
-    raw: str                         # the URI text exactly as given
+    params: dict[str, str | None]  # names lower-cased; a flag parameter maps to None
+    headers: dict[str, str]  # ?name=value part
+    raw: str  # the URI text exactly as given
 
 
 class NameAddr(_Value):
@@ -74,27 +74,36 @@ class NameAddr(_Value):
 
     __slots__ = ("display", "uri", "tag", "params")
 
-    display: str | None              # unquoted display name, or None
-    uri: str                         # the URI text (without <>)
-    tag: str | None                  # the tag parameter
-    params: dict[str, str | None]    # header parameters (tag included), names lower-cased
+    display: str | None  # unquoted display name, or None
+    uri: str  # the URI text (without <>)
+    tag: str | None  # the tag parameter
+    params: dict[str, str | None]  # header parameters (tag included), names lower-cased
 
 
 class Via(_Value):
     """One Via value (RFC 3261 §20.42, RFC 3581)."""
 
-    __slots__ = ("protocol", "transport", "host", "port", "branch", "received", "rport",
-                 "params", "raw")
+    __slots__ = (
+        "protocol",
+        "transport",
+        "host",
+        "port",
+        "branch",
+        "received",
+        "rport",
+        "params",
+        "raw",
+    )
 
-    protocol: str                    # "SIP/2.0"
-    transport: str                   # upper-case: "UDP", "TCP", "TLS", ...
-    host: str                        # sent-by host (IPv6 with brackets)
-    port: int | None                 # sent-by port
+    protocol: str  # "SIP/2.0"
+    transport: str  # upper-case: "UDP", "TCP", "TLS", ...
+    host: str  # sent-by host (IPv6 with brackets)
+    port: int | None  # sent-by port
     branch: str | None
     received: str | None
-    rport: int | None                # the rport value; see params["rport"] for a bare flag
-    params: dict[str, str | None]    # all parameters, names lower-cased
-    raw: str                         # the value exactly as received
+    rport: int | None  # the rport value; see params["rport"] for a bare flag
+    params: dict[str, str | None]  # all parameters, names lower-cased
+    raw: str  # the value exactly as received
 
 
 class CSeq(_Value):
@@ -111,10 +120,10 @@ class ContentType(_Value):
 
     __slots__ = ("type", "subtype", "params", "raw")
 
-    type: str                        # lower-case, e.g. "text"
-    subtype: str                     # lower-case, e.g. "plain"
-    params: dict[str, str]           # names lower-cased, values unquoted
-    raw: str                         # the full header value as received (D4 stores this)
+    type: str  # lower-case, e.g. "text"
+    subtype: str  # lower-case, e.g. "plain"
+    params: dict[str, str]  # names lower-cased, values unquoted
+    raw: str  # the full header value as received (D4 stores this)
 
     @property
     def mime(self) -> str:
@@ -129,25 +138,38 @@ class Contact(_Value):
 
     display: str | None
     uri: str
-    expires: int | None              # the expires parameter, if present and numeric
+    expires: int | None  # the expires parameter, if present and numeric
     q: float | None
     methods: tuple[str, ...] | None  # RFC 3840 methods="..." list, upper-case; None if absent
-    instance: str | None             # +sip.instance value, unquoted
+    instance: str | None  # +sip.instance value, unquoted
     params: dict[str, str | None]
 
 
 class SipMessage(_Value):
     """Fields common to requests and responses."""
 
-    __slots__ = ("headers", "body", "via", "from_", "to", "call_id", "cseq",
-                 "max_forwards", "expires", "content_type", "content_length",
-                 "contacts", "contact_star", "allow")
+    __slots__ = (
+        "headers",
+        "body",
+        "via",
+        "from_",
+        "to",
+        "call_id",
+        "cseq",
+        "max_forwards",
+        "expires",
+        "content_type",
+        "content_length",
+        "contacts",
+        "contact_star",
+        "allow",
+    )
 
     # Every header in order of appearance: (canonical lower-case full name, value).
     # Comma-joined values of list headers stay one entry here; typed fields split them.
     headers: list[tuple[str, str]]
     body: bytes
-    via: Via | None                  # the top Via
+    via: Via | None  # the top Via
     from_: NameAddr | None
     to: NameAddr | None
     call_id: str | None
@@ -157,8 +179,8 @@ class SipMessage(_Value):
     content_type: ContentType | None
     content_length: int | None
     contacts: list[Contact]
-    contact_star: bool               # Contact: *
-    allow: tuple[str, ...] | None    # upper-case methods; None if no Allow header
+    contact_star: bool  # Contact: *
+    allow: tuple[str, ...] | None  # upper-case methods; None if no Allow header
 
     def get_header(self, name: str) -> str | None:
         """First value of a header (case-insensitive; compact forms accepted), or None."""
@@ -184,7 +206,7 @@ class SipRequest(SipMessage):
     __slots__ = ("method", "uri", "version")
 
     method: str
-    uri: str                         # Request-URI text
+    uri: str  # Request-URI text
     version: str
 
     is_request = True

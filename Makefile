@@ -1,0 +1,41 @@
+# The newcomer's entry point.  `make test` installs everything the tests need and runs them all.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: all compile debug test-deps test quicktest lint bench clean
+
+all: compile
+
+compile:            ## build the Cython parser in place (editable install)
+	MSILO_BUILD_CYTHON_ALWAYS=1 $(PIP) install -q -e '.[test]'
+
+debug:              ## debug build: annotate HTML, line tracing, invariant checks
+	MSILO_DEBUG=1 $(PIP) install -q -e '.[test]'
+
+test-deps:          ## Python test dependencies, plus sipp and sipsak from Debian when missing
+	$(PIP) install -q -e '.[test]'
+	@if ! command -v sipp >/dev/null || ! command -v sipsak >/dev/null; then \
+	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester sipsak >/dev/null; \
+	    else \
+	        echo "install sipp and sipsak (Debian: apt-get install sip-tester sipsak)"; exit 1; \
+	    fi; \
+	fi
+
+test: test-deps     ## install the test dependencies and run the whole suite
+	$(PYTHON) -m pytest
+
+quicktest:          ## run the suite without installing anything
+	$(PYTHON) -m pytest -x -q
+
+lint:
+	ruff check .
+	ruff format --check msilo tests bench tools
+
+bench:              ## micro and storage benchmarks (slow; not part of the test suite)
+	$(PIP) install -q -e '.[test,bench]'
+	$(PYTHON) -m pytest bench --benchmark-only -p no:cacheprovider
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks
+	rm -f msilo/*.so msilo/*.c msilo/*.html

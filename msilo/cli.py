@@ -1,0 +1,292 @@
+"""The ``msilo`` command: serve, check-config, db init|upgrade, messages list|count|purge.
+
+Every failure a user can cause (bad config, unreachable database, bad argument)
+ends with one ``msilo: error: …`` line on stderr and a non-zero exit, never a
+traceback.  Exit codes: 0 ok, 1 runtime error (database), 2 usage/config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from msilo import __version__
+from msilo.config import Config, describe, load_config
+from msilo.errors import ConfigError, MsiloError, StorageError
+
+if TYPE_CHECKING:
+    from msilo.storage.base import Store
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+def _version_line() -> str:
+    from msilo.sip.parser import IMPLEMENTATION
+
+    return f"msilo {__version__} (parser: {IMPLEMENTATION})"
+
+
+def _config_args(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # -c/--set are accepted before and after the subcommand; SUPPRESS keeps a
+    # subcommand's absent option from overwriting the one given before it.
+    default_c: Any = None if top else argparse.SUPPRESS
+    default_set: Any = [] if top else argparse.SUPPRESS
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=default_c,
+        help="TOML configuration file (default: none, built-in defaults)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=default_set,
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting; VALUE is a TOML literal (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``msilo`` command."""
+    parser = argparse.ArgumentParser(
+        prog="msilo", description="SIP offline-message server (store and forward SIP MESSAGE)."
+    )
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="print the version and the active parser (C or Python)",
+    )
+    _config_args(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _config_args(p, top=False)
+        return p
+
+    add("serve", "run the server")
+    add("check-config", "validate the configuration and print the effective settings")
+
+    db = add("db", "create or upgrade the database schema")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    for name, text in (
+        ("init", "create the tables if missing"),
+        ("upgrade", "upgrade an existing (e.g. OpenSIPS) silo table in place"),
+    ):
+        _config_args(db_sub.add_parser(name, help=text, description=text), top=False)
+
+    msgs = add("messages", "inspect or purge a user's stored messages")
+    msgs_sub = msgs.add_subparsers(dest="messages_command", metavar="ACTION", required=True)
+    for name, text in (
+        ("list", "list the stored messages of a user"),
+        ("count", "print the number of stored messages of a user"),
+        ("purge", "delete every stored message of a user"),
+    ):
+        p = msgs_sub.add_parser(name, help=text, description=text)
+        _config_args(p, top=False)
+        p.add_argument(
+            "--aor", required=True, metavar="USER@DOMAIN", help="the user's address of record"
+        )
+        if name == "purge":
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return parser
+
+
+def split_aor(text: str) -> tuple[str, str]:
+    """``user@domain`` (or ``sip:user@domain``) -> (user, domain), domain lower-cased."""
+    value = text.strip()
+    lowered = value.lower()
+    for scheme in ("sip:", "sips:"):
+        if lowered.startswith(scheme):
+            value = value[len(scheme) :]
+            break
+    user, at, domain = value.rpartition("@")
+    domain = domain.split(";", 1)[0]
+    if not at or not user or not domain or any(c in value for c in " <>\t"):
+        raise ConfigError(f"--aor {text!r}: must be user@domain")
+    return user, domain.lower()
+
+
+def open_configured_store(config: Config) -> Store:
+    """The storage backend the configuration names (not yet opened)."""
+    from msilo.storage import open_store
+    from msilo.storage.base import SiloNames
+
+    m = config.msilo
+    names = SiloNames(
+        table=m.db_table,
+        mid=m.sc_mid,
+        src_addr=m.sc_from,
+        dst_addr=m.sc_to,
+        username=m.sc_uri_user,
+        domain=m.sc_uri_host,
+        body=m.sc_body,
+        ctype=m.sc_ctype,
+        exp_time=m.sc_exp_time,
+        inc_time=m.sc_inc_time,
+        snd_time=m.sc_snd_time,
+    )
+    return open_store(m.db_url, names)
+
+
+async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -> int:
+    store = open_configured_store(config)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def _cmd_check_config(config: Config) -> int:
+    print(f"configuration OK ({config.source or 'built-in defaults'})")
+    for section, key, _default, _doc in describe():
+        value = getattr(getattr(config, section), key)
+        if isinstance(value, tuple):
+            value = list(value)
+        if section == "auth" and key == "secret" and value:
+            value = "***"
+        print(f"{section}.{key} = {value!r}")
+    return 0
+
+
+async def _cmd_db(config: Config, action: str) -> int:
+    async def work(store: Store) -> int:
+        if action == "init":
+            await store.create_schema()
+            print(f"schema ready ({config.msilo.db_url})")
+        else:
+            done = await store.upgrade_schema()
+            for line in done:
+                print(line)
+            print(f"schema up to date ({len(done)} change(s))")
+        return 0
+
+    return await _with_store(config, work)
+
+
+def _fmt_time(epoch: int) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int:
+    user, domain = split_aor(aor)
+
+    async def work(store: Store) -> int:
+        await store.check_schema()
+        if action == "count":
+            print(await store.count(user, domain))
+        elif action == "list":
+            rows = await store.list(user, domain)
+            for row in rows:
+                body = row.body.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+                when = f"send={_fmt_time(row.snd_time)} " if row.snd_time else ""
+                print(
+                    f"{row.mid}\t{_fmt_time(row.inc_time)}\texpires={_fmt_time(row.exp_time)}"
+                    f"\t{when}from={row.src_addr}\tctype={row.ctype or '-'}\t{body[:80]}"
+                )
+            print(f"{len(rows)} message(s) for {user}@{domain}", file=sys.stderr)
+        else:
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise ConfigError("messages purge: add --yes to confirm without a terminal")
+                answer = input(f"delete every stored message of {user}@{domain}? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("nothing deleted")
+                    return 0
+            print(f"deleted {await store.purge(user, domain)} message(s)")
+        return 0
+
+    return await _with_store(config, work)
+
+
+async def _cmd_serve(config: Config) -> int:
+    """Until the SIP service lands: open storage, create the schema, wait for a signal."""
+    import logging
+
+    log = logging.getLogger("msilo.server")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def work(store: Store) -> int:
+        await store.create_schema()
+        log.info(
+            "event=storage_ready db=%s parser=%s", _redact(config.msilo.db_url), _version_line()
+        )
+        await stop.wait()
+        log.info("event=stopping reason=signal")
+        return 0
+
+    return await _with_store(config, work)
+
+
+def _redact(url: str) -> str:
+    # Never print a database password in a log line.
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}@{host}"
+    return url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``msilo`` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(_version_line())
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        config = load_config(args.config, args.overrides)
+        from msilo.log import setup_logging
+
+        setup_logging(config.server.log_level)
+        if args.command == "check-config":
+            return _cmd_check_config(config)
+        runner = _runner()
+        if args.command == "db":
+            return runner(_cmd_db(config, args.db_command))
+        if args.command == "messages":
+            return runner(
+                _cmd_messages(config, args.messages_command, args.aor, getattr(args, "yes", False))
+            )
+        if args.command == "serve":
+            return runner(_cmd_serve(config))
+    except ConfigError as exc:
+        print(f"msilo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StorageError as exc:
+        print(f"msilo: error: database: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except MsiloError as exc:
+        print(f"msilo: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+def _runner() -> Callable[[Awaitable[int]], int]:
+    def run(coro: Awaitable[int]) -> int:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            return asyncio.run(coro)  # type: ignore[arg-type]
+        return uvloop.run(coro)  # type: ignore[arg-type, no-any-return]
+
+    return run

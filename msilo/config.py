@@ -1,0 +1,616 @@
+"""msilo's settings: one frozen object built from a TOML file plus ``--set`` overrides.
+
+Every key has a default (the admin guide's for the ``[msilo]`` parameters, D1),
+is type-checked and validated at construction (D2).  Any problem raises
+:class:`~msilo.errors.ConfigError` with one line that names the key and the rule,
+e.g. ``msilo.check_time: must be an integer >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from msilo.errors import ConfigError
+
+SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# RFC 3261 §7.3: header = field-name ":" value CRLF, field-name is a token.
+HEADER_LINE = re.compile(r"^[!%'*+\-.0-9A-Z^_`a-z|~]+[ \t]*:[^\r\n]*\r\n$")
+LISTEN = re.compile(r"^(udp|tcp|tls):(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})$")
+HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+)(?::(\d{1,5}))?$")
+ROUTE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+AVP = re.compile(r"^\$avp\(([A-Za-z0-9_.-]+)\)$")
+
+DEFAULT_DB_URL = "sqlite:///msilo.db"
+
+
+def _doc(text: str, check: Callable[[str, Any], Any] | None = None) -> dict[str, Any]:
+    return {"doc": text, "check": check}
+
+
+# ---- value checks: each takes (key, value) and returns the normalised value ----------------
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer (got {value!r})")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{key}: must be an integer >= {minimum} (got {value})")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key}: must be an integer <= {maximum} (got {value})")
+        return value
+
+    return check
+
+
+def _number(minimum: float) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number (got {value!r})")
+        if value < minimum:
+            raise ConfigError(f"{key}: must be a number >= {minimum} (got {value})")
+        return float(value)
+
+    return check
+
+
+def _flag(key: str, value: Any) -> bool:
+    # The admin guide writes flags as 0/1; TOML users write true/false: accept both.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"{key}: must be 0/1 or true/false (got {value!r})")
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string (got {value!r})")
+    return value
+
+
+def _opt_str(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _str(key, value)
+    return text or None
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: must be a list of strings (got {value!r})")
+    return tuple(value)
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        text = _str(key, value)
+        if text not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {text!r})")
+        return text
+
+    return check
+
+
+def _identifier(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if not SQL_IDENTIFIER.match(text):
+        raise ConfigError(
+            f"{key}: must be an SQL identifier (letters, digits, _; not starting with a digit; "
+            f"at most 63 characters) (got {text!r})"
+        )
+    return text
+
+
+def _port_ok(port: str | None) -> bool:
+    return port is None or 1 <= int(port) <= 65535
+
+
+def _listen(key: str, value: Any) -> tuple[str, ...]:
+    items = _str_list(key, value)
+    if not items:
+        raise ConfigError(f"{key}: needs at least one listener such as 'udp:0.0.0.0:5060'")
+    for item in items:
+        match = LISTEN.match(item)
+        if match is None or not _port_ok(match.group(3)):
+            raise ConfigError(
+                f"{key}: {item!r} must be udp:HOST:PORT, tcp:HOST:PORT or tls:HOST:PORT "
+                "(IPv6 hosts in brackets, port 1-65535)"
+            )
+    return items
+
+
+def _hostport(allow_empty: bool) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        text = _str(key, value)
+        if not text and allow_empty:
+            return text
+        match = HOSTPORT.match(text)
+        if match is None or not _port_ok(match.group(2)):
+            raise ConfigError(f"{key}: must be HOST or HOST:PORT (got {text!r})")
+        return text
+
+    return check
+
+
+def _http(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if not text:
+        return text
+    match = HOSTPORT.match(text)
+    if match is None or match.group(2) is None or not _port_ok(match.group(2)):
+        raise ConfigError(f'{key}: must be HOST:PORT, or "" to disable (got {text!r})')
+    return text
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    items = _str_list(key, value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from None
+    return items
+
+
+def _route(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if text and not ROUTE.match(text):
+        raise ConfigError(f'{key}: must be "module:function" (got {text!r})')
+    return text
+
+
+def _db_url(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        return text
+    if text.startswith(("postgres://", "postgresql://")):
+        return text
+    raise ConfigError(
+        f"{key}: must be sqlite:///path/to/file.db or postgres://user@host:port/db (got {text!r})"
+    )
+
+
+def _template(key: str, value: Any) -> str | None:
+    from msilo.routing.templates import TemplateError, compile_template
+
+    text = _opt_str(key, value)
+    if text is not None:
+        try:
+            compile_template(text)
+        except TemplateError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return text
+
+
+def _header_template(name: str) -> Callable[[str, Any], str | None]:
+    def check(key: str, value: Any) -> str | None:
+        text = _template(key, value)
+        if text is None:
+            return None
+        if not HEADER_LINE.match(text):
+            raise ConfigError(
+                f"{key}: must be one full header line ending in \\r\\n, "
+                f'e.g. "{name}: ...\\r\\n" (got {text!r})'
+            )
+        if text.split(":", 1)[0].strip().lower() != name.lower():
+            raise ConfigError(f"{key}: must be a {name} header line (got {text!r})")
+        return text
+
+    return check
+
+
+def _sip_uri(templated: bool) -> Callable[[str, Any], str | None]:
+    def check(key: str, value: Any) -> str | None:
+        text = _template(key, value) if templated else _opt_str(key, value)
+        if text is not None and not re.match(r"^sips?:\S+$", text, re.IGNORECASE):
+            raise ConfigError(f"{key}: must be a sip: or sips: URI without spaces (got {text!r})")
+        return text
+
+    return check
+
+
+def _avp(key: str, value: Any) -> str | None:
+    text = _opt_str(key, value)
+    if text is not None and not AVP.match(text):
+        raise ConfigError(f"{key}: must be an AVP spec such as '$avp(snd_time)' (got {text!r})")
+    return text
+
+
+def _timezone(key: str, value: Any) -> str | None:
+    text = _opt_str(key, value)
+    if text is not None:
+        try:
+            zoneinfo.ZoneInfo(text)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"{key}: must be an IANA time zone name such as 'Europe/Berlin' (got {text!r})"
+            ) from None
+    return text
+
+
+def _algorithms(key: str, value: Any) -> tuple[str, ...]:
+    items = _str_list(key, value)
+    known = ("SHA-512-256", "SHA-256", "MD5")
+    for item in items:
+        if item not in known:
+            raise ConfigError(f"{key}: {item!r} is not one of {', '.join(known)}")
+    if not items:
+        raise ConfigError(f"{key}: needs at least one algorithm")
+    return items
+
+
+# ---- sections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: listeners, processes, mode and management endpoint."""
+
+    listen: tuple[str, ...] = field(
+        default=("udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"),
+        metadata=_doc("SIP listeners: `udp:HOST:PORT`, `tcp:HOST:PORT`, `tls:HOST:PORT`", _listen),
+    )
+    advertise: str = field(
+        default="",
+        metadata=_doc(
+            "host[:port] put in Via/Contact when bound to 0.0.0.0 (empty: derived)", _hostport(True)
+        ),
+    )
+    workers: int = field(
+        default=0, metadata=_doc("worker processes; 0 = one per CPU", _int(0, 256))
+    )
+    mode: str = field(
+        default="registrar",
+        metadata=_doc(
+            "`registrar` (msilo keeps the bindings) or `silo` (behind a proxy)",
+            _choice("registrar", "silo"),
+        ),
+    )
+    domains: tuple[str, ...] = field(
+        default=(), metadata=_doc("domains we serve; empty = any", _str_list)
+    )
+    route: str = field(
+        default="", metadata=_doc("custom route `module:function`; empty = default route", _route)
+    )
+    http: str = field(
+        default="127.0.0.1:9060",
+        metadata=_doc(
+            'management HTTP `HOST:PORT` (/health, /stats, /metrics); "" disables', _http
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_doc(
+            "debug, info, warning or error", _choice("debug", "info", "warning", "error")
+        ),
+    )
+    grace_period: float = field(
+        default=10.0, metadata=_doc("seconds a graceful shutdown may take", _number(0.1))
+    )
+    trusted: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("silo mode: addresses/networks allowed to send (empty = anyone)", _networks),
+    )
+
+    @property
+    def worker_count(self) -> int:
+        """The number of workers to run (``workers``, or one per CPU when 0)."""
+        return self.workers or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class MsiloConfig:
+    """``[msilo]``: every OpenSIPS msilo parameter, same name, same meaning (D1 defaults)."""
+
+    db_url: str = field(
+        default=DEFAULT_DB_URL,
+        metadata=_doc(
+            "database: `sqlite:///path.db` (relative to the working directory) or "
+            "`postgres://user:pass@host:port/db`",
+            _db_url,
+        ),
+    )
+    db_table: str = field(default="silo", metadata=_doc("table of stored messages", _identifier))
+    from_address: str | None = field(
+        default=None,
+        metadata=_doc(
+            "From URI of the offline notification (pseudo-variables allowed); "
+            "unset = no notification",
+            _sip_uri(True),
+        ),
+    )
+    contact_hdr: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Contact header line added to notifications, e.g. "
+            '`"Contact: <sip:msilo@example.com>\\r\\n"`',
+            _header_template("Contact"),
+        ),
+    )
+    offline_message: str | None = field(
+        default=None,
+        metadata=_doc(
+            "body of the offline notification (pseudo-variables allowed); unset = no notification",
+            _template,
+        ),
+    )
+    content_type_hdr: str | None = field(
+        default=None,
+        metadata=_doc(
+            'Content-Type header line of the notification, e.g. `"Content-Type: text/plain\\r\\n"`',
+            _header_template("Content-Type"),
+        ),
+    )
+    reminder: str | None = field(
+        default=None,
+        metadata=_doc("From URI of reminder messages; unset = reminders off", _sip_uri(False)),
+    )
+    outbound_proxy: str | None = field(
+        default=None,
+        metadata=_doc(
+            "next hop for every request msilo sends (notifications, dumps, reminders)",
+            _sip_uri(False),
+        ),
+    )
+    expire_time: int = field(
+        default=259200, metadata=_doc("maximum storage lifetime of a message, seconds", _int(1))
+    )
+    check_time: int = field(
+        default=30,
+        metadata=_doc("period of the delivery-lease and cleanup cycle, seconds", _int(1)),
+    )
+    send_time: int = field(
+        default=0, metadata=_doc("period of the reminder cycle, seconds; 0 = off", _int(0))
+    )
+    clean_period: int = field(
+        default=5,
+        metadata=_doc("expired rows are deleted every clean_period check_time cycles", _int(1)),
+    )
+    use_contact: bool = field(
+        default=True,
+        metadata=_doc("send the notification to the sender's Contact (1) or From URI (0)", _flag),
+    )
+    sc_mid: str = field(default="mid", metadata=_doc("column: message id", _identifier))
+    sc_from: str = field(default="src_addr", metadata=_doc("column: sender URI", _identifier))
+    sc_to: str = field(default="dst_addr", metadata=_doc("column: recipient URI", _identifier))
+    sc_uri_user: str = field(default="username", metadata=_doc("column: owner user", _identifier))
+    sc_uri_host: str = field(default="domain", metadata=_doc("column: owner domain", _identifier))
+    sc_body: str = field(default="body", metadata=_doc("column: body", _identifier))
+    sc_ctype: str = field(default="ctype", metadata=_doc("column: content type", _identifier))
+    sc_exp_time: str = field(default="exp_time", metadata=_doc("column: expiry time", _identifier))
+    sc_inc_time: str = field(default="inc_time", metadata=_doc("column: arrival time", _identifier))
+    sc_snd_time: str = field(
+        default="snd_time", metadata=_doc("column: reminder send time", _identifier)
+    )
+    snd_time_avp: str | None = field(
+        default=None,
+        metadata=_doc(
+            "custom route: AVP holding a `YYYYMMDDHHMMSS` send time, e.g. "
+            '`$avp(snd_time)` (read from `ctx.avp["snd_time"]`)',
+            _avp,
+        ),
+    )
+    add_date: bool = field(
+        default=True,
+        metadata=_doc(
+            "prefix text/plain bodies of delivered messages with the arrival date", _flag
+        ),
+    )
+    max_messages: int = field(
+        default=0, metadata=_doc("maximum stored messages per user; 0 = no limit", _int(0))
+    )
+    snd_time_hdr: str | None = field(
+        default=None,
+        metadata=_doc(
+            "default route: request header carrying a `YYYYMMDDHHMMSS` send time (unset = off)",
+            _opt_str,
+        ),
+    )
+    timezone: str | None = field(
+        default=None,
+        metadata=_doc(
+            "IANA zone for send times and the date prefix (unset = the host's)", _timezone
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RegistrarConfig:
+    """``[registrar]``: binding lifetimes (RFC 3261 §10.3)."""
+
+    default_expires: int = field(
+        default=3600, metadata=_doc("expiry of a binding that asks for none, seconds", _int(1))
+    )
+    min_expires: int = field(
+        default=60,
+        metadata=_doc("shorter requested expiries get 423 Interval Too Brief", _int(1)),
+    )
+    max_expires: int = field(
+        default=86400, metadata=_doc("longer requested expiries are cut to this", _int(1))
+    )
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: digest authentication (RFC 3261 §22, RFC 8760)."""
+
+    enabled: bool = field(default=False, metadata=_doc("challenge REGISTER", _flag))
+    realm: str = field(
+        default="", metadata=_doc("digest realm; empty = the first of server.domains", _str)
+    )
+    secret: str = field(
+        default="", metadata=_doc("HMAC key for nonces; the same on every host", _str)
+    )
+    nonce_expires: int = field(default=300, metadata=_doc("nonce lifetime, seconds", _int(1)))
+    message: bool = field(default=False, metadata=_doc("also challenge MESSAGE", _flag))
+    algorithms: tuple[str, ...] = field(
+        default=("SHA-256", "MD5"),
+        metadata=_doc("digest algorithms offered: SHA-512-256, SHA-256, MD5", _algorithms),
+    )
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """``[tls]``: certificate for `tls:` listeners."""
+
+    certificate: str = field(default="", metadata=_doc("PEM certificate chain file", _str))
+    private_key: str = field(default="", metadata=_doc("PEM private key file", _str))
+    ca: str = field(default="", metadata=_doc("CA bundle to verify peers (optional)", _str))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: protection against oversize requests and floods."""
+
+    max_message_size: int = field(
+        default=65536,
+        metadata=_doc("largest request accepted, bytes; larger gets 513", _int(1024, 16 << 20)),
+    )
+    rate: int = field(
+        default=0, metadata=_doc("requests per second per source address; 0 = off", _int(0))
+    )
+    burst: int = field(
+        default=0, metadata=_doc("token-bucket burst per source address; 0 = 2 x rate", _int(0))
+    )
+    max_connections: int = field(
+        default=10000, metadata=_doc("open TCP/TLS connections per worker", _int(1))
+    )
+    idle_timeout: int = field(
+        default=3600,
+        metadata=_doc("seconds before an idle TCP/TLS connection is closed", _int(1)),
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "msilo": MsiloConfig,
+    "registrar": RegistrarConfig,
+    "auth": AuthConfig,
+    "tls": TLSConfig,
+    "limits": LimitsConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    msilo: MsiloConfig = field(default_factory=MsiloConfig)
+    registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    source: str | None = None  # the file it was read from, for messages
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str | None = None) -> Config:
+        """Build and validate from a parsed TOML mapping; raise ConfigError on any problem."""
+        sections: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: must be a table ([{name}])")
+        for name, klass in SECTIONS.items():
+            sections[name] = _build_section(name, klass, data.get(name, {}))
+        config = cls(**sections, source=source)
+        config._check_cross_keys()
+        return config
+
+    def _check_cross_keys(self) -> None:
+        m = self.msilo
+        if m.offline_message is not None and m.content_type_hdr is None:
+            raise ConfigError(
+                "msilo.content_type_hdr: must be set when msilo.offline_message is set"
+            )
+        r = self.registrar
+        if not r.min_expires <= r.default_expires <= r.max_expires:
+            raise ConfigError(
+                "registrar.default_expires: must lie between registrar.min_expires and "
+                f"registrar.max_expires ({r.min_expires} <= {r.default_expires} <= "
+                f"{r.max_expires} does not hold)"
+            )
+        uses_tls = any(item.startswith("tls:") for item in self.server.listen)
+        if uses_tls and not (self.tls.certificate and self.tls.private_key):
+            raise ConfigError(
+                "tls.certificate: tls.certificate and tls.private_key must be set for a tls: "
+                "listener"
+            )
+        if self.auth.enabled and not self.auth.secret:
+            raise ConfigError("auth.secret: must be set when auth.enabled is true")
+        if self.auth.enabled and not (self.auth.realm or self.server.domains):
+            raise ConfigError("auth.realm: must be set (or server.domains) when auth is enabled")
+
+
+def _build_section(section: str, klass: type, values: Mapping[str, Any]) -> Any:
+    known = {f.name: f for f in fields(klass)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        spec = known.get(key)
+        if spec is None:
+            raise ConfigError(
+                f"{section}.{key}: unknown key (known in [{section}]: {', '.join(known)})"
+            )
+        check = spec.metadata.get("check")
+        kwargs[key] = check(f"{section}.{key}", value) if check else value
+    return klass(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse one ``--set section.key=value``; the value is a TOML literal or else a string."""
+    path, sep, raw = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or not section or not key or "." in key:
+        raise ConfigError(f"--set {text!r}: must be section.key=value (e.g. server.workers=2)")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        # A bare word that is not valid TOML is taken as a string (DESIGN.md).
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read ``path`` (TOML; None = no file), apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such configuration file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for item in overrides:
+        section, key, value = parse_override(item)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: must be a table ([{section}])")
+        table[key] = value
+    return Config.from_mapping(data, source=path)
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """Every key as (section, key, default, meaning), for docs and ``check-config``."""
+    rows: list[tuple[str, str, Any, str]] = []
+    for section, klass in SECTIONS.items():
+        for spec in fields(klass):
+            default = spec.default
+            rows.append((section, spec.name, default, spec.metadata.get("doc", "")))
+    return rows

@@ -54,6 +54,24 @@ class UnsupportedURIScheme(ParseError):
     reason = "Unsupported URI Scheme"
 
 
+class InvalidURI(ParseError):
+    """A URI is malformed, or cannot serve where it is used (e.g. as an address-of-record)."""
+
+    status = 400
+    reason = "Bad Request"
+
+
+class IncompleteURI(InvalidURI):
+    """A URI without a user part where one is needed (an AoR; RFC 3261 §21.4.22).
+
+    The parse-time twin of :class:`AddressIncomplete`: it is a :class:`ParseError`, so
+    parser callers catch one family, and it answers with the same 484.
+    """
+
+    status = 484
+    reason = "Address Incomplete"
+
+
 class TooManyHops(SipError):
     """Max-Forwards reached zero (RFC 3261 §16.3 step 3)."""
 
@@ -82,3 +100,21 @@ class QueueFull(StorageError):
 
 class SchemaError(StorageError):
     """The database schema is missing, foreign or of an unexpected version."""
+
+
+class InvalidRecord(StorageError):
+    """A value does not fit the silo table (too long, NUL character, not text).
+
+    Raised before the row joins a batch, so only the request that carried it fails.
+    """
+
+
+class TransportError(SipError):
+    """A message could not be sent: unresolvable host, refused connection, socket error.
+
+    A client transaction that meets one completes with a locally generated 503
+    (RFC 3261 §8.1.3.1, §17.1.4).
+    """
+
+    status = 503
+    reason = "Service Unavailable"

@@ -26,7 +26,7 @@ async def _answers(dsn: str) -> bool:
 
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
     await conn.close()
     return True
@@ -59,7 +59,7 @@ def _start_temp_cluster() -> tuple[str, object] | None:
         cluster.init(username="postgres")
         cluster.trust_local_connections()
         cluster.start(port="dynamic", server_settings={})
-    except Exception:  # noqa: BLE001 - any failure means "no throwaway cluster here"
+    except Exception:
         return None
     addr = cluster.get_connection_spec()
     dsn = f"postgres://postgres@{addr['host']}:{addr['port']}/postgres"

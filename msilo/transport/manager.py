@@ -1,0 +1,216 @@
+"""One process's SIP sockets: listeners, the client UDP socket, TCP connections, sending.
+
+:class:`Transports` is what the server wires up: it binds the listeners, hands
+every received message to ``on_message`` (the transaction layer's
+``receive``), and offers :meth:`Transports.send` and :meth:`Transports.sent_by`
+for the requests the process originates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from msilo.errors import TransportError
+from msilo.transport.base import (
+    TCP,
+    UDP,
+    ErrorCallback,
+    MessageCallback,
+    Source,
+    Target,
+    is_ip,
+)
+from msilo.transport.sockets import (
+    bind_client_udp,
+    bind_tcp,
+    bind_udp,
+    family_of,
+    is_wildcard,
+    local_ip,
+)
+from msilo.transport.tcp import DEFAULT_IDLE_TIMEOUT, ConnectionPool
+from msilo.transport.udp import UdpEndpoint
+
+log = logging.getLogger("msilo.transport")
+
+
+class Transports:
+    """Listening sockets, the per-process client socket and the TCP pool of one process.
+
+    ``advertise`` is the host put in our Via when a socket is bound to a
+    wildcard address (otherwise the bound address is used; failing both, the
+    address of the default route).
+    """
+
+    def __init__(
+        self,
+        on_message: MessageCallback | None = None,
+        *,
+        max_message: int = 65535,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = 0,
+        advertise: str | None = None,
+    ) -> None:
+        self._on_message = on_message
+        self.max_message = max_message
+        self.advertise = advertise
+        self.pool = ConnectionPool(
+            self._dispatch,
+            max_message=max_message,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+        )
+        self.udp_listeners: list[UdpEndpoint] = []
+        self.tcp_servers: list[asyncio.Server] = []
+        self._client_udp: dict[int, UdpEndpoint] = {}  # by address family
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def on_message(self) -> MessageCallback | None:
+        """The callback every received message goes to (set before traffic arrives)."""
+        return self._on_message
+
+    @on_message.setter
+    def on_message(self, callback: MessageCallback) -> None:
+        self._on_message = callback
+
+    def _dispatch(self, data: bytes, source: Source) -> None:
+        callback = self._on_message
+        if callback is None:
+            log.debug("event=dropped reason=no_handler peer=%r", source)
+            return
+        callback(data, source)
+
+    # -- binding ------------------------------------------------------------------
+
+    async def listen_udp(self, host: str, port: int, *, reuse_port: bool = True) -> UdpEndpoint:
+        """Bind a UDP listener (SO_REUSEPORT: shared with the other workers)."""
+        endpoint = await self._endpoint(bind_udp(host, port, reuse_port=reuse_port))
+        self.udp_listeners.append(endpoint)
+        log.info("event=listening transport=UDP address=%s:%s", *endpoint.local[:2])
+        return endpoint
+
+    async def listen_tcp(self, host: str, port: int, *, reuse_port: bool = True) -> asyncio.Server:
+        """Bind a TCP listener (SO_REUSEPORT: shared with the other workers)."""
+        loop = asyncio.get_running_loop()
+        sock = bind_tcp(host, port, reuse_port=reuse_port)
+        server = await loop.create_server(self.pool.protocol_factory(), sock=sock)
+        self.tcp_servers.append(server)
+        log.info("event=listening transport=TCP address=%s:%s", *sock.getsockname()[:2])
+        return server
+
+    async def open_client_udp(self, host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
+        """Bind this process's own UDP socket for the requests it sends (one per family)."""
+        endpoint = await self._endpoint(bind_client_udp(host, port))
+        self._client_udp[family_of(host)] = endpoint
+        log.info("event=client_socket transport=UDP address=%s:%s", *endpoint.local[:2])
+        return endpoint
+
+    async def _endpoint(self, sock: socket.socket) -> UdpEndpoint:
+        loop = asyncio.get_running_loop()
+        try:
+            _, endpoint = await loop.create_datagram_endpoint(
+                lambda: UdpEndpoint(self._dispatch, max_message=self.max_message), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return endpoint
+
+    # -- our address ----------------------------------------------------------------
+
+    def sent_by(self, transport: str) -> tuple[str, int]:
+        """Host and port for the Via of a request we send over ``transport``.
+
+        UDP: the client socket (its port is where responses must come back,
+        DESIGN.md); TCP: the first TCP listener (RFC 3261 §18.1.1: sent-by names
+        where we listen; responses come back on the same connection anyway).
+        """
+        if transport == UDP:
+            endpoint = self._udp_for(socket.AF_INET) or self._udp_for(socket.AF_INET6)
+            if endpoint is not None:
+                return self._host_for(endpoint.local[0]), int(endpoint.local[1])
+        elif self.tcp_servers:
+            bound = self.tcp_servers[0].sockets[0].getsockname()
+            return self._host_for(bound[0]), int(bound[1])
+        host = self.advertise or local_ip()
+        return host, 5060
+
+    def _host_for(self, bound: str) -> str:
+        if self.advertise:
+            return self.advertise
+        if is_wildcard(bound):
+            return local_ip(socket.AF_INET6 if ":" in bound else socket.AF_INET)
+        return bound
+
+    def _udp_for(self, family: int) -> UdpEndpoint | None:
+        endpoint = self._client_udp.get(family)
+        if endpoint is not None:
+            return endpoint
+        for listener in self.udp_listeners:
+            if family_of(str(listener.local[0])) == family:
+                return listener
+        return None
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send(self, data: bytes, target: Target, on_error: ErrorCallback) -> None:
+        """Send a request to ``target``; the transaction layer's send function.
+
+        Raises :class:`TransportError` or OSError when sending cannot start;
+        later failures (DNS, TCP connect) go to ``on_error``.  Hosts are
+        resolved with A/AAAA only (no RFC 3263 NAPTR/SRV).
+        """
+        host = target.host.strip("[]")
+        if not is_ip(host):
+            task = asyncio.get_running_loop().create_task(
+                self._resolve_and_send(data, target, on_error)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if target.transport == UDP:
+            endpoint = self._udp_for(family_of(host))
+            if endpoint is None:
+                raise TransportError(f"no UDP socket for {host}")
+            endpoint.sendto(data, (host, target.port))
+        elif target.transport == TCP:
+            self.pool.send(data, host, target.port, on_error)
+        else:
+            raise TransportError(f"transport {target.transport} is not supported")
+
+    async def _resolve_and_send(self, data: bytes, target: Target, on_error: ErrorCallback) -> None:
+        loop = asyncio.get_running_loop()
+        kind = socket.SOCK_DGRAM if target.transport == UDP else socket.SOCK_STREAM
+        try:
+            infos = await loop.getaddrinfo(target.host, target.port, type=kind)
+        except OSError as exc:
+            on_error(TransportError(f"cannot resolve {target.host}: {exc}"))
+            return
+        if not infos:
+            on_error(TransportError(f"cannot resolve {target.host}"))
+            return
+        ip = str(infos[0][4][0])
+        try:
+            self.send(data, target._replace(host=ip), on_error)
+        except (OSError, TransportError) as exc:
+            on_error(exc)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close every socket and connection."""
+        for server in self.tcp_servers:
+            server.close()
+        for endpoint in (*self.udp_listeners, *self._client_udp.values()):
+            endpoint.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.close()
+        for server in self.tcp_servers:
+            await server.wait_closed()
+        self.tcp_servers.clear()
+        self.udp_listeners.clear()
+        self._client_udp.clear()

@@ -1,0 +1,121 @@
+"""Binding sockets: shared listening ports (SO_REUSEPORT) and the per-process client port.
+
+Every worker binds its own listening sockets with ``SO_REUSEPORT`` so several
+processes share one port and the kernel spreads datagrams and connections
+between them.  Replies to requests *we* send would then land on any worker, so
+each worker also binds a private UDP socket (ephemeral or configured port)
+that it sends its own requests from and names in its Via (DESIGN.md,
+"Responses to our own requests").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+from typing import Final
+
+DEFAULT_BACKLOG: Final = 1024
+# Big kernel buffers absorb bursts while the loop is busy (the kernel caps them
+# at net.core.rmem_max / wmem_max).
+SOCKET_BUFFER: Final = 4 * 1024 * 1024
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal (brackets allowed), AF_INET otherwise."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return socket.AF_INET
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+def _new_socket(
+    host: str, kind: socket.SocketKind, *, reuse_port: bool, reuse_addr: bool = True
+) -> socket.socket:
+    family = family_of(host)
+    sock = socket.socket(family, kind)
+    try:
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):  # pragma: no cover - not Linux/BSD
+                raise OSError("SO_REUSEPORT is not available on this platform")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # One address family per socket: "::" then means IPv6 only, and an
+            # IPv4 listener is configured separately.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _set_buffers(sock: socket.socket) -> None:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        # Limits vary by host; the default buffer is still usable.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+def bind_udp(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port`` (shareable with SO_REUSEPORT)."""
+    return _bind_udp(host, port, reuse_port=reuse_port, reuse_addr=True)
+
+
+def _bind_udp(host: str, port: int, *, reuse_port: bool, reuse_addr: bool) -> socket.socket:
+    sock = _new_socket(host, socket.SOCK_DGRAM, reuse_port=reuse_port, reuse_addr=reuse_addr)
+    try:
+        _set_buffers(sock)
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_tcp(
+    host: str, port: int, *, reuse_port: bool = True, backlog: int = DEFAULT_BACKLOG
+) -> socket.socket:
+    """A non-blocking listening TCP socket on ``host:port`` (shareable with SO_REUSEPORT)."""
+    sock = _new_socket(host, socket.SOCK_STREAM, reuse_port=reuse_port)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_client_udp(host: str, port: int = 0) -> socket.socket:
+    """This process's own UDP socket for the requests it sends (no SO_REUSEPORT).
+
+    Port 0 takes an ephemeral port; a configured port must be free, since two
+    processes sharing it would steal each other's responses.  So neither
+    SO_REUSEPORT nor SO_REUSEADDR: on Linux the latter alone lets UDP sockets
+    share a port.
+    """
+    return _bind_udp(host, port, reuse_port=False, reuse_addr=False)
+
+
+def local_ip(family: socket.AddressFamily = socket.AF_INET) -> str:
+    """The address this host would use to reach the outside (for Via when bound to *).
+
+    Connecting a UDP socket sends nothing; it only makes the kernel pick a route.
+    Falls back to loopback on a host without a route.
+    """
+    probe = "2001:db8::1" if family == socket.AF_INET6 else "192.0.2.1"  # RFC 3849 / 5737
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((probe, 9))
+            return str(sock.getsockname()[0])
+        except OSError:
+            return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+def is_wildcard(host: str) -> bool:
+    """True for 0.0.0.0, :: and the empty host."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")

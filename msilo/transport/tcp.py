@@ -1,0 +1,261 @@
+"""SIP over TCP: framed connections and the pool that reuses them.
+
+Each connection frames its stream with :class:`StreamFramer` and hands every
+message up, like UDP.  A framing error (no Content-Length, oversize) loses the
+stream's boundaries, so the connection is answered 400/513 and closed; a
+message that frames but fails to parse is answered and the connection kept.
+Responses go back over the connection the request came on (RFC 3261
+§18.2.2).  The pool indexes every live connection — inbound ones too — by
+peer address, so a request to a client that registered over TCP reuses its
+connection, and outgoing connections are shared per destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Final, cast
+
+from msilo.errors import SipError, TransportError
+from msilo.sip.framing import PING, PONG, StreamFramer
+from msilo.sip.message import Via
+from msilo.transport.base import TCP, Address, ErrorCallback, MessageCallback, Source
+from msilo.transport.base import answer_error as _answer_error
+
+log = logging.getLogger("msilo.transport")
+
+DEFAULT_IDLE_TIMEOUT: Final = 300.0  # s without a byte in either direction → close
+CONNECT_TIMEOUT: Final = 10.0  # below Timer F, so a dead peer fails the transaction as 503
+# Close a peer that stops reading rather than buffer for it without bound.
+MAX_WRITE_BUFFER: Final = 4 * 1024 * 1024
+
+
+def _key(addr: Address) -> tuple[str, int]:
+    return (str(addr[0]), int(addr[1]))
+
+
+class TcpConnection(asyncio.Protocol):
+    """One SIP-over-TCP connection, inbound or outbound."""
+
+    def __init__(self, pool: ConnectionPool, *, outbound: bool = False) -> None:
+        self._pool = pool
+        self._framer = StreamFramer(max_message=pool.max_message)
+        self.outbound = outbound
+        self.transport: asyncio.Transport | None = None
+        self.peer: Address = ("", 0)
+        self.dialled: tuple[str, int] | None = None  # the address we connected to, if outbound
+        self.last_activity = time.monotonic()
+        self.messages = 0
+
+    @property
+    def is_open(self) -> bool:
+        """True while bytes can be written."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: trust the protocol contract.
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
+        self._pool._register(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._pool._unregister(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        framer = self._framer
+        try:
+            items = framer.feed(data)
+        except SipError as exc:
+            self._framing_failed(exc)
+            return
+        on_message = self._pool.on_message
+        for item in items:
+            if item is PING:
+                # RFC 5626 §3.5.1: answer a double-CRLF ping with a single CRLF pong.
+                self.write(PONG)
+                continue
+            assert isinstance(item, bytes)
+            self.messages += 1
+            try:
+                on_message(item, Source(TCP, self.peer, self))
+            except SipError as exc:
+                _answer_error(self, item, self.peer, exc)
+            except Exception:
+                log.exception(
+                    "event=message_failed transport=TCP peer=%s:%s", self.peer[0], self.peer[1]
+                )
+        if framer.error is not None:  # the messages before the bad one were handled
+            self._framing_failed(framer.error)
+
+    def _framing_failed(self, exc: SipError) -> None:
+        log.info(
+            "event=framing_error status=%d detail=%r peer=%s:%s",
+            exc.status,
+            exc.detail,
+            self.peer[0],
+            self.peer[1],
+        )
+        _answer_error(self, self._framer.pending_head(), self.peer, exc)
+        self.close()
+
+    def reply(self, data: bytes, addr: Address, via: Via | None) -> None:
+        """Send a response over this connection, or a new one if it closed (§18.2.2)."""
+        if self.is_open:
+            self.write(data)
+            return
+        # §18.2.2: the connection is gone: connect to the source IP (the received
+        # parameter) and the sent-by port.
+        port = via.port if via is not None and via.port else 5060
+        self._pool.send(data, str(addr[0]), port, _log_reply_error)
+
+    def write(self, data: bytes) -> None:
+        """Write bytes; raises OSError when the connection is closed."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise OSError("TCP connection is closed")
+        self.last_activity = time.monotonic()
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("event=slow_peer peer=%s:%s", self.peer[0], self.peer[1])
+            transport.abort()
+
+    def close(self) -> None:
+        """Close after flushing what is buffered."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _log_reply_error(exc: BaseException) -> None:
+    log.info("event=response_send_failed transport=TCP error=%r", exc)
+
+
+class ConnectionPool:
+    """Every live SIP TCP connection of this process, by peer address."""
+
+    def __init__(
+        self,
+        on_message: MessageCallback,
+        *,
+        max_message: int = 65535,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = 0,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.on_message = on_message
+        self.max_message = max_message
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections  # 0 = no limit
+        self.connect_timeout = connect_timeout
+        self._by_peer: dict[tuple[str, int], TcpConnection] = {}
+        self._connecting: dict[tuple[str, int], list[tuple[bytes, ErrorCallback]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._by_peer)
+
+    def get(self, host: str, port: int) -> TcpConnection | None:
+        """The open connection to ``host:port``, if any."""
+        conn = self._by_peer.get((host, port))
+        return conn if conn is not None and conn.is_open else None
+
+    def protocol_factory(self) -> Callable[[], TcpConnection]:
+        """Factory for ``loop.create_server``."""
+        return lambda: TcpConnection(self)
+
+    def _register(self, conn: TcpConnection) -> None:
+        if self._closed or (self.max_connections and len(self._by_peer) >= self.max_connections):
+            log.warning(
+                "event=connection_refused reason=limit peer=%s:%s", conn.peer[0], conn.peer[1]
+            )
+            assert conn.transport is not None
+            conn.transport.abort()
+            return
+        self._by_peer[_key(conn.peer)] = conn
+        if self._sweeper is None and self.idle_timeout > 0:
+            self._arm_sweeper()
+
+    def _unregister(self, conn: TcpConnection) -> None:
+        for key in (_key(conn.peer), conn.dialled):
+            if key is not None and self._by_peer.get(key) is conn:
+                del self._by_peer[key]
+
+    def _arm_sweeper(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(max(self.idle_timeout / 4, 0.05), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = time.monotonic() - self.idle_timeout
+        for conn in list(self._by_peer.values()):
+            if conn.last_activity < cutoff:
+                log.debug("event=idle_close peer=%s:%s", conn.peer[0], conn.peer[1])
+                conn.close()
+        if self._by_peer and not self._closed:
+            self._arm_sweeper()
+
+    def send(self, data: bytes, host: str, port: int, on_error: ErrorCallback) -> None:
+        """Send over the connection to ``host:port`` (an IP), opening one if needed.
+
+        Connection failures are reported to ``on_error`` as :class:`TransportError`.
+        """
+        key = (host, port)
+        conn = self._by_peer.get(key)
+        if conn is not None and conn.is_open:
+            conn.write(data)
+            return
+        if self._closed:
+            raise TransportError("transport is shutting down")
+        waiting = self._connecting.get(key)
+        if waiting is not None:
+            waiting.append((data, on_error))
+            return
+        self._connecting[key] = [(data, on_error)]
+        task = asyncio.get_running_loop().create_task(self._connect(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, key: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: TcpConnection(self, outbound=True), key[0], key[1]
+                )
+        except (OSError, TimeoutError) as exc:
+            waiting = self._connecting.pop(key, [])
+            error = TransportError(f"cannot connect to {key[0]}:{key[1]}: {exc!r}")
+            for _, on_error in waiting:
+                on_error(error)
+            return
+        waiting = self._connecting.pop(key, [])
+        # Index it under the address we dialled too (what later sends look up),
+        # unless a live connection from that peer got there first.
+        conn.dialled = key
+        current = self._by_peer.get(key)
+        if current is None or not current.is_open:
+            self._by_peer[key] = conn
+        for data, on_error in waiting:
+            try:
+                conn.write(data)
+            except OSError as exc:
+                on_error(TransportError(str(exc)))
+
+    async def close(self) -> None:
+        """Close every connection and stop connecting."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self._by_peer.values()):
+            conn.close()
+        self._by_peer.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -209,22 +209,33 @@ async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int
 
 
 async def _cmd_serve(config: Config) -> int:
-    """Until the SIP service lands: open storage, create the schema, wait for a signal."""
+    """Run the SIP service in this process until SIGTERM/SIGINT, then stop gracefully."""
     import logging
+
+    from msilo.server.worker import Worker
 
     log = logging.getLogger("msilo.server")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.server.worker_count != 1:
+        log.info(
+            "event=single_process workers=%d note=the multi-process server is not built yet",
+            config.server.worker_count,
+        )
 
     async def work(store: Store) -> int:
         await store.create_schema()
-        log.info(
-            "event=storage_ready db=%s parser=%s", _redact(config.msilo.db_url), _version_line()
-        )
+        worker = Worker(config, store)
+        try:
+            await worker.start()
+        except OSError as exc:
+            await worker.stop(grace=0)
+            raise ConfigError(f"server.listen: cannot bind ({exc.strerror or exc})") from None
         await stop.wait()
         log.info("event=stopping reason=signal")
+        await worker.stop()
         return 0
 
     return await _with_store(config, work)

@@ -60,9 +60,14 @@ def parse_snd_time(text: str, tz: dt.tzinfo) -> int | None:
         return None
     try:
         local = dt.datetime(
-            int(value[0:4]), int(value[4:6]), int(value[6:8]),
-            int(value[8:10]), int(value[10:12]), int(value[12:14]), tzinfo=tz,
-        )  # fmt: skip
+            int(value[0:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[8:10]),
+            int(value[10:12]),
+            int(value[12:14]),
+            tzinfo=tz,
+        )
     except ValueError:
         return None
     return int(local.timestamp())

@@ -1,0 +1,262 @@
+"""Delivering stored messages: m_dump after a REGISTER, and reminders (D5, D6, D7, D10).
+
+Rows are leased in the database before they are sent, so no row goes out
+twice at once from any worker on any host; a 2xx deletes the row at once, any
+other final response or a timeout releases the lease and counts a failure.
+Messages of one user go out one after the other, in arrival order: the next is
+sent when the previous has its final response.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from msilo.errors import StorageError
+from msilo.routing.timefmt import date_prefix, has_date_prefix
+from msilo.storage.base import Store, StoredMessage
+from msilo.transaction.client import ClientResult
+from msilo.transport.base import Target
+
+log = logging.getLogger("msilo.dump")
+
+
+class Requester(Protocol):
+    """What routing needs from the transaction layer: send a MESSAGE, await its outcome."""
+
+    async def send_message(
+        self,
+        uri: str,
+        target: Target,
+        *,
+        from_: str,
+        to: str,
+        body: bytes,
+        content_type: str | None,
+        headers: Sequence[tuple[str, str]] = (),
+        date: int | None = None,
+        **build: Any,
+    ) -> ClientResult:
+        """Send a MESSAGE in a new client transaction and return its final outcome."""
+        ...
+
+    def start_message(
+        self,
+        uri: str,
+        target: Target,
+        *,
+        from_: str,
+        to: str,
+        body: bytes,
+        content_type: str | None,
+        headers: Sequence[tuple[str, str]] = (),
+        date: int | None = None,
+        **build: Any,
+    ) -> object:
+        """Send a MESSAGE in a new client transaction without waiting for it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """How stored messages are delivered."""
+
+    add_date: bool = True
+    tz: dt.tzinfo = dt.UTC
+    outbound_proxy: Target | None = None
+    timer_f: float = 32.0
+    chunk: int = 8  # rows claimed per round trip
+
+    @property
+    def lease_seconds(self) -> int:
+        # Longer than every send of a chunk could take (each ends by Timer F), D6.
+        return int(self.chunk * self.timer_f) + 10
+
+
+def is_text_plain(ctype: str | None) -> bool:
+    """True when the stored Content-Type is text/plain, parameters allowed (§10 Q6)."""
+    if not ctype:
+        return False
+    return ctype.split(";", 1)[0].strip().lower() == "text/plain"
+
+
+def delivery_body(row: StoredMessage, settings: DeliverySettings, *, reminder: bool) -> bytes:
+    """The body as delivered: with the date prefix for text/plain when ``add_date`` (D7)."""
+    body = row.body
+    if not settings.add_date or not is_text_plain(row.ctype) or has_date_prefix(body):
+        return body
+    when = row.snd_time if reminder else row.inc_time
+    return date_prefix(when, settings.tz, reminder=reminder) + body
+
+
+@dataclass(slots=True)
+class DumpReport:
+    """What one dump did."""
+
+    delivered: int = 0
+    failed: int = 0
+    released: int = 0  # claimed but not attempted (the contact stopped answering)
+
+
+class Deliverer:
+    """Sends stored rows and settles them in the database."""
+
+    def __init__(
+        self,
+        store: Store,
+        requester: Requester,
+        settings: DeliverySettings,
+        *,
+        lease_owner: str,
+        count: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.requester = requester
+        self.settings = settings
+        self.lease_owner = lease_owner
+        self._count = count
+
+    def next_hop(self, contact_target: Target) -> Target:
+        """``outbound_proxy`` when set, else the given target."""
+        return self.settings.outbound_proxy or contact_target
+
+    async def send_row(
+        self,
+        row: StoredMessage,
+        uri: str,
+        target: Target,
+        *,
+        reminder: bool = False,
+        from_: str | None = None,
+        to: str | None = None,
+    ) -> ClientResult:
+        """Send one stored row to ``uri`` via ``target`` and return the final outcome."""
+        return await self.requester.send_message(
+            uri,
+            self.next_hop(target),
+            from_=from_ or row.src_addr,
+            to=to or row.dst_addr,
+            body=delivery_body(row, self.settings, reminder=reminder),
+            content_type=row.ctype or None,
+            # The Date header carries the arrival time (D7); reminders have none (§7.2).
+            date=None if reminder else row.inc_time,
+        )
+
+    async def dump(
+        self, username: str, domain: str, uri: str, target: Target, *, limit: int | None = None
+    ) -> DumpReport:
+        """Deliver the user's stored messages to the contact ``uri`` (D5, D6)."""
+        report = DumpReport()
+        kept: list[int] = []  # failed rows stay leased until this dump ends, then released
+        remaining = limit
+        try:
+            while remaining is None or remaining > 0:
+                size = (
+                    self.settings.chunk
+                    if remaining is None
+                    else min(self.settings.chunk, remaining)
+                )
+                rows = await self.store.claim_for_dump(
+                    username,
+                    domain,
+                    lease_owner=self.lease_owner,
+                    lease_seconds=self.settings.lease_seconds,
+                    now=int(time.time()),
+                    limit=size,
+                )
+                if not rows:
+                    break
+                if remaining is not None:
+                    remaining -= len(rows)
+                stopped = await self._send_rows(rows, uri, target, report, kept)
+                if stopped or len(rows) < size:
+                    break
+        except StorageError as exc:
+            # Leases run out by themselves and the leader recovers them (D6).
+            log.error("event=dump_aborted aor=%s@%s error=%s", username, domain, exc)
+        finally:
+            if kept:
+                await self._release(kept, failed=True)
+        return report
+
+    async def _send_rows(
+        self,
+        rows: list[StoredMessage],
+        uri: str,
+        target: Target,
+        report: DumpReport,
+        kept: list[int],
+    ) -> bool:
+        for index, row in enumerate(rows):
+            result = await self.send_row(row, uri, target)
+            if result.success:
+                await self.store.delete_delivered([row.mid])
+                report.delivered += 1
+                self._count("dumped_messages")
+                log.info(
+                    "event=dumped mid=%d aor=%s@%s status=%d",
+                    row.mid,
+                    row.username,
+                    row.domain,
+                    result.status,
+                )
+                continue
+            report.failed += 1
+            kept.append(row.mid)
+            self._count("failed_messages")
+            log.info(
+                "event=dump_failed mid=%d aor=%s@%s status=%d reason=%r",
+                row.mid,
+                row.username,
+                row.domain,
+                result.status,
+                result.reason,
+            )
+            if result.local:
+                # Timeout or transport error: the contact is not answering; keep the
+                # rest for the next REGISTER instead of waiting Timer F for each.
+                rest = [r.mid for r in rows[index + 1 :]]
+                if rest:
+                    report.released += len(rest)
+                    await self._release(rest, failed=False)
+                return True
+        return False
+
+    async def _release(self, mids: list[int], *, failed: bool) -> None:
+        try:
+            await self.store.release_lease(mids, failed=failed)
+        except StorageError as exc:
+            log.error("event=lease_release_failed mids=%s error=%s", mids, exc)
+
+
+def received_target(received: str | None) -> Target | None:
+    """The ``transport:ip:port`` a binding came from, as a Target."""
+    if not received:
+        return None
+    transport, _, rest = received.partition(":")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return Target(host.strip("[]"), int(port), transport.upper(), True)
+
+
+def format_received(transport: str, ip: str, port: int) -> str:
+    """``transport:ip:port`` for a binding's source (IPv6 in brackets)."""
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"{transport.lower()}:{host}:{port}"
+
+
+__all__ = [
+    "Deliverer",
+    "DeliverySettings",
+    "DumpReport",
+    "Requester",
+    "delivery_body",
+    "format_received",
+    "is_text_plain",
+    "received_target",
+]

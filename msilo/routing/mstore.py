@@ -1,0 +1,102 @@
+"""m_store's decisions: whose mailbox, which fields, how long (D3, D4, D10, D12).
+
+Pure functions over a parsed request; the route hands the result to the batch
+writer and answers only after the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+
+from msilo.errors import AddressIncomplete, ParseError
+from msilo.sip.message import SipRequest
+from msilo.sip.parser import normalize_aor, parse_uri
+from msilo.storage.base import NewMessage
+
+
+def split_owner(aor: str) -> tuple[str, str]:
+    """``user@host`` -> (user, host)."""
+    user, _, host = aor.rpartition("@")
+    return user, host
+
+
+def owner_of(request: SipRequest, explicit: str | None, domains: Collection[str]) -> str:
+    """The normalised owner AoR ``user@host`` of a MESSAGE (D3).
+
+    The explicit owner (custom route) wins; otherwise the Request-URI when it
+    is a complete AoR in one of our domains (any domain when ``domains`` is
+    empty); otherwise the To URI, as the admin guide documents.
+    """
+    if explicit is not None:
+        return _aor(explicit, "owner")
+    try:
+        ruri = parse_uri(request.uri)
+    except ParseError:
+        ruri = None
+    if (
+        ruri is not None
+        and ruri.scheme in ("sip", "sips")
+        and ruri.user
+        and (not domains or ruri.host.lower() in domains)
+    ):
+        return normalize_aor(ruri)
+    if request.to is None:
+        raise ParseError("missing To header")
+    return _aor(request.to.uri, "To URI")
+
+
+def _aor(uri: str, what: str) -> str:
+    try:
+        return normalize_aor(uri)
+    except ParseError as exc:
+        raise AddressIncomplete(f"{what} {uri!r} is not a user@host address ({exc})") from None
+
+
+def lifetime(request: SipRequest, expire_time: int) -> int:
+    """Seconds to keep the message: ``min(expire_time, Expires)`` when Expires > 0 (§3.3)."""
+    expires = request.expires
+    if expires is not None and expires > 0:
+        return min(expire_time, expires)
+    return expire_time
+
+
+def dedupe_key(request: SipRequest, owner: str) -> str | None:
+    """Idempotency key of a MESSAGE for one owner: Call-ID, CSeq and From-tag (D12).
+
+    Hashed to a fixed width so an enormous Call-ID cannot bloat the unique
+    index; the owner is included so that one request stored for two owners
+    (a custom route may do that) is two rows, not a duplicate.
+    """
+    if request.call_id is None or request.cseq is None:
+        return None
+    tag = request.from_.tag if request.from_ is not None else None
+    raw = f"{request.call_id}\x1f{request.cseq.number}\x1f{tag or ''}\x1f{owner}"
+    return hashlib.blake2b(raw.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def new_message(
+    request: SipRequest, owner: str, *, now: int, expire_time: int, snd_time: int = 0
+) -> NewMessage:
+    """The row to store for ``request`` (D4): full Content-Type, body byte for byte.
+
+    ``exp_time = inc_time + lifetime``; a scheduled message's lifetime counts
+    from its send time, so a reminder is never expired before it is due (§10 Q14).
+    """
+    if request.from_ is None or request.to is None:
+        raise ParseError("missing From or To header")
+    user, host = split_owner(owner)
+    keep = lifetime(request, expire_time)
+    start = snd_time if snd_time > now else now
+    return NewMessage(
+        username=user,
+        domain=host,
+        src_addr=request.from_.uri,
+        dst_addr=request.to.uri,
+        body=bytes(request.body),
+        ctype=request.content_type.raw if request.content_type is not None else None,
+        inc_time=now,
+        exp_time=start + keep,
+        snd_time=snd_time,
+        dedupe_key=dedupe_key(request, owner),
+    )

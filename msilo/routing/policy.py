@@ -1,0 +1,75 @@
+"""Request policy applied before any route: the checks of the admin guide's sample script.
+
+Max-Forwards exhausted → 483; a method we do not serve → 405 with Allow; a
+MESSAGE whose Request-URI has no user → 484; a domain we do not serve → 403;
+in silo mode, a source outside ``server.trusted`` → 403.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection, Sequence
+
+from msilo.errors import AddressIncomplete, ParseError, SipError, TooManyHops
+from msilo.sip.message import SipRequest
+from msilo.sip.parser import parse_uri
+
+METHODS = ("REGISTER", "MESSAGE", "OPTIONS")
+ALLOW = "Allow: " + ", ".join(METHODS)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class MethodNotAllowed(SipError):
+    """A method msilo does not serve (RFC 3261 §21.4.6); the reply carries Allow."""
+
+    status = 405
+    reason = "Method Not Allowed"
+
+
+class Forbidden(SipError):
+    """A domain we do not serve, or a source that is not trusted."""
+
+    status = 403
+    reason = "Forbidden"
+
+
+def trusted_networks(items: Sequence[str]) -> tuple[Network, ...]:
+    """``server.trusted`` as network objects (validated by the config already)."""
+    return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+
+
+def check_source(ip: str, trusted: Sequence[Network]) -> None:
+    """Raise 403 unless ``ip`` is in one of ``trusted`` (empty = anyone)."""
+    if not trusted:
+        return
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        raise Forbidden(f"source {ip!r} is not an IP address") from None
+    if not any(addr in net for net in trusted):
+        raise Forbidden(f"source {ip} is not trusted")
+
+
+def check_request(request: SipRequest, domains: Collection[str]) -> None:
+    """Raise the SipError that answers ``request``, or return if it may be routed."""
+    method = request.method
+    if method not in METHODS:
+        raise MethodNotAllowed(method)
+    # RFC 3261 §11.2: an OPTIONS is answered by the element it reaches, whatever Max-Forwards.
+    if request.max_forwards is not None and request.max_forwards <= 0 and method != "OPTIONS":
+        raise TooManyHops()
+    if method == "OPTIONS":
+        return
+    uri = parse_uri(request.uri)
+    if method == "MESSAGE" and not uri.user:
+        raise AddressIncomplete(f"no user in {request.uri}")
+    if domains:
+        host = uri.host.lower()
+        if method == "REGISTER" and request.to is not None:
+            try:
+                host = parse_uri(request.to.uri).host.lower()
+            except ParseError:
+                raise Forbidden("unparsable To URI") from None
+        if host not in domains:
+            raise Forbidden(f"domain {host} is not served here")

@@ -1,0 +1,172 @@
+"""Registrar rules (RFC 3261 §10.3): what a REGISTER does to a user's bindings.
+
+``plan_register`` checks what can be checked without the database (wildcard
+rules, 423 Interval Too Brief) and returns a plan function that the storage
+layer runs inside its per-user transaction against the current bindings
+(Call-ID / CSeq ordering needs them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from msilo.errors import SipError
+from msilo.sip.message import Contact, SipRequest
+from msilo.storage.location import Binding, BindingPlan, PlanFunction
+
+
+class IntervalTooBrief(SipError):
+    """A contact asked for an expiry shorter than ``min_expires`` (RFC 3261 §10.3 step 7)."""
+
+    status = 423
+    reason = "Interval Too Brief"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrarPolicy:
+    """Binding lifetimes from ``[registrar]``."""
+
+    default_expires: int = 3600
+    min_expires: int = 60
+    max_expires: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedBinding:
+    """One Contact of a REGISTER with its effective expiry (seconds; 0 = remove)."""
+
+    contact: Contact
+    expires: int
+
+
+def requested_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[RequestedBinding]:
+    """Each Contact with its effective expiry; raises 400 / 423 as §10.3 steps 6-7 say."""
+    if request.contact_star:
+        # "*" is only allowed alone and with Expires: 0 (§10.3 step 6).
+        if request.contacts or request.expires != 0:
+            raise SipError(
+                "Contact: * needs Expires: 0 and no other contact", status=400, reason="Bad Request"
+            )
+        return []
+    result = []
+    for contact in request.contacts:
+        if contact.expires is not None:
+            expires = contact.expires
+        elif request.expires is not None:
+            expires = request.expires
+        else:
+            expires = policy.default_expires
+        if expires < 0:
+            raise SipError("negative expires", status=400, reason="Bad Request")
+        if 0 < expires < policy.min_expires:
+            raise IntervalTooBrief(f"expires {expires} < {policy.min_expires}")
+        result.append(RequestedBinding(contact, min(expires, policy.max_expires)))
+    return result
+
+
+def plan_register(
+    request: SipRequest,
+    wanted: list[RequestedBinding],
+    *,
+    username: str,
+    domain: str,
+    now: int,
+    received: str | None,
+    transport: str | None,
+) -> PlanFunction:
+    """The plan to apply to the user's current bindings for this REGISTER."""
+    call_id = request.call_id or ""
+    cseq = request.cseq.number if request.cseq is not None else 0
+    allow = request.allow
+    path_values = request.get_headers("path")
+    path = ", ".join(path_values) if path_values else None
+
+    def out_of_order(binding: Binding) -> bool:
+        # Same Call-ID with a CSeq not higher than stored: an old or replayed request.
+        return binding.callid == call_id and cseq <= binding.cseq
+
+    def plan(existing: list[Binding]) -> BindingPlan:
+        live = [b for b in existing if b.expires > now]
+        if request.contact_star:
+            if any(out_of_order(b) for b in live):
+                return BindingPlan(error=(400, "Out-of-order CSeq"))
+            return BindingPlan(removes=tuple(b.contact for b in existing))
+        upserts: list[Binding] = []
+        removes: list[str] = []
+        for want in wanted:
+            c = want.contact
+            match = next(
+                (
+                    b
+                    for b in live
+                    if (c.instance is not None and b.instance == c.instance) or b.contact == c.uri
+                ),
+                None,
+            )
+            if match is not None and out_of_order(match):
+                return BindingPlan(error=(400, "Out-of-order CSeq"))
+            if match is not None and match.contact != c.uri:
+                removes.append(match.contact)  # same device (instance), new contact URI
+            if want.expires == 0:
+                if match is not None:
+                    removes.append(match.contact)
+                removes.append(c.uri)
+                continue
+            upserts.append(
+                Binding(
+                    username=username,
+                    domain=domain,
+                    contact=c.uri,
+                    expires=now + want.expires,
+                    q=c.q,
+                    callid=call_id,
+                    cseq=cseq,
+                    methods=c.methods if c.methods is not None else allow,
+                    instance=c.instance,
+                    received=received,
+                    path=path,
+                    transport=transport,
+                    last_modified=now,
+                )
+            )
+        # Expired rows of this user go too: the table only holds what a lookup may return.
+        removes.extend(b.contact for b in existing if b.expires <= now)
+        return BindingPlan(upserts=tuple(upserts), removes=tuple(dict.fromkeys(removes)))
+
+    return plan
+
+
+def contact_lines(bindings: list[Binding], now: int) -> list[tuple[str, str]]:
+    """Contact headers of the 200 OK: every current binding with its remaining expiry."""
+    lines = []
+    for b in bindings:
+        remaining = b.expires - now
+        if remaining <= 0:
+            continue
+        params = f";expires={remaining}"
+        if b.q is not None:
+            params += f";q={b.q:g}"
+        if b.instance is not None:
+            params += f';+sip.instance="{b.instance}"'
+        lines.append(("Contact", f"<{b.contact}>{params}"))
+    return lines
+
+
+def dump_target(wanted: list[RequestedBinding], allow: tuple[str, ...] | None) -> Contact | None:
+    """The contact of this REGISTER that receives the stored messages (D5).
+
+    Only a contact with a positive expiry that takes MESSAGE (its RFC 3840
+    ``methods``, else the REGISTER's Allow, else assumed) qualifies; among
+    several, the highest ``q`` wins, then the first listed.
+    """
+    best: Contact | None = None
+    for want in wanted:
+        if want.expires <= 0:
+            continue
+        c = want.contact
+        methods = c.methods if c.methods is not None else allow
+        if methods is not None and "MESSAGE" not in methods:
+            continue
+        if best is None or (c.q or 0.0) > (best.q or 0.0):
+            best = c
+    return best

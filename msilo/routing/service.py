@@ -1,0 +1,498 @@
+"""The msilo service: request policy, the default routes, and the custom-route API.
+
+``MsiloService.handle`` is the transaction layer's request handler.  The
+default route is the admin guide's sample script: in ``registrar`` mode a
+REGISTER saves the binding, is answered, then dumps the stored messages to the
+contact just registered; a MESSAGE is relayed to the user's bindings and stored
+(202) when the user is offline or every branch fails.  In ``silo`` mode every
+MESSAGE is stored and a REGISTER (replicated by the front proxy) is answered
+and triggers a dump.  A custom route (``server.route``) replaces the default
+route and gets a :class:`RouteContext` with the script functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import importlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from msilo.errors import ConfigError, ParseError, QueueFull, SipError, StorageError
+from msilo.routing import mstore
+from msilo.routing.delivery import Deliverer, DumpReport, Requester, format_received
+from msilo.routing.notify import NotifySettings, notification_for
+from msilo.routing.policy import ALLOW, check_request, check_source
+from msilo.routing.pv import pv_values
+from msilo.routing.registrar import (
+    IntervalTooBrief,
+    RegistrarPolicy,
+    RequestedBinding,
+    contact_lines,
+    dump_target,
+    plan_register,
+    requested_bindings,
+)
+from msilo.routing.timefmt import parse_snd_time
+from msilo.sip.message import SipRequest
+from msilo.sip.parser import normalize_aor, parse_uri
+from msilo.storage.base import InvalidRecord, StoreOutcome, StoreResult
+from msilo.storage.batch import BatchWriter
+from msilo.storage.location import Binding
+from msilo.transaction.client import ClientResult
+from msilo.transaction.server import ServerTransaction
+from msilo.transport.base import RELIABLE, Target
+
+log = logging.getLogger("msilo.route")
+
+RETRY_AFTER = ("Retry-After", "5")
+Route = Callable[[SipRequest, "RouteContext"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the routes need from the configuration (built by the server layer)."""
+
+    mode: str = "registrar"
+    domains: frozenset[str] = frozenset()
+    trusted: tuple[Any, ...] = ()
+    expire_time: int = 259200
+    snd_time_hdr: str | None = None
+    snd_time_avp: str | None = None  # AVP name, e.g. "snd_time" for $avp(snd_time)
+    tz: dt.tzinfo = dt.UTC
+    registrar: RegistrarPolicy = field(default_factory=RegistrarPolicy)
+    notify: NotifySettings | None = None
+    outbound_proxy: Target | None = None
+
+
+class RouteContext:
+    """The script functions a route may call for one request."""
+
+    def __init__(self, service: MsiloService, request: SipRequest, txn: ServerTransaction) -> None:
+        self.service = service
+        self.request = request
+        self.txn = txn
+        self.avp: dict[str, str] = {}  # $avp(name) values, e.g. avp["snd_time"] (D10)
+
+    @property
+    def replied(self) -> bool:
+        """True once a final response was sent."""
+        return self.txn.final
+
+    def reply(self, code: int, reason: str, headers: Collection[tuple[str, str]] = ()) -> None:
+        """Answer the request (the first final answer wins; later ones are ignored)."""
+        self.service.reply(self.txn, code, reason, headers)
+
+    async def m_store(
+        self, owner: str | None = None, snd_time: int | str | None = None, notify: bool = True
+    ) -> StoreResult:
+        """Store the MESSAGE for ``owner`` (default: D3) and return the row's fate.
+
+        Raises StorageError when the database fails (reply 503) and SipError for
+        a request that cannot be stored (reply its status).
+        """
+        return await self.service.m_store(self, owner, snd_time, notify)
+
+    async def m_dump(self, owner: str | None = None, max: int | None = None) -> DumpReport | None:
+        """Deliver the owner's stored messages (default owner: the To URI) to the
+        contact of this REGISTER; None when there is no contact that takes MESSAGE."""
+        return await self.service.m_dump(self, owner, max)
+
+    async def lookup(self, owner: str | None = None) -> list[Binding]:
+        """The owner's current bindings that take MESSAGE (registrar mode)."""
+        aor = self.service.owner(self.request, owner)
+        return await self.service.lookup(aor)
+
+    async def relay(self, owner: str | None = None) -> ClientResult | None:
+        """Fork the MESSAGE to the owner's bindings; the first 2xx, else the best failure,
+        else None when the owner has no binding.  Does not reply."""
+        bindings = await self.lookup(owner)
+        if not bindings:
+            return None
+        return await self.service.relay(self.request, bindings)
+
+
+class MsiloService:
+    """One worker's routing: policy, default or custom route, m_store, m_dump, relay."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        store: Any,
+        writer: BatchWriter,
+        requester: Requester,
+        deliverer: Deliverer,
+        count: Callable[[str], None],
+        route: Route | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = writer
+        self.requester = requester
+        self.deliverer = deliverer
+        self.count = count
+        self.route = route
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- entry point --------------------------------------------------------------------
+
+    async def handle(self, request: SipRequest, txn: ServerTransaction) -> None:
+        """The transaction layer's handler: every new request comes through here."""
+        self.count("requests")
+        self.count(_METHOD_COUNTERS.get(request.method, "requests_other"))
+        try:
+            if self.settings.mode == "silo":
+                check_source(txn.source.ip, self.settings.trusted)
+            check_request(request, self.settings.domains)
+            ctx = RouteContext(self, request, txn)
+            if request.method == "OPTIONS":
+                self.reply(txn, 200, "OK", [_allow()])
+            elif self.route is not None:
+                await self.route(request, ctx)
+                if not txn.final:
+                    log.warning(
+                        "event=route_no_reply method=%s call_id=%s", request.method, request.call_id
+                    )
+                    self.reply(txn, 500, "Server Internal Error")
+            elif request.method == "REGISTER":
+                await self.default_register(ctx)
+            else:
+                await self.default_message(ctx)
+        except IntervalTooBrief:
+            self.reply(
+                txn,
+                423,
+                "Interval Too Brief",
+                [("Min-Expires", str(self.settings.registrar.min_expires))],
+            )
+        except SipError as exc:
+            headers = [_allow()] if exc.status == 405 else []
+            if exc.status >= 500 and exc.status != 513:
+                headers.append(RETRY_AFTER)
+            self.reply(txn, exc.status, exc.reason, headers)
+        except StorageError as exc:
+            self.count("store_failures")
+            log.error(
+                "event=db_error method=%s call_id=%s error=%s", request.method, request.call_id, exc
+            )
+            self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+
+    def reply(
+        self,
+        txn: ServerTransaction,
+        code: int,
+        reason: str,
+        headers: Collection[tuple[str, str]] = (),
+    ) -> None:
+        """Answer ``txn`` and count the reply by class."""
+        if txn.respond(code, reason, headers=tuple(headers)):
+            self.count(f"replies_{min(code // 100, 6)}xx")
+
+    # -- default routes -----------------------------------------------------------------
+
+    async def default_register(self, ctx: RouteContext) -> None:
+        """REGISTER: save the bindings (registrar mode), answer, then dump (D5)."""
+        request, txn = ctx.request, ctx.txn
+        if self.settings.mode == "registrar":
+            wanted = requested_bindings(request, self.settings.registrar)
+            bindings = await self.save_bindings(request, txn, wanted)
+            if bindings is None:
+                return
+            now = int(time.time())
+            self.reply(txn, 200, "OK", contact_lines(bindings, now))
+        else:
+            wanted = _silo_bindings(request, self.settings.registrar)
+            self.reply(txn, 200, "OK", [("Contact", c.raw) for c in _raw_contacts(request)])
+        await ctx.m_dump()
+
+    async def default_message(self, ctx: RouteContext) -> None:
+        """MESSAGE: relay to an online user (registrar mode), else store and answer 202."""
+        if self.settings.mode == "registrar":
+            result = await ctx.relay()
+            if result is not None and result.success:
+                self.count("relayed_messages")
+                ctx.reply(result.status, result.reason)
+                return
+            if result is not None:
+                log.info(
+                    "event=relay_failed call_id=%s status=%d", ctx.request.call_id, result.status
+                )
+        snd_time = None
+        header = self.settings.snd_time_hdr
+        if header is not None:
+            snd_time = ctx.request.get_header(header)
+        await self.store_and_reply(ctx, snd_time=snd_time)
+
+    async def store_and_reply(
+        self, ctx: RouteContext, owner: str | None = None, snd_time: int | str | None = None
+    ) -> None:
+        """m_store, then 202 / 486 Mailbox Full / 503 as the outcome says (D9, D12)."""
+        try:
+            result = await ctx.m_store(owner, snd_time)
+        except QueueFull:
+            self.count("store_failures")
+            ctx.reply(503, "Service Unavailable", [RETRY_AFTER])
+            return
+        if result.outcome is StoreOutcome.OVER_QUOTA:
+            ctx.reply(486, "Mailbox Full")
+        else:
+            ctx.reply(202, "Accepted")
+
+    # -- script functions ---------------------------------------------------------------
+
+    def owner(self, request: SipRequest, explicit: str | None) -> str:
+        """The normalised owner AoR of a request (D3)."""
+        return mstore.owner_of(request, explicit, self.settings.domains)
+
+    async def m_store(
+        self, ctx: RouteContext, owner: str | None, snd_time: int | str | None, notify: bool
+    ) -> StoreResult:
+        """Store the request; answer-worthy errors are raised, the row's fate returned."""
+        request = ctx.request
+        aor = self.owner(request, owner)
+        now = int(time.time())
+        when = self._snd_time(ctx, snd_time)
+        try:
+            message = mstore.new_message(
+                request, aor, now=now, expire_time=self.settings.expire_time, snd_time=when
+            )
+            result = await self.writer.submit(message)
+        except InvalidRecord as exc:
+            raise ParseError(f"cannot store: {exc}") from None
+        if result.outcome is StoreOutcome.STORED:
+            self.count("stored_messages")
+            log.info(
+                "event=stored mid=%s aor=%s from=%s snd_time=%d",
+                result.mid,
+                aor,
+                message.src_addr,
+                when,
+            )
+            if notify:
+                self._notify(ctx)
+        elif result.outcome is StoreOutcome.DUPLICATE:
+            self.count("duplicates")
+            log.info("event=duplicate mid=%s aor=%s call_id=%s", result.mid, aor, request.call_id)
+        else:
+            self.count("quota_rejections")
+            log.info("event=mailbox_full aor=%s from=%s", aor, message.src_addr)
+        return result
+
+    def _snd_time(self, ctx: RouteContext, value: int | str | None) -> int:
+        if value is None and self.settings.snd_time_avp is not None:
+            value = ctx.avp.get(self.settings.snd_time_avp)
+        if value is None:
+            return 0
+        if isinstance(value, int):
+            return max(value, 0)
+        parsed = parse_snd_time(value, self.settings.tz)
+        if parsed is None:
+            # D10: a malformed send time stores an ordinary message, with a warning.
+            log.warning("event=bad_snd_time value=%r call_id=%s", value, ctx.request.call_id)
+            return 0
+        return parsed
+
+    def _notify(self, ctx: RouteContext) -> None:
+        settings = self.settings.notify
+        if settings is None:
+            return
+        source = ctx.txn.source
+        values = pv_values(ctx.request, (source.ip, source.port), avp=ctx.avp)
+        note = notification_for(ctx.request, values, settings)
+        if note is None:
+            return
+        try:
+            target = self.settings.outbound_proxy or Target.from_uri(parse_uri(note.uri))
+            self.requester.start_message(
+                note.uri,
+                target,
+                from_=note.from_,
+                to=note.to,
+                body=note.body,
+                content_type=note.content_type,
+                headers=note.headers,
+            )
+        except (ParseError, OSError) as exc:
+            log.warning("event=notify_failed to=%s error=%s", note.uri, exc)
+            return
+        self.count("notifications_sent")
+        log.debug("event=notified to=%s", note.uri)
+
+    async def m_dump(
+        self, ctx: RouteContext, owner: str | None, limit: int | None
+    ) -> DumpReport | None:
+        """Dump the owner's messages to the contact this REGISTER registers (D5)."""
+        request, source = ctx.request, ctx.txn.source
+        if request.method != "REGISTER":
+            return None
+        wanted = (
+            requested_bindings(request, self.settings.registrar)
+            if self.settings.mode == "registrar"
+            else _silo_bindings(request, self.settings.registrar)
+        )
+        contact = dump_target(wanted, request.allow)
+        if contact is None:
+            return None
+        if owner is not None:
+            aor = normalize_aor(owner)
+        elif request.to is not None:
+            aor = normalize_aor(request.to.uri)
+        else:
+            return None
+        user, host = mstore.split_owner(aor)
+        if source.transport in RELIABLE and self.settings.mode == "registrar":
+            # Deliver over the connection the device registered on (NAT, RFC 5626).
+            target = Target(source.ip, source.port, source.transport, True)
+        else:
+            target = Target.from_uri(parse_uri(contact.uri))
+        report = await self.deliverer.dump(user, host, contact.uri, target, limit=limit)
+        if report.delivered or report.failed:
+            log.info(
+                "event=dump_done aor=%s delivered=%d failed=%d released=%d",
+                aor,
+                report.delivered,
+                report.failed,
+                report.released,
+            )
+        return report
+
+    async def save_bindings(
+        self, request: SipRequest, txn: ServerTransaction, wanted: list[RequestedBinding]
+    ) -> list[Binding] | None:
+        """Apply a REGISTER to the location table; None when it was answered with an error."""
+        if request.to is None:
+            raise ParseError("missing To header")
+        aor = normalize_aor(request.to.uri)
+        user, host = mstore.split_owner(aor)
+        now = int(time.time())
+        source = txn.source
+        plan = plan_register(
+            request,
+            wanted,
+            username=user,
+            domain=host,
+            now=now,
+            received=format_received(source.transport, source.ip, source.port),
+            transport=source.transport.lower(),
+        )
+        outcome = await self.store.update_bindings(user, host, plan, now=now)
+        if outcome.error is not None:
+            self.reply(txn, *outcome.error)
+            return None
+        log.info("event=registered aor=%s contacts=%d", aor, len(outcome.bindings))
+        return list(outcome.bindings)
+
+    async def lookup(self, aor: str) -> list[Binding]:
+        """Current bindings of ``aor`` that take MESSAGE."""
+        if self.settings.mode != "registrar":
+            return []
+        user, host = mstore.split_owner(aor)
+        bindings = await self.store.lookup_bindings(user, host, now=int(time.time()))
+        return [b for b in bindings if b.takes_message()]
+
+    async def relay(self, request: SipRequest, bindings: list[Binding]) -> ClientResult:
+        """Fork ``request`` to every binding statefully; first 2xx wins (D: relay)."""
+        assert request.from_ is not None and request.to is not None and request.cseq is not None
+        max_forwards = (request.max_forwards if request.max_forwards is not None else 70) - 1
+        branches = [
+            asyncio.ensure_future(
+                self.requester.send_message(
+                    b.contact,
+                    binding_target(b),
+                    from_=_name_addr(request.from_.display, request.from_.uri),
+                    to=_name_addr(request.to.display, request.to.uri),
+                    body=request.body,
+                    content_type=request.content_type.raw if request.content_type else None,
+                    call_id=request.call_id,
+                    from_tag=request.from_.tag,
+                    cseq=request.cseq.number,
+                    max_forwards=max(max_forwards, 0),
+                )
+            )
+            for b in bindings
+        ]
+        best: ClientResult | None = None
+        for next_done in asyncio.as_completed(branches):
+            result = await next_done
+            if result.success:
+                return result  # the other branches finish on their own
+            if best is None or _better_failure(result, best):
+                best = result
+        assert best is not None
+        return best
+
+
+_METHOD_COUNTERS = {
+    "REGISTER": "requests_register",
+    "MESSAGE": "requests_message",
+    "OPTIONS": "requests_options",
+}
+
+
+def _allow() -> tuple[str, str]:
+    name, _, value = ALLOW.partition(": ")
+    return name, value
+
+
+def _name_addr(display: str | None, uri: str) -> str:
+    if display:
+        quoted = display.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{uri}>'
+    return f"<{uri}>"
+
+
+def _better_failure(a: ClientResult, b: ClientResult) -> bool:
+    # A real answer from a device says more than a local timeout.
+    if a.local != b.local:
+        return not a.local
+    return a.status < b.status
+
+
+def binding_target(binding: Binding) -> Target:
+    """Next hop to reach a binding: its TCP/TLS connection when it registered over one."""
+    from msilo.routing.delivery import received_target
+
+    if binding.transport in ("tcp", "tls"):
+        target = received_target(binding.received)
+        if target is not None:
+            return target
+    return Target.from_uri(parse_uri(binding.contact))
+
+
+class _RawContact:
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+
+
+def _raw_contacts(request: SipRequest) -> list[_RawContact]:
+    return [_RawContact(f"<{c.uri}>") for c in request.contacts]
+
+
+def _silo_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[RequestedBinding]:
+    # Behind a proxy the lifetimes were already policed: only "positive or not" matters.
+    result = []
+    for contact in request.contacts:
+        expires = contact.expires if contact.expires is not None else request.expires
+        result.append(
+            RequestedBinding(contact, policy.default_expires if expires is None else expires)
+        )
+    return result
+
+
+def load_route(spec: str) -> Route:
+    """Import ``module:function`` for ``server.route``; ConfigError naming what is wrong."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"server.route: cannot import {module_name!r} ({exc})") from None
+    route = getattr(module, attr, None)
+    if route is None or not asyncio.iscoroutinefunction(route):
+        raise ConfigError(f"server.route: {spec!r} is not an async function")
+    return route  # type: ignore[no-any-return]

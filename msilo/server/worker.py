@@ -1,0 +1,372 @@
+"""One msilo worker: sockets, transactions, routing, storage, and (when elected) the timer cycles.
+
+This is the only place that wires the layers together.  Start-up is a list of
+named steps; shutdown runs them backwards: stop reading, answer what is in
+flight, flush the batch writer, close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from msilo.config import LISTEN, Config
+from msilo.errors import ConfigError, ParseError
+from msilo.leader.cycles import CycleSettings, TimerCycles
+from msilo.leader.election import LeaderElection, leader_election_for
+from msilo.routing.delivery import Deliverer, DeliverySettings
+from msilo.routing.notify import NotifySettings
+from msilo.routing.policy import trusted_networks
+from msilo.routing.registrar import RegistrarPolicy
+from msilo.routing.service import MsiloService, ServiceSettings, binding_target, load_route
+from msilo.routing.templates import compile_template
+from msilo.routing.timefmt import zone
+from msilo.server.http import ManagementViews, start_management_http
+from msilo.server.stats import Counters, StatsBlock, prometheus_text
+from msilo.sip.parser import IMPLEMENTATION, parse_uri
+from msilo.storage.base import Store
+from msilo.storage.batch import BatchWriter
+from msilo.transaction.client import ClientResult, ClientTransaction
+from msilo.transaction.layer import TransactionLayer
+from msilo.transport.base import Target
+from msilo.transport.manager import Transports
+
+log = logging.getLogger("msilo.server")
+
+
+class LayerRequester:
+    """Routing's :class:`~msilo.routing.delivery.Requester` on top of the transaction layer."""
+
+    def __init__(self, layer: TransactionLayer) -> None:
+        self.layer = layer
+
+    def start_message(
+        self,
+        uri: str,
+        target: Target,
+        *,
+        from_: str,
+        to: str,
+        body: bytes,
+        content_type: str | None,
+        headers: Sequence[tuple[str, str]] = (),
+        date: int | None = None,
+        **build: Any,
+    ) -> ClientTransaction:
+        """Send a MESSAGE without waiting."""
+        return self.layer.request(
+            "MESSAGE",
+            uri,
+            target,
+            from_=from_,
+            to=to,
+            body=body,
+            content_type=content_type,
+            headers=headers,
+            date=float(date) if date is not None else False,
+            **build,
+        )
+
+    async def send_message(
+        self,
+        uri: str,
+        target: Target,
+        *,
+        from_: str,
+        to: str,
+        body: bytes,
+        content_type: str | None,
+        headers: Sequence[tuple[str, str]] = (),
+        date: int | None = None,
+        **build: Any,
+    ) -> ClientResult:
+        """Send a MESSAGE and wait for its final outcome (2xx, ≥ 300, 408 or 503 local)."""
+        txn = self.start_message(
+            uri,
+            target,
+            from_=from_,
+            to=to,
+            body=body,
+            content_type=content_type,
+            headers=headers,
+            date=date,
+            **build,
+        )
+        return await txn.wait()
+
+
+def service_settings(config: Config) -> ServiceSettings:
+    """Routing settings from the configuration (templates compiled here, D2)."""
+    m = config.msilo
+    notify = None
+    if m.from_address is not None and m.offline_message is not None:
+        notify = NotifySettings(
+            from_address=compile_template(m.from_address),
+            offline_message=compile_template(m.offline_message),
+            content_type_hdr=compile_template(m.content_type_hdr) if m.content_type_hdr else None,
+            contact_hdr=compile_template(m.contact_hdr) if m.contact_hdr else None,
+            use_contact=m.use_contact,
+        )
+    avp = m.snd_time_avp[len("$avp(") : -1] if m.snd_time_avp else None
+    r = config.registrar
+    return ServiceSettings(
+        mode=config.server.mode,
+        domains=frozenset(d.lower() for d in config.server.domains),
+        trusted=trusted_networks(config.server.trusted),
+        expire_time=m.expire_time,
+        snd_time_hdr=m.snd_time_hdr,
+        snd_time_avp=avp,
+        tz=zone(m.timezone),
+        registrar=RegistrarPolicy(r.default_expires, r.min_expires, r.max_expires),
+        notify=notify,
+        outbound_proxy=proxy_target(m.outbound_proxy),
+    )
+
+
+def proxy_target(uri: str | None) -> Target | None:
+    """``outbound_proxy`` as a next hop."""
+    if uri is None:
+        return None
+    try:
+        return Target.from_uri(parse_uri(uri))
+    except ParseError as exc:
+        raise ConfigError(f"msilo.outbound_proxy: {uri!r} is not a SIP URI ({exc})") from None
+
+
+def parse_listen(item: str) -> tuple[str, str, int]:
+    """``udp:HOST:PORT`` -> (transport, host, port)."""
+    match = LISTEN.match(item)
+    if match is None:
+        raise ConfigError(f"server.listen: {item!r} is not transport:HOST:PORT")
+    return match.group(1), match.group(2).strip("[]"), int(match.group(3))
+
+
+class Worker:
+    """Runs the SIP service in this process until :meth:`stop`."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        stats: StatsBlock | None = None,
+        row: int = 0,
+        run_leader: bool = True,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.stats = stats or StatsBlock()
+        self._own_stats = stats is None
+        self.counters: Counters = self.stats.counters(row)
+        self.run_leader = run_leader
+        self.transports: Transports | None = None
+        self.layer: TransactionLayer | None = None
+        self.writer: BatchWriter | None = None
+        self.service: MsiloService | None = None
+        self.election: LeaderElection | None = None
+        self.http: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._cycles_task: asyncio.Task[None] | None = None
+        self.lease_owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.started_at = time.time()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to one of this worker's counters."""
+        self.counters.incr(name, amount)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind, wire and start everything; raises on any start-up failure."""
+        config = self.config
+        limits = config.limits
+        self.writer = BatchWriter(self.store, max_messages=config.msilo.max_messages)
+        self.writer.start()
+        self.transports = Transports(
+            max_message=limits.max_message_size,
+            idle_timeout=limits.idle_timeout,
+            max_connections=limits.max_connections,
+            advertise=config.server.advertise.split(":")[0] or None,
+        )
+        route = load_route(config.server.route) if config.server.route else None
+        settings = service_settings(config)
+        self.layer = TransactionLayer(
+            self._handle, self.transports.send, sent_by=self.transports.sent_by
+        )
+        self.transports.on_message = self._receive
+        requester = LayerRequester(self.layer)
+        deliverer = Deliverer(
+            self.store,
+            requester,
+            DeliverySettings(
+                add_date=config.msilo.add_date,
+                tz=settings.tz,
+                outbound_proxy=settings.outbound_proxy,
+                timer_f=self.layer.timers.timer_f,
+            ),
+            lease_owner=self.lease_owner,
+            count=self.count,
+        )
+        self.service = MsiloService(
+            settings,
+            store=self.store,
+            writer=self.writer,
+            requester=requester,
+            deliverer=deliverer,
+            count=self.count,
+            route=route,
+        )
+        await self._bind()
+        if config.server.http:
+            host, _, port = config.server.http.rpartition(":")
+            self.http = await start_management_http(self._views(), host.strip("[]"), int(port))
+        if self.run_leader:
+            self._start_leader(deliverer)
+        log.info(
+            "event=serving mode=%s parser=%s listen=%s",
+            config.server.mode,
+            IMPLEMENTATION,
+            ",".join(config.server.listen),
+        )
+
+    async def _bind(self) -> None:
+        assert self.transports is not None
+        families: set[str] = set()
+        for item in self.config.server.listen:
+            transport, host, port = parse_listen(item)
+            if transport == "udp":
+                await self.transports.listen_udp(host, port)
+            elif transport == "tcp":
+                await self.transports.listen_tcp(host, port)
+            else:
+                raise ConfigError(f"server.listen: {item!r}: TLS listeners are not available yet")
+            families.add("::" if ":" in host else "0.0.0.0")
+        for wildcard in sorted(families):
+            await self.transports.open_client_udp(wildcard)
+
+    def _start_leader(self, deliverer: Deliverer) -> None:
+        assert self.service is not None
+        m = self.config.msilo
+        cycles = TimerCycles(
+            self.store,
+            deliverer,
+            CycleSettings(
+                check_time=m.check_time,
+                clean_period=m.clean_period,
+                send_time=m.send_time,
+                reminder=m.reminder,
+                mode=self.config.server.mode,
+            ),
+            count=self.count,
+            lookup=self.service_lookup,
+            target_for=binding_target,
+            purge_bindings=getattr(self.store, "delete_expired_bindings", None),
+        )
+        self.election = leader_election_for(m.db_url)
+
+        async def elected() -> None:
+            self._cycles_task = asyncio.get_running_loop().create_task(cycles.run())
+
+        async def lost() -> None:
+            if self._cycles_task is not None:
+                self._cycles_task.cancel()
+                self._cycles_task = None
+
+        self._tasks.append(asyncio.get_running_loop().create_task(self.election.run(elected, lost)))
+
+    async def service_lookup(self, user: str, domain: str) -> list[Any]:
+        """Bindings of a user that take MESSAGE (for reminders)."""
+        assert self.service is not None
+        return await self.service.lookup(f"{user}@{domain}")
+
+    # -- per message ----------------------------------------------------------------------
+
+    def _receive(self, data: bytes, source: Any) -> None:
+        assert self.layer is not None
+        try:
+            self.layer.receive(data, source)
+        except ParseError:
+            self.count("parse_errors")
+            raise  # the transport answers 400 (or drops what cannot be answered)
+
+    async def _handle(self, request: Any, txn: Any) -> None:
+        assert self.service is not None
+        await self.service.handle(request, txn)
+
+    # -- management -----------------------------------------------------------------------
+
+    def _views(self) -> ManagementViews:
+        def totals() -> dict[str, int]:
+            result = self.stats.total()
+            if self.layer is not None:
+                # Absorbed retransmissions are counted by the transaction layer itself.
+                txn = self.layer.stats
+                result["retransmissions_absorbed"] = (
+                    txn.retransmissions_absorbed + txn.responses_replayed
+                )
+            return result
+
+        def health() -> tuple[bool, dict[str, Any]]:
+            leader = self.election.holder_info() if self.election is not None else None
+            ok = self.transports is not None and self.writer is not None
+            return ok, {
+                "status": "ok" if ok else "starting",
+                "pid": os.getpid(),
+                "parser": IMPLEMENTATION,
+                "uptime": int(time.time() - self.started_at),
+                "leader": leader,
+                "database": _redact(self.config.msilo.db_url),
+            }
+
+        return ManagementViews(
+            health=health,
+            stats=totals,
+            metrics=lambda: prometheus_text(totals()),
+        )
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: stop reading, finish what is in flight, flush, close."""
+        grace = self.config.server.grace_period if grace is None else grace
+        if self.http is not None:
+            self.http.close()
+        if self.transports is not None:
+            for server in self.transports.tcp_servers:
+                server.close()
+            for endpoint in self.transports.udp_listeners:
+                endpoint.close()
+        if self.layer is not None:
+            await self.layer.drain(grace)
+        if self.writer is not None:
+            await self.writer.close()
+        if self._cycles_task is not None:
+            self._cycles_task.cancel()
+        if self.election is not None:
+            await self.election.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.layer is not None:
+            self.layer.close()
+        if self.transports is not None:
+            await self.transports.close()
+        if self._own_stats:
+            self.stats.close()
+        log.info("event=stopped")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
+    return url

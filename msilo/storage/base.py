@@ -1,0 +1,329 @@
+"""The storage contract: record types and the abstract ``Store`` both backends implement.
+
+Storage knows nothing of SIP or of the config module; it receives plain values.  The
+``silo`` table keeps every OpenSIPS ``silo`` column (table version 6) under configurable
+names (``db_table`` / ``sc_*``), plus four columns of ours with fixed names:
+
+* ``dedupe_key``  -- Call-ID + CSeq + From-tag of the request; unique, so a replayed
+  MESSAGE is stored once (spec D12);
+* ``lease_until`` / ``lease_owner`` -- the delivery lease (spec D6, §10 Q12);
+* ``attempts``    -- failed deliveries so far (spec §10 Q17).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from msilo.errors import InvalidRecord
+
+#: ``version.table_version`` of the silo table: OpenSIPS msilo's (spec §5.1).
+SILO_VERSION = 6
+#: OpenSIPS usrloc's ``location`` version (3.x).  Our layout is our own (the registrar owns
+#: it), the number only keeps OpenSIPS tooling that reads ``version`` from tripping.
+LOCATION_VERSION = 1013
+#: OpenSIPS auth_db's ``subscriber`` version (3.x: ha1_sha256 + ha1_sha512t256 columns).
+SUBSCRIBER_VERSION = 8
+
+#: Our extra silo columns, in the order we create them.
+EXTRA_COLUMNS = ("dedupe_key", "lease_until", "lease_owner", "attempts")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+# Character limits of the OpenSIPS columns (VARCHAR(n) counts characters on PostgreSQL).
+# Checked before a row joins a batch, so one oversized row fails its own request only,
+# never the whole group commit.
+_TEXT_LIMITS = (("username", 64), ("domain", 64), ("src_addr", 255), ("dst_addr", 255))
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def quote_ident(name: str) -> str:
+    """Quote an already validated identifier (works on PostgreSQL and SQLite)."""
+    return '"' + name + '"'
+
+
+@dataclass(frozen=True)
+class SiloNames:
+    """Table and column names of the silo table (``db_table`` and ``sc_*``)."""
+
+    table: str = "silo"
+    mid: str = "mid"
+    src_addr: str = "src_addr"
+    dst_addr: str = "dst_addr"
+    username: str = "username"
+    domain: str = "domain"
+    body: str = "body"
+    ctype: str = "ctype"
+    exp_time: str = "exp_time"
+    inc_time: str = "inc_time"
+    snd_time: str = "snd_time"
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str) or not _IDENT.match(value):
+                raise ValueError(
+                    f"{f.name} is expected to be an SQL identifier "
+                    f"(letters, digits, '_', not starting with a digit, at most 63), "
+                    f"got {value!r}"
+                )
+            if f.name == "table":
+                continue
+            if value.lower() in EXTRA_COLUMNS:
+                raise ValueError(f"{f.name} = {value!r} clashes with msilo's own column")
+            if value.lower() in seen:
+                raise ValueError(
+                    f"{f.name} = {value!r} is the same column as {seen[value.lower()]}"
+                )
+            seen[value.lower()] = f.name
+
+    def object_name(self, suffix: str, prefix: str = "") -> str:
+        """Name of an index or function belonging to this table, at most 63 characters.
+
+        PostgreSQL silently truncates longer names, which could make two tables' objects
+        collide; a long table name is therefore shortened and made unique with a hash.
+        """
+        name = f"{prefix}{self.table}_{suffix}"
+        if len(name) <= 63:
+            return name
+        import hashlib
+
+        digest = hashlib.sha1(self.table.encode()).hexdigest()[:8]
+        keep = 63 - len(prefix) - len(suffix) - len(digest) - 2
+        return f"{prefix}{self.table[:keep]}_{digest}_{suffix}"
+
+
+#: The admin guide's names (frozen, so one shared instance is a safe default).
+DEFAULT_NAMES = SiloNames()
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to store; times are Unix epoch seconds."""
+
+    username: str
+    domain: str
+    src_addr: str
+    dst_addr: str
+    body: bytes
+    ctype: str | None
+    inc_time: int
+    exp_time: int
+    snd_time: int = 0
+    dedupe_key: str | None = None
+
+
+class StoreOutcome(enum.Enum):
+    """What became of one message handed to ``store_batch``."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    OVER_QUOTA = "over_quota"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The fate of one message: ``mid`` of the stored row (for DUPLICATE, the existing one)."""
+
+    outcome: StoreOutcome
+    mid: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A row of the silo table as read back (``body`` is ``b""`` for SQL NULL)."""
+
+    mid: int
+    username: str
+    domain: str
+    src_addr: str
+    dst_addr: str
+    body: bytes
+    ctype: str | None
+    inc_time: int
+    exp_time: int
+    snd_time: int
+    attempts: int
+
+
+def _check_text(field: str, value: object, limit: int | None) -> None:
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{field} must be a str, got {type(value).__name__}")
+    if limit is not None and len(value) > limit:
+        raise InvalidRecord(f"{field} is longer than {limit} characters ({len(value)})")
+    # PostgreSQL text cannot hold NUL and rejects unencodable strings; SQLite would
+    # accept both, but the two backends must agree on what is storable.
+    if "\x00" in value:
+        raise InvalidRecord(f"{field} contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRecord(f"{field} is not valid UTF-8 text") from exc
+
+
+def validate_message(msg: NewMessage) -> None:
+    """Raise ``InvalidRecord`` if ``msg`` cannot be stored as it is."""
+    for field, limit in _TEXT_LIMITS:
+        _check_text(field, getattr(msg, field), limit)
+    if msg.ctype is not None:
+        _check_text("ctype", msg.ctype, None)
+    if msg.dedupe_key is not None:
+        _check_text("dedupe_key", msg.dedupe_key, None)
+    if not isinstance(msg.body, bytes | bytearray | memoryview):
+        raise InvalidRecord(f"body must be bytes, got {type(msg.body).__name__}")
+    for field in ("inc_time", "exp_time", "snd_time"):
+        value = getattr(msg, field)
+        if not isinstance(value, int) or not _INT64_MIN <= value <= _INT64_MAX:
+            raise InvalidRecord(f"{field} must be a 64-bit integer, got {value!r}")
+
+
+def fold_repeated_keys(
+    messages: Sequence[NewMessage],
+) -> tuple[list[NewMessage], list[tuple[int, bool]]]:
+    """Drop rows whose dedupe key appeared earlier in the same batch.
+
+    Returns the rows to send to the database and, per input row, (index in those rows,
+    is a repeat).  A repeat shares the fate of its first occurrence (see ``unfold_results``):
+    it is the same request, for the same owner, so it can neither be stored a second time
+    nor fit a quota its first occurrence did not fit.
+    """
+    first: dict[str, int] = {}
+    unique: list[NewMessage] = []
+    slots: list[tuple[int, bool]] = []
+    for m in messages:
+        key = m.dedupe_key
+        if key is not None:
+            seen = first.get(key)
+            if seen is not None:
+                slots.append((seen, True))
+                continue
+            first[key] = len(unique)
+        slots.append((len(unique), False))
+        unique.append(m)
+    return unique, slots
+
+
+def unfold_results(
+    results: Sequence[StoreResult], slots: Sequence[tuple[int, bool]]
+) -> list[StoreResult]:
+    """Map results of the folded rows back to every input row (see ``fold_repeated_keys``)."""
+    out: list[StoreResult] = []
+    for index, repeat in slots:
+        r = results[index]
+        if repeat and r.outcome is StoreOutcome.STORED:
+            r = StoreResult(StoreOutcome.DUPLICATE, r.mid)
+        out.append(r)
+    return out
+
+
+class Store(abc.ABC):
+    """The message store.  Every method raises ``StorageError`` (or a subclass) on failure.
+
+    Owners are matched by exact ``(username, domain)`` equality, as OpenSIPS does.
+    """
+
+    names: SiloNames
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect (PostgreSQL: create the pool; SQLite: open the file)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every connection; idempotent."""
+
+    @abc.abstractmethod
+    async def create_schema(self) -> None:
+        """Create missing tables, indexes and version rows, then ``check_schema()``."""
+
+    @abc.abstractmethod
+    async def check_schema(self) -> None:
+        """Raise ``SchemaError`` with what to do if the schema cannot be used as it is."""
+
+    @abc.abstractmethod
+    async def upgrade_schema(self) -> list[str]:
+        """Bring an existing (e.g. OpenSIPS-created) schema up to ours, in place.
+
+        Returns the actions taken, one human-readable line each; empty when nothing was due.
+        """
+
+    @abc.abstractmethod
+    async def store_batch(
+        self, messages: Sequence[NewMessage], max_messages: int
+    ) -> list[StoreResult]:
+        """Store ``messages`` in one transaction; one result per message, in input order.
+
+        A ``dedupe_key`` already present (in the table or earlier in the batch) gives
+        DUPLICATE and inserts nothing.  With ``max_messages > 0`` an owner holding that many
+        rows (every row counts, OpenSIPS-style) gets OVER_QUOTA, atomically with respect to
+        concurrent stores from any process or host.
+        """
+
+    @abc.abstractmethod
+    async def claim_for_dump(
+        self,
+        username: str,
+        domain: str,
+        *,
+        lease_owner: str,
+        lease_seconds: int,
+        now: int,
+        limit: int | None = None,
+    ) -> list[StoredMessage]:
+        """Lease and return the owner's deliverable rows in arrival order.
+
+        Deliverable: ``snd_time = 0``, ``exp_time > now``, no live lease.  Concurrent claims
+        never return the same row.
+        """
+
+    @abc.abstractmethod
+    async def delete_delivered(self, mids: Sequence[int]) -> int:
+        """Delete delivered rows; returns how many were deleted."""
+
+    @abc.abstractmethod
+    async def release_lease(self, mids: Sequence[int], *, failed: bool = True) -> int:
+        """Clear the rows' leases; ``failed`` also counts a failed delivery attempt."""
+
+    @abc.abstractmethod
+    async def recover_expired_leases(self, now: int) -> int:
+        """Clear leases whose deadline has passed (their holder died or hung)."""
+
+    @abc.abstractmethod
+    async def delete_expired(self, now: int) -> int:
+        """Delete rows with ``exp_time <= now``."""
+
+    @abc.abstractmethod
+    async def claim_due_reminders(
+        self, *, now: int, lease_owner: str, lease_seconds: int, limit: int
+    ) -> list[StoredMessage]:
+        """Lease and return up to ``limit`` due reminders (``0 < snd_time <= now``), by time."""
+
+    @abc.abstractmethod
+    async def reset_reminder(self, mids: Sequence[int]) -> int:
+        """Turn failed reminders into ordinary offline messages (``snd_time = 0``, unleased)."""
+
+    @abc.abstractmethod
+    async def count(self, username: str, domain: str) -> int:
+        """Number of rows of the owner."""
+
+    @abc.abstractmethod
+    async def purge(self, username: str, domain: str) -> int:
+        """Delete every row of the owner; returns how many."""
+
+    # Defined last: inside the class body ``list`` names this method from here on.
+    @abc.abstractmethod
+    async def list(self, username: str, domain: str) -> list[StoredMessage]:
+        """Every row of the owner, in arrival order."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

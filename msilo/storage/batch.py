@@ -1,0 +1,162 @@
+"""Group commit: many concurrent store requests, one transaction per flush.
+
+When no flush is running, a request is flushed at once (no added latency when idle); while
+one runs, requests queue up and all of them (up to ``max_batch``) go in the next flush as
+soon as it returns.  Batches therefore grow with the load by themselves, without a timer.
+
+Every caller awaits its own row's fate, and learns it only after the commit that holds the
+row: a failed flush fails every caller of that batch, so nothing is acknowledged that was not
+committed.  The next flush simply tries again; reconnecting is the store's (pool's) job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from msilo.errors import QueueFull, StorageError
+from msilo.storage.base import NewMessage, Store, StoreResult, validate_message
+
+log = logging.getLogger("msilo.store")
+
+_Pending = tuple[NewMessage, "asyncio.Future[StoreResult]"]
+
+
+class BatchWriter:
+    """Queues ``submit``ted messages and stores them with ``store.store_batch``."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_messages: int,
+        max_batch: int = 512,
+        max_queue: int = 10000,
+    ) -> None:
+        if max_batch <= 0:
+            raise ValueError("max_batch is expected to be greater than zero")
+        if max_queue <= 0:
+            raise ValueError("max_queue is expected to be greater than zero")
+        self.store = store
+        self.max_messages = max_messages
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        #: Statistics: flushes run, rows flushed, flushes that failed, largest batch.
+        self.flushes = 0
+        self.rows = 0
+        self.failed_flushes = 0
+        self.largest_batch = 0
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a flush (not counting the one running)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the flusher on the running loop; idempotent."""
+        if self._closing:
+            raise StorageError("the batch writer is closed")
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="msilo-batch-writer"
+            )
+
+    async def submit(self, msg: NewMessage) -> StoreResult:
+        """Store ``msg`` with the next flush; returns its fate once committed.
+
+        Raises ``QueueFull`` at once when ``max_queue`` requests are waiting, the flush's
+        ``StorageError`` when it failed, ``InvalidRecord`` for a row that cannot be stored.
+        """
+        if self._closing:
+            raise StorageError("the batch writer is closed")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"store queue full ({self.max_queue} requests waiting)")
+        # A bad row fails here, alone, instead of failing the whole batch in the database.
+        validate_message(msg)
+        if self._task is None:
+            self.start()
+        assert self._wakeup is not None
+        future: asyncio.Future[StoreResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((msg, future))
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Flush everything pending, then stop; later submits fail."""
+        self._closing = True
+        task = self._task
+        if task is None:
+            return
+        assert self._wakeup is not None
+        self._wakeup.set()
+        await asyncio.shield(task)
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        wakeup = self._wakeup
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            while self._queue:
+                await self._flush(self._take())
+            if self._closing:
+                return
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        queue = self._queue
+        while queue and len(batch) < self.max_batch:
+            item = queue.popleft()
+            # A caller that gave up before its flush began is not stored: nobody would
+            # acknowledge the row.
+            if not item[1].done():
+                batch.append(item)
+        return batch
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        self.flushes += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            results = await self.store.store_batch([m for m, _ in batch], self.max_messages)
+            if len(results) != len(batch):
+                raise StorageError(f"store returned {len(results)} results for {len(batch)}")
+        except Exception as exc:
+            self.failed_flushes += 1
+            log.debug("event=flush_failed rows=%d error=%r", len(batch), str(exc))
+            _fail(batch, exc)
+            return
+        except BaseException:
+            # Cancelled (loop shutting down): the outcome is unknown, so nobody may be told
+            # "stored"; still, nobody may wait for ever either.
+            _fail(batch, StorageError("the batch writer stopped during a flush"))
+            raise
+        self.rows += len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+def _fail(batch: list[_Pending], exc: Exception) -> None:
+    """Fail every caller of ``batch`` with a ``StorageError`` of its own (tracebacks of
+    one shared instance would pile up as each caller re-raises it)."""
+    for _, future in batch:
+        if future.done():
+            continue
+        if isinstance(exc, StorageError):
+            try:
+                error: StorageError = type(exc)(*exc.args)
+            except TypeError:
+                error = StorageError(str(exc))
+            error.__cause__ = exc.__cause__ or exc
+        else:
+            error = StorageError(f"storing a batch failed: {exc!r}")
+            error.__cause__ = exc
+        future.set_exception(error)

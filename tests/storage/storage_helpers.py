@@ -1,0 +1,52 @@
+"""Helpers shared by the storage tests."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+
+from msilo.storage import NewMessage
+
+OWNER = ("alice", "example.com")
+NOW = int(time.time())
+
+
+def message(
+    username: str = OWNER[0],
+    domain: str = OWNER[1],
+    *,
+    body: bytes = b"hello",
+    inc_time: int = NOW,
+    exp_time: int | None = None,
+    snd_time: int = 0,
+    key: str | None = None,
+    ctype: str | None = "text/plain",
+    src: str = "sip:bob@example.org",
+) -> NewMessage:
+    """A message for the owner, stored at ``inc_time``, living an hour by default."""
+    return NewMessage(
+        username=username,
+        domain=domain,
+        src_addr=src,
+        dst_addr=f"sip:{username}@{domain}",
+        body=body,
+        ctype=ctype,
+        inc_time=inc_time,
+        exp_time=inc_time + 3600 if exp_time is None else exp_time,
+        snd_time=snd_time,
+        dedupe_key=key,
+    )
+
+
+async def drop_pg_tables(dsn: str, *tables: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for table in tables:
+            await conn.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+            await conn.execute(f'DROP FUNCTION IF EXISTS "msilo_{table}_store_batch"')
+            await conn.execute("DELETE FROM version WHERE table_name = $1", table)
+    except asyncpg.UndefinedTableError:
+        pass
+    finally:
+        await conn.close()

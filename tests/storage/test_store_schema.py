@@ -1,0 +1,310 @@
+"""Schema: created when missing, checked with messages that say what to do, upgraded in
+place from the layout OpenSIPS's own scripts create."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import StoreFactory
+from storage_helpers import OWNER, message
+
+from msilo.errors import SchemaError
+from msilo.storage import SiloNames, Store, StoreOutcome, open_store
+from msilo.storage.postgres import PostgresStore
+from msilo.storage.sqlite import SQLiteStore
+
+
+async def raw(store: Store, sql: str) -> None:
+    """Run DDL/DML behind the store's back (what an admin or OpenSIPS would do)."""
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            conn.executescript(sql)
+        finally:
+            conn.close()
+    else:
+        assert isinstance(store, PostgresStore)
+        pg = await asyncpg.connect(store.dsn)
+        try:
+            await pg.execute(sql)
+        finally:
+            await pg.close()
+
+
+async def test_create_schema_twice_is_harmless(store: Store) -> None:
+    await store.create_schema()
+    await store.check_schema()
+    assert (await store.store_batch([message()], 0))[0].outcome is StoreOutcome.STORED
+    await store.create_schema()
+    assert await store.count(*OWNER) == 1
+
+
+async def test_upgrade_of_our_own_schema_does_nothing(store: Store) -> None:
+    assert await store.upgrade_schema() == []
+
+
+async def test_missing_table_says_run_db_init(make_store: StoreFactory) -> None:
+    s = await make_store()
+    with pytest.raises(SchemaError, match=r"does not exist: run `msilo db init`"):
+        await s.check_schema()
+
+
+async def test_using_a_missing_table_is_a_schema_error(make_store: StoreFactory) -> None:
+    s = await make_store()
+    with pytest.raises(SchemaError, match="msilo db init"):
+        await s.count(*OWNER)
+
+
+async def test_missing_extra_columns_say_run_db_upgrade(
+    make_store: StoreFactory, names: SiloNames
+) -> None:
+    s = await make_store()
+    await s.create_schema()
+    await raw(s, f'ALTER TABLE "{names.table}" DROP COLUMN lease_owner')
+    with pytest.raises(SchemaError, match=r"lease_owner: run `msilo db upgrade`"):
+        await s.check_schema()
+    await s.upgrade_schema()
+    await s.check_schema()
+
+
+async def test_opensips_id_column_says_set_sc_mid(
+    make_store: StoreFactory, names: SiloNames
+) -> None:
+    s = await make_store()
+    await s.create_schema()
+    await raw(s, f'ALTER TABLE "{names.table}" RENAME COLUMN mid TO id')
+    with pytest.raises(SchemaError, match=r'set sc_mid = "id"'):
+        await s.check_schema()
+    with pytest.raises(SchemaError, match=r'set sc_mid = "id"'):
+        await s.upgrade_schema()
+
+
+async def test_foreign_table_version_is_refused(make_store: StoreFactory, names: SiloNames) -> None:
+    s = await make_store()
+    await s.create_schema()
+    await raw(s, f"UPDATE version SET table_version = 8 WHERE table_name = '{names.table}'")
+    with pytest.raises(SchemaError, match=r"version 8 .* msilo needs 6"):
+        await s.check_schema()
+    with pytest.raises(SchemaError, match=r"version 8"):
+        await s.upgrade_schema()
+
+
+async def test_missing_version_row_says_run_db_upgrade(
+    make_store: StoreFactory, names: SiloNames
+) -> None:
+    s = await make_store()
+    await s.create_schema()
+    await raw(s, f"DELETE FROM version WHERE table_name = '{names.table}'")
+    with pytest.raises(SchemaError, match=r"no row for .*: run `msilo db upgrade`"):
+        await s.check_schema()
+    assert f"set version of {names.table} to 6" in await s.upgrade_schema()
+    await s.check_schema()
+
+
+async def test_auxiliary_tables_and_versions_exist(store: Store, names: SiloNames) -> None:
+    rows: dict[str, int] = {}
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            rows = dict(conn.execute("SELECT table_name, table_version FROM version"))
+            for table in ("location", "subscriber"):
+                assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+        finally:
+            conn.close()
+    else:
+        assert isinstance(store, PostgresStore)
+        pg = await asyncpg.connect(store.dsn)
+        try:
+            rows = dict(await pg.fetch("SELECT table_name, table_version FROM version"))
+            for table in ("location", "subscriber"):
+                assert await pg.fetchval(f"SELECT count(*) FROM {table}") == 0
+        finally:
+            await pg.close()
+    assert rows[names.table] == 6
+    assert rows["location"] == 1013
+    assert rows["subscriber"] == 8
+
+
+async def test_configured_column_names_are_used(make_store: StoreFactory, names: SiloNames) -> None:
+    custom = SiloNames(
+        table=names.table,
+        mid="msg_id",
+        src_addr="sender",
+        dst_addr="recipient",
+        username="usr",
+        domain="dom",
+        body="payload",
+        ctype="content_type",
+        exp_time="expires_at",
+        inc_time="arrived_at",
+        snd_time="send_at",
+    )
+    s = await make_store(custom)
+    await s.create_schema()
+    [r] = await s.store_batch([message(body=b"x")], 1)
+    assert r.outcome is StoreOutcome.STORED
+    assert [m.body for m in await s.list(*OWNER)] == [b"x"]
+    assert (await s.store_batch([message()], 1))[0].outcome is StoreOutcome.OVER_QUOTA
+
+
+# --- upgrading a table created by OpenSIPS's own scripts --------------------------------------
+
+OPENSIPS_PG = """
+CREATE TABLE IF NOT EXISTS version (
+    table_name VARCHAR(32) NOT NULL,
+    table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_t_name_idx UNIQUE (table_name)
+);
+INSERT INTO version (table_name, table_version) values ('{t}','6');
+CREATE TABLE {t} (
+    id SERIAL PRIMARY KEY NOT NULL,
+    src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    dst_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL,
+    inc_time INTEGER DEFAULT 0 NOT NULL,
+    exp_time INTEGER DEFAULT 0 NOT NULL,
+    snd_time INTEGER DEFAULT 0 NOT NULL,
+    ctype VARCHAR(255) DEFAULT NULL,
+    body BYTEA DEFAULT NULL
+);
+ALTER SEQUENCE {t}_id_seq MAXVALUE 2147483647 CYCLE;
+CREATE INDEX {t}_account_idx ON {t} (username, domain);
+INSERT INTO {t} (src_addr, dst_addr, username, domain, inc_time, exp_time, snd_time, ctype, body)
+VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', 'old one'::bytea),
+       ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', NULL);
+"""
+
+OPENSIPS_SQLITE = """
+CREATE TABLE IF NOT EXISTS version (
+    table_name CHAR(32) NOT NULL,
+    table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_t_name_idx  UNIQUE (table_name)
+);
+INSERT INTO version (table_name, table_version) values ('{t}','6');
+CREATE TABLE {t} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+    src_addr CHAR(255) DEFAULT '' NOT NULL,
+    dst_addr CHAR(255) DEFAULT '' NOT NULL,
+    username CHAR(64) DEFAULT '' NOT NULL,
+    domain CHAR(64) DEFAULT '' NOT NULL,
+    inc_time INTEGER DEFAULT 0 NOT NULL,
+    exp_time INTEGER DEFAULT 0 NOT NULL,
+    snd_time INTEGER DEFAULT 0 NOT NULL,
+    ctype CHAR(255) DEFAULT NULL,
+    body BLOB DEFAULT NULL
+);
+CREATE INDEX {t}_account_idx  ON {t} (username, domain);
+INSERT INTO {t} (src_addr, dst_addr, username, domain, inc_time, exp_time, snd_time, ctype, body)
+VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', X'6f6c64206f6e65'),
+       ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', NULL);
+"""
+
+
+async def test_upgrade_keeps_opensips_rows_and_works_afterwards(
+    make_store: StoreFactory, names: SiloNames, backend: str
+) -> None:
+    from storage_helpers import NOW
+
+    opensips = SiloNames(table=names.table, mid="id")
+    s = await make_store(opensips)
+    script = OPENSIPS_SQLITE if backend == "sqlite" else OPENSIPS_PG
+    await raw(s, script.format(t=names.table, now=NOW - 10, exp=NOW + 3600))
+
+    with pytest.raises(SchemaError, match="msilo db upgrade"):
+        await s.check_schema()
+    # create_schema (what `msilo serve` runs) leaves a foreign table alone and says why.
+    with pytest.raises(SchemaError, match="msilo db upgrade"):
+        await s.create_schema()
+
+    actions = await s.upgrade_schema()
+    assert f"added column {names.table}.dedupe_key" in actions
+    assert f"created index {names.table}_dedupe_key_idx" in actions
+    if backend == "postgres":
+        assert f"widened {names.table}.id to BIGINT" in actions
+        assert f"widened {names.table}.inc_time to BIGINT" in actions
+        assert f"widened {names.table}.ctype to TEXT" in actions
+        assert any("without CYCLE" in a for a in actions)
+    await s.check_schema()
+    assert await s.upgrade_schema() == []  # idempotent
+
+    old = await s.list(*OWNER)
+    assert [m.body for m in old] == [b"old one", b""]
+    assert all(m.attempts == 0 for m in old)
+
+    [r] = await s.store_batch(
+        [message(body=b"new", inc_time=NOW, ctype="text/plain; " + "x" * 400)], 3
+    )
+    assert r.outcome is StoreOutcome.STORED and r.mid is not None and r.mid > old[-1].mid
+    assert (await s.store_batch([message()], 3))[0].outcome is StoreOutcome.OVER_QUOTA
+    claimed = await s.claim_for_dump(*OWNER, lease_owner="w", lease_seconds=30, now=NOW)
+    assert [m.body for m in claimed] == [b"old one", b"", b"new"]
+
+    # 64-bit times and ids after the upgrade.
+    [big] = await s.store_batch([message("carol", inc_time=2**40, exp_time=2**41)], 0)
+    assert big.outcome is StoreOutcome.STORED
+    assert (await s.list("carol", OWNER[1]))[0].exp_time == 2**41
+
+
+async def test_upgraded_opensips_sequence_goes_past_2_to_the_31(
+    make_store: StoreFactory, names: SiloNames
+) -> None:
+    s = await make_store(SiloNames(table=names.table, mid="id"))
+    if not isinstance(s, PostgresStore):
+        pytest.skip("SQLite ids are 64-bit already")
+    await raw(s, OPENSIPS_PG.format(t=names.table, now=1, exp=2))
+    await s.upgrade_schema()
+    await raw(s, f"SELECT setval('{names.table}_id_seq', 2147483647)")
+    [r] = await s.store_batch([message()], 0)
+    assert r.mid == 2147483648
+
+
+# --- names and URLs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "1silo", "silo;drop", "si lo", "x" * 64, 'a"b'])
+def test_names_must_be_sql_identifiers(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"^table is expected to be an SQL identifier"):
+        SiloNames(table=bad)
+    with pytest.raises(ValueError, match=r"^sc_|^ctype is expected"):
+        SiloNames(ctype=bad)
+
+
+def test_names_cannot_reuse_our_columns_or_each_other() -> None:
+    with pytest.raises(ValueError, match="attempts"):
+        SiloNames(body="attempts")
+    with pytest.raises(ValueError, match="same column"):
+        SiloNames(body="ctype")
+
+
+def test_long_table_names_get_distinct_object_names() -> None:
+    a = SiloNames(table="a" * 60 + "one")
+    b = SiloNames(table="a" * 60 + "two")
+    fa, fb = a.object_name("store_batch", "msilo_"), b.object_name("store_batch", "msilo_")
+    assert len(fa) <= 63 and len(fb) <= 63 and fa != fb
+
+
+def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
+    rel = open_store("sqlite:///var/msilo.db")
+    assert isinstance(rel, SQLiteStore) and rel.path == "var/msilo.db"
+    absolute = open_store("sqlite:////var/lib/msilo.db")
+    assert isinstance(absolute, SQLiteStore) and absolute.path == "/var/lib/msilo.db"
+    for url in ("postgres://u:p@db:5432/msilo", "postgresql://db/msilo"):
+        pg = open_store(url, min_size=1, max_size=2)
+        assert isinstance(pg, PostgresStore)
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://u:secret@db/msilo", "sqlite://relative.db", "sqlite:///", "msilo.db"]
+)
+def test_open_store_refuses_other_urls_without_echoing_passwords(url: str) -> None:
+    with pytest.raises(ValueError, match="db_url") as info:
+        open_store(url)
+    assert "secret" not in str(info.value)

@@ -12,13 +12,24 @@ Every test session works in a fresh database that is dropped at the end.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
+T = TypeVar("T")
+
 LOCAL_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion, even when called from inside a running loop
+    (a session fixture may first be requested by an async test)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def _answers(dsn: str) -> bool:
@@ -73,7 +84,7 @@ def pg_server_dsn() -> Iterator[str]:
     dsn = os.environ.get("MSILO_TEST_PG_DSN")
     reason = ""
     if dsn is None:
-        if asyncio.run(_answers(LOCAL_DSN)):
+        if _run(_answers(LOCAL_DSN)):
             dsn = LOCAL_DSN
         else:
             started = _start_temp_cluster()
@@ -100,8 +111,8 @@ def pg_server_dsn() -> Iterator[str]:
 def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
     """DSN of a fresh database for this test session, dropped at the end."""
     name = f"msilo_test_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+    _run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
     try:
         yield _with_database(pg_server_dsn, name)
     finally:
-        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

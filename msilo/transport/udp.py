@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Final, cast
 
-from msilo.errors import SipError
+from msilo.errors import MessageTooLarge, SipError
 from msilo.sip.message import Via
 from msilo.transport.base import UDP, Address, MessageCallback, Source, answer_error
 from msilo.transport.base import udp_response_address as _response_address
@@ -51,7 +51,11 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             self.dropped += 1
             return
         if len(data) > self._max_message:
+            # D13: oversize is answered 513 (when answerable), never silently dropped.
             self.dropped += 1
+            answer_error(
+                self, data, addr, MessageTooLarge(f"{len(data)} bytes > {self._max_message}")
+            )
             return
         try:
             self._on_message(data, Source(UDP, addr, self))

@@ -1,0 +1,95 @@
+"""Fixtures that run a real msilo worker on 127.0.0.1 against a real database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from msilo.cli import open_configured_store
+from msilo.config import Config, load_config
+from msilo.server.worker import Worker
+from msilo.storage.base import Store
+from tests.service.sipua import UserAgent, free_port
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+class Running:
+    """A started worker, its store and its address."""
+
+    def __init__(self, worker: Worker, store: Store, config: Config, port: int) -> None:
+        self.worker = worker
+        self.store = store
+        self.config = config
+        self.port = port
+        self.address = ("127.0.0.1", port)
+        self.agents: list[UserAgent] = []
+
+    def stats(self) -> dict[str, int]:
+        return self.worker.stats.total()
+
+    async def agent(self, user: str, domain: str = "127.0.0.1", **kwargs: object) -> UserAgent:
+        ua = await UserAgent(self.address, user=user, domain=domain, **kwargs).start()  # type: ignore[arg-type]
+        self.agents.append(ua)
+        return ua
+
+
+@pytest.fixture(params=BACKENDS)
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database per test: an SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/msilo.db"
+        return
+    dsn: str = request.getfixturevalue("pg_dsn")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    # asyncpg passes unknown DSN query parameters on as server settings.
+    yield f"{dsn}?search_path={schema}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+ServerFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def server(db_url: str) -> AsyncIterator[ServerFactory]:
+    """Start a worker with ``--set`` style overrides; stopped at the end of the test."""
+    running: list[Running] = []
+
+    async def start(*overrides: str) -> Running:
+        port = free_port()
+        config = load_config(
+            overrides=[
+                f'server.listen=["udp:127.0.0.1:{port}","tcp:127.0.0.1:{port}"]',
+                'server.http=""',
+                f'msilo.db_url="{db_url}"',
+                *overrides,
+            ]
+        )
+        store = open_configured_store(config)
+        await store.open()
+        await store.create_schema()
+        worker = Worker(config, store)
+        await worker.start()
+        run = Running(worker, store, config, port)
+        running.append(run)
+        return run
+
+    yield start
+    for run in running:
+        for ua in run.agents:
+            ua.close()
+        await run.worker.stop(grace=2)
+        await run.store.close()

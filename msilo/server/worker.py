@@ -33,6 +33,7 @@ from msilo.sip.parser import IMPLEMENTATION, parse_uri
 from msilo.storage.base import Store
 from msilo.storage.batch import BatchWriter
 from msilo.transaction.client import ClientResult, ClientTransaction
+from msilo.transaction.clock import TimerValues
 from msilo.transaction.layer import TransactionLayer
 from msilo.transport.base import Target
 from msilo.transport.manager import Transports
@@ -158,6 +159,7 @@ class Worker:
         stats: StatsBlock | None = None,
         row: int = 0,
         run_leader: bool = True,
+        timers: TimerValues | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -165,6 +167,7 @@ class Worker:
         self._own_stats = stats is None
         self.counters: Counters = self.stats.counters(row)
         self.run_leader = run_leader
+        self.timers = timers
         self.transports: Transports | None = None
         self.layer: TransactionLayer | None = None
         self.writer: BatchWriter | None = None
@@ -197,7 +200,7 @@ class Worker:
         route = load_route(config.server.route) if config.server.route else None
         settings = service_settings(config)
         self.layer = TransactionLayer(
-            self._handle, self.transports.send, sent_by=self.transports.sent_by
+            self._handle, self.transports.send, sent_by=self.transports.sent_by, timers=self.timers
         )
         self.transports.on_message = self._receive
         requester = LayerRequester(self.layer)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from msilo.errors import InvalidRecord
+from msilo.storage.location import Binding, BindingsOutcome, PlanFunction
 
 #: ``version.table_version`` of the silo table: OpenSIPS msilo's (spec §5.1).
 SILO_VERSION = 6
@@ -315,6 +316,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner; returns how many."""
+
+    # -- registrar bindings (the ``location`` table) --------------------------------
+
+    @abc.abstractmethod
+    async def update_bindings(
+        self, username: str, domain: str, plan: PlanFunction, *, now: int
+    ) -> BindingsOutcome:
+        """Atomically apply ``plan`` to the user's bindings (one transaction per user,
+        serialised against concurrent REGISTERs for that user on any host); returns the
+        live bindings afterwards, or the plan's error with nothing changed."""
+
+    @abc.abstractmethod
+    async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
+        """The user's bindings that have not expired, best ``q`` first."""
+
+    @abc.abstractmethod
+    async def delete_expired_bindings(self, now: int) -> int:
+        """Delete bindings whose expiry has passed; returns how many."""
 
     # Defined last: inside the class body ``list`` names this method from here on.
     @abc.abstractmethod

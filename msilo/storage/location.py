@@ -7,8 +7,9 @@ passes in, so SIP semantics stay out of the storage layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +54,56 @@ class BindingsOutcome:
 
     bindings: tuple[Binding, ...] = ()
     error: tuple[int, str] | None = None
+
+
+# -- SQL shared by both backends (the table's name is fixed: OpenSIPS's ``location``) --------
+
+COLUMNS = (
+    "username, domain, contact, received, path, expires, q, callid, cseq, methods, instance, "
+    "transport, last_modified"
+)
+_ORDER = "ORDER BY COALESCE(q, 1.0) DESC, last_modified DESC, contact"
+
+
+def location_sql(param: Callable[[int], str]) -> dict[str, str]:
+    """The statements, with placeholders made by ``param(n)`` ($n or ?)."""
+    p = param
+    values = ", ".join(p(i) for i in range(1, 14))
+    return {
+        "select_all": f"SELECT {COLUMNS} FROM location WHERE username = {p(1)} AND domain = {p(2)}",
+        "select_live": (
+            f"SELECT {COLUMNS} FROM location WHERE username = {p(1)} AND domain = {p(2)} "
+            f"AND expires > {p(3)} {_ORDER}"
+        ),
+        "delete_one": (
+            f"DELETE FROM location WHERE username = {p(1)} AND domain = {p(2)} AND contact = {p(3)}"
+        ),
+        "upsert": (
+            f"INSERT INTO location ({COLUMNS}) VALUES ({values}) "
+            "ON CONFLICT (username, domain, contact) DO UPDATE SET "
+            "received = excluded.received, path = excluded.path, expires = excluded.expires, "
+            "q = excluded.q, callid = excluded.callid, cseq = excluded.cseq, "
+            "methods = excluded.methods, instance = excluded.instance, "
+            "transport = excluded.transport, last_modified = excluded.last_modified"
+        ),
+        "delete_expired": f"DELETE FROM location WHERE expires <= {p(1)}",
+    }
+
+
+def binding_row(b: Binding) -> tuple[object, ...]:
+    """A binding as the 13 values of :data:`COLUMNS`."""
+    methods = ",".join(b.methods) if b.methods is not None else None
+    return (
+        b.username, b.domain, b.contact, b.received, b.path, b.expires, b.q, b.callid, b.cseq,
+        methods, b.instance, b.transport, b.last_modified,
+    )  # fmt: skip
+
+
+def binding_from_row(r: Sequence[Any]) -> Binding:
+    """A row of :data:`COLUMNS` as a binding."""
+    methods = tuple(m for m in str(r[9]).split(",") if m) if r[9] is not None else None
+    return Binding(
+        username=r[0], domain=r[1], contact=r[2], received=r[3], path=r[4], expires=int(r[5]),
+        q=float(r[6]) if r[6] is not None else None, callid=r[7], cseq=int(r[8]),
+        methods=methods, instance=r[10], transport=r[11], last_modified=int(r[12]),
+    )  # fmt: skip

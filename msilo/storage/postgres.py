@@ -41,6 +41,14 @@ from msilo.storage.base import (
     unfold_results,
     validate_message,
 )
+from msilo.storage.location import (
+    Binding,
+    BindingsOutcome,
+    PlanFunction,
+    binding_from_row,
+    binding_row,
+    location_sql,
+)
 
 log = logging.getLogger("msilo.store")
 
@@ -252,6 +260,7 @@ class PostgresStore(Store):
     # --- plumbing ---------------------------------------------------------------------------
 
     def _build_statements(self) -> None:
+        self._location = location_sql(lambda n: f"${n}")
         s = self._sql
         q = _sql.to_pg
         t = s.table
@@ -662,6 +671,47 @@ class PostgresStore(Store):
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""
         return await self._execute("purge", self._q_purge, username, domain)
+
+    # -- registrar bindings ---------------------------------------------------------
+
+    async def update_bindings(
+        self, username: str, domain: str, plan: PlanFunction, *, now: int
+    ) -> BindingsOutcome:
+        """Apply a registrar plan in one transaction, serialised per user by an advisory
+        lock so two REGISTERs for one user (any worker, any host) never interleave."""
+        sql = self._location
+
+        async def run(conn: Conn) -> BindingsOutcome:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))",
+                    f"msilo-location:{username}@{domain}",
+                )
+                rows = await conn.fetch(sql["select_all"], username, domain)
+                change = plan([binding_from_row(r) for r in rows])
+                if change.error is not None:
+                    return BindingsOutcome(error=change.error)
+                for contact in change.removes:
+                    await conn.execute(sql["delete_one"], username, domain, contact)
+                if change.upserts:
+                    await conn.executemany(sql["upsert"], [binding_row(b) for b in change.upserts])
+                live = await conn.fetch(sql["select_live"], username, domain, now)
+                return BindingsOutcome(bindings=tuple(binding_from_row(r) for r in live))
+
+        return await self._run("register", run)
+
+    async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
+        """The user's live bindings, best q first."""
+        sql = self._location["select_live"]
+
+        async def run(conn: Conn) -> list[Binding]:
+            return [binding_from_row(r) for r in await conn.fetch(sql, username, domain, now)]
+
+        return await self._run("lookup", run, idempotent=True)
+
+    async def delete_expired_bindings(self, now: int) -> int:
+        """Delete bindings past their expiry."""
+        return await self._execute("expire bindings", self._location["delete_expired"], now)
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

@@ -32,6 +32,14 @@ from msilo.storage.base import (
     unfold_results,
     validate_message,
 )
+from msilo.storage.location import (
+    Binding,
+    BindingsOutcome,
+    PlanFunction,
+    binding_from_row,
+    binding_row,
+    location_sql,
+)
 
 log = logging.getLogger("msilo.store")
 
@@ -109,6 +117,7 @@ class SQLiteStore(Store):
     # --- plumbing ---------------------------------------------------------------------------
 
     def _build_statements(self) -> None:
+        self._location = location_sql(lambda n: "?")
         s = self._sql
         q = _sql.to_sqlite
         t = s.table
@@ -482,6 +491,42 @@ class SQLiteStore(Store):
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""
         return await self._exec("purge", self._q_purge, (username, domain))
+
+    # -- registrar bindings ---------------------------------------------------------
+
+    async def update_bindings(
+        self, username: str, domain: str, plan: PlanFunction, *, now: int
+    ) -> BindingsOutcome:
+        """Apply a registrar plan under the database write lock (BEGIN IMMEDIATE)."""
+        sql = self._location
+
+        def run(conn: Conn) -> BindingsOutcome:
+            existing = [
+                binding_from_row(r) for r in conn.execute(sql["select_all"], (username, domain))
+            ]
+            change = plan(existing)
+            if change.error is not None:
+                return BindingsOutcome(error=change.error)
+            for contact in change.removes:
+                conn.execute(sql["delete_one"], (username, domain, contact))
+            conn.executemany(sql["upsert"], [binding_row(b) for b in change.upserts])
+            live = conn.execute(sql["select_live"], (username, domain, now))
+            return BindingsOutcome(bindings=tuple(binding_from_row(r) for r in live))
+
+        return await self._call("register", lambda c: self._write(c, run))
+
+    async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
+        """The user's live bindings, best q first."""
+        sql = self._location["select_live"]
+
+        def run(conn: Conn) -> list[Binding]:
+            return [binding_from_row(r) for r in conn.execute(sql, (username, domain, now))]
+
+        return await self._call("lookup", run)
+
+    async def delete_expired_bindings(self, now: int) -> int:
+        """Delete bindings past their expiry."""
+        return await self._exec("expire bindings", self._location["delete_expired"], (now,))
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

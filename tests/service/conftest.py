@@ -12,6 +12,7 @@ import pytest
 from msilo.cli import open_configured_store
 from msilo.config import Config, load_config
 from msilo.server.worker import Worker
+from msilo.transaction.clock import TimerValues
 from msilo.storage.base import Store
 from tests.service.sipua import UserAgent, free_port
 
@@ -81,7 +82,8 @@ async def server(db_url: str) -> AsyncIterator[ServerFactory]:
         store = open_configured_store(config)
         await store.open()
         await store.create_schema()
-        worker = Worker(config, store)
+        # Short RFC 3261 timers (T1 = 50 ms: Timer F = 3.2 s) keep timeout tests quick.
+        worker = Worker(config, store, timers=TimerValues(t1=0.05, t2=0.4, t4=0.5))
         await worker.start()
         run = Running(worker, store, config, port)
         running.append(run)

@@ -12,8 +12,8 @@ import pytest
 from msilo.cli import open_configured_store
 from msilo.config import Config, load_config
 from msilo.server.worker import Worker
-from msilo.transaction.clock import TimerValues
 from msilo.storage.base import Store
+from msilo.transaction.clock import TimerValues
 from tests.service.sipua import UserAgent, free_port
 
 BACKENDS = ["sqlite", "postgres"]

@@ -230,9 +230,11 @@ async def _cmd_serve(config: Config) -> int:
         worker = Worker(config, store)
         try:
             await worker.start()
-        except OSError as exc:
+        except BaseException as exc:
             await worker.stop(grace=0)
-            raise ConfigError(f"server.listen: cannot bind ({exc.strerror or exc})") from None
+            if isinstance(exc, OSError):
+                raise ConfigError(f"server.listen: cannot bind ({exc.strerror or exc})") from None
+            raise
         await stop.wait()
         log.info("event=stopping reason=signal")
         await worker.stop()

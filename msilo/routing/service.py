@@ -86,6 +86,11 @@ class RouteContext:
         """Answer the request (the first final answer wins; later ones are ignored)."""
         self.service.reply(self.txn, code, reason, headers)
 
+    async def save(self) -> bool:
+        """Registrar ``save()``: apply this REGISTER to the bindings and answer it
+        (200 with every binding, or the error); True when answered 200."""
+        return await self.service.save(self)
+
     async def m_store(
         self, owner: str | None = None, snd_time: int | str | None = None, notify: bool = True
     ) -> StoreResult:
@@ -196,18 +201,24 @@ class MsiloService:
 
     async def default_register(self, ctx: RouteContext) -> None:
         """REGISTER: save the bindings (registrar mode), answer, then dump (D5)."""
+        if await self.save(ctx):
+            await ctx.m_dump()
+
+    async def save(self, ctx: RouteContext) -> bool:
+        """Save a REGISTER's bindings (registrar mode) and answer it; True on 200."""
         request, txn = ctx.request, ctx.txn
+        if request.method != "REGISTER":
+            raise SipError("save() needs a REGISTER", status=500, reason="Server Internal Error")
         if self.settings.mode == "registrar":
             wanted = requested_bindings(request, self.settings.registrar)
             bindings = await self.save_bindings(request, txn, wanted)
             if bindings is None:
-                return
-            now = int(time.time())
-            self.reply(txn, 200, "OK", contact_lines(bindings, now))
+                return False
+            self.reply(txn, 200, "OK", contact_lines(bindings, int(time.time())))
         else:
-            wanted = _silo_bindings(request, self.settings.registrar)
-            self.reply(txn, 200, "OK", [("Contact", c.raw) for c in _raw_contacts(request)])
-        await ctx.m_dump()
+            # Behind a proxy there is nothing to keep: the proxy is the registrar.
+            self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
+        return True
 
     async def default_message(self, ctx: RouteContext) -> None:
         """MESSAGE: relay to an online user (registrar mode), else store and answer 202."""
@@ -461,17 +472,6 @@ def binding_target(binding: Binding) -> Target:
         if target is not None:
             return target
     return Target.from_uri(parse_uri(binding.contact))
-
-
-class _RawContact:
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: str) -> None:
-        self.raw = raw
-
-
-def _raw_contacts(request: SipRequest) -> list[_RawContact]:
-    return [_RawContact(f"<{c.uri}>") for c in request.contacts]
 
 
 def _silo_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[RequestedBinding]:

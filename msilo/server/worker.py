@@ -189,6 +189,9 @@ class Worker:
         """Bind, wire and start everything; raises on any start-up failure."""
         config = self.config
         limits = config.limits
+        # Everything that can refuse the configuration comes first, before any task starts.
+        route = load_route(config.server.route) if config.server.route else None
+        settings = service_settings(config)
         self.writer = BatchWriter(self.store, max_messages=config.msilo.max_messages)
         self.writer.start()
         self.transports = Transports(
@@ -197,8 +200,6 @@ class Worker:
             max_connections=limits.max_connections,
             advertise=config.server.advertise.split(":")[0] or None,
         )
-        route = load_route(config.server.route) if config.server.route else None
-        settings = service_settings(config)
         self.layer = TransactionLayer(
             self._handle, self.transports.send, sent_by=self.transports.sent_by, timers=self.timers
         )

@@ -84,7 +84,12 @@ async def server(db_url: str) -> AsyncIterator[ServerFactory]:
         await store.create_schema()
         # Short RFC 3261 timers (T1 = 50 ms: Timer F = 3.2 s) keep timeout tests quick.
         worker = Worker(config, store, timers=TimerValues(t1=0.05, t2=0.4, t4=0.5))
-        await worker.start()
+        try:
+            await worker.start()
+        except BaseException:
+            await worker.stop(grace=0)
+            await store.close()
+            raise
         run = Running(worker, store, config, port)
         running.append(run)
         return run

@@ -1,0 +1,1513 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""C implementation of msilo's SIP parser.
+
+The twin of ``msilo/sip/_parse_py.py``: same functions, same results, same
+exceptions.  The rules (and the RFC 3261 grammar) are documented there; this file
+follows them step by step on a ``const unsigned char*`` cursor over the received
+bytes.  Value types and exceptions are imported from the pure-Python modules, so
+both implementations return identical classes; instances are allocated with the
+type's ``tp_alloc`` and their slots written at offsets read once at import.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.list cimport PyList_Append
+from cpython.dict cimport PyDict_SetItem
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
+from cpython.unicode cimport PyUnicode_Check
+from libc.string cimport memchr, memcmp, memcpy
+from libc.stdint cimport int64_t, uint64_t
+
+from msilo.errors import (
+    IncompleteURI,
+    InvalidURI,
+    MessageTooLarge,
+    ParseError,
+    UnsupportedURIScheme,
+)
+from msilo.sip.headers import COMPACT_FORMS
+from msilo.sip.message import (
+    Contact,
+    ContentType,
+    CSeq,
+    NameAddr,
+    SipRequest,
+    SipResponse,
+    SipURI,
+    Via,
+)
+
+__all__ = ("MAX_MESSAGE_SIZE", "normalize_aor", "parse_message", "parse_uri")
+
+MAX_MESSAGE_SIZE = 65536
+
+
+cimport cython
+
+cdef extern from "Python.h":
+    object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_DATA(object o)
+    object PyUnicode_DecodeASCII(const char* s, Py_ssize_t size, const char* errors)
+    const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
+    object PyFloat_FromString(object s)
+
+
+cdef extern from *:
+    """
+    #include <structmember.h>
+    /* object.__new__(cls) without the call: what object_new does for a class
+       with no __init__ arguments and no abstract methods. */
+    static PyObject* msilo_alloc(PyObject* cls) {
+        PyTypeObject* t = (PyTypeObject*)cls;
+        return t->tp_alloc(t, 0);
+    }
+    /* Offset of a __slots__ member in instances, or -1 if descr is no slot. */
+    static Py_ssize_t msilo_slot_offset(PyObject* descr) {
+        PyMemberDef* m;
+        if (Py_TYPE(descr) != &PyMemberDescr_Type) return -1;
+        m = ((PyMemberDescrObject*)descr)->d_member;
+        if (m->type != T_OBJECT_EX) return -1;
+        return m->offset;
+    }
+    static inline void msilo_put(PyObject* obj, Py_ssize_t off, PyObject* v) {
+        PyObject** slot = (PyObject**)((char*)obj + off);
+        PyObject* old = *slot;
+        Py_INCREF(v);
+        *slot = v;
+        Py_XDECREF(old);
+    }
+    """
+    object msilo_alloc(object cls)
+    Py_ssize_t msilo_slot_offset(object descr)
+    void msilo_put(object obj, Py_ssize_t off, object v)
+
+
+ctypedef const unsigned char* cp
+
+# --- character classes ------------------------------------------------------------------
+
+cdef enum:
+    C_TOKEN = 1     # token (RFC 3261 §25.1)
+    C_HOST = 2      # hostname / IPv4 characters (and "_")
+    C_DIGIT = 4
+    C_SCHEME = 8    # ALPHA / DIGIT / "+" / "-" / "."
+    C_URIBAD = 16   # controls, SP, DEL, < > "
+    C_IPV6 = 32     # inside [...]: alphanum ":" "." "%"
+    C_SWS = 64      # SP / HTAB
+    C_ALPHA = 128
+
+cdef unsigned char CT[256]
+
+
+cdef void _init_table():
+    cdef int c
+    for c in range(256):
+        CT[c] = 0
+    for c in range(26):
+        CT[97 + c] |= C_TOKEN | C_HOST | C_SCHEME | C_IPV6 | C_ALPHA
+        CT[65 + c] |= C_TOKEN | C_HOST | C_SCHEME | C_IPV6 | C_ALPHA
+    for c in range(48, 58):
+        CT[c] |= C_TOKEN | C_HOST | C_DIGIT | C_SCHEME | C_IPV6
+    for c in b"-.!%*_+`'~":
+        CT[c] |= C_TOKEN
+    for c in b"-._":
+        CT[c] |= C_HOST
+    for c in b"+-.":
+        CT[c] |= C_SCHEME
+    for c in b":.%":
+        CT[c] |= C_IPV6
+    for c in range(0x21):
+        CT[c] |= C_URIBAD
+    for c in b'\x7f<>"':
+        CT[c] |= C_URIBAD
+    CT[32] |= C_SWS
+    CT[9] |= C_SWS
+
+
+_init_table()
+
+# --- slot offsets -------------------------------------------------------------------------
+
+
+cdef Py_ssize_t _off(object cls, str name) except -1:
+    cdef Py_ssize_t off = msilo_slot_offset(getattr(cls, name))
+    if off < 0:
+        raise ImportError(f"msilo._fastparse: {cls.__name__}.{name} is not a __slots__ member")
+    return off
+
+
+cdef object _SipRequest = SipRequest
+cdef object _SipResponse = SipResponse
+cdef object _Via = Via
+cdef object _NameAddr = NameAddr
+cdef object _Contact = Contact
+cdef object _CSeq = CSeq
+cdef object _ContentType = ContentType
+cdef object _SipURI = SipURI
+cdef object _ParseError = ParseError
+cdef object _InvalidURI = InvalidURI
+cdef object _COMPACT = COMPACT_FORMS
+
+cdef Py_ssize_t M_HEADERS = _off(SipRequest, "headers")
+cdef Py_ssize_t M_BODY = _off(SipRequest, "body")
+cdef Py_ssize_t M_VIA = _off(SipRequest, "via")
+cdef Py_ssize_t M_FROM = _off(SipRequest, "from_")
+cdef Py_ssize_t M_TO = _off(SipRequest, "to")
+cdef Py_ssize_t M_CALL_ID = _off(SipRequest, "call_id")
+cdef Py_ssize_t M_CSEQ = _off(SipRequest, "cseq")
+cdef Py_ssize_t M_MAX_FORWARDS = _off(SipRequest, "max_forwards")
+cdef Py_ssize_t M_EXPIRES = _off(SipRequest, "expires")
+cdef Py_ssize_t M_CONTENT_TYPE = _off(SipRequest, "content_type")
+cdef Py_ssize_t M_CONTENT_LENGTH = _off(SipRequest, "content_length")
+cdef Py_ssize_t M_CONTACTS = _off(SipRequest, "contacts")
+cdef Py_ssize_t M_CONTACT_STAR = _off(SipRequest, "contact_star")
+cdef Py_ssize_t M_ALLOW = _off(SipRequest, "allow")
+cdef Py_ssize_t RQ_METHOD = _off(SipRequest, "method")
+cdef Py_ssize_t RQ_URI = _off(SipRequest, "uri")
+cdef Py_ssize_t RQ_VERSION = _off(SipRequest, "version")
+cdef Py_ssize_t RS_STATUS = _off(SipResponse, "status")
+cdef Py_ssize_t RS_REASON = _off(SipResponse, "reason")
+cdef Py_ssize_t RS_VERSION = _off(SipResponse, "version")
+cdef Py_ssize_t V_PROTOCOL = _off(Via, "protocol")
+cdef Py_ssize_t V_TRANSPORT = _off(Via, "transport")
+cdef Py_ssize_t V_HOST = _off(Via, "host")
+cdef Py_ssize_t V_PORT = _off(Via, "port")
+cdef Py_ssize_t V_BRANCH = _off(Via, "branch")
+cdef Py_ssize_t V_RECEIVED = _off(Via, "received")
+cdef Py_ssize_t V_RPORT = _off(Via, "rport")
+cdef Py_ssize_t V_PARAMS = _off(Via, "params")
+cdef Py_ssize_t V_RAW = _off(Via, "raw")
+cdef Py_ssize_t NA_DISPLAY = _off(NameAddr, "display")
+cdef Py_ssize_t NA_URI = _off(NameAddr, "uri")
+cdef Py_ssize_t NA_TAG = _off(NameAddr, "tag")
+cdef Py_ssize_t NA_PARAMS = _off(NameAddr, "params")
+cdef Py_ssize_t CT_DISPLAY = _off(Contact, "display")
+cdef Py_ssize_t CT_URI = _off(Contact, "uri")
+cdef Py_ssize_t CT_EXPIRES = _off(Contact, "expires")
+cdef Py_ssize_t CT_Q = _off(Contact, "q")
+cdef Py_ssize_t CT_METHODS = _off(Contact, "methods")
+cdef Py_ssize_t CT_INSTANCE = _off(Contact, "instance")
+cdef Py_ssize_t CT_PARAMS = _off(Contact, "params")
+cdef Py_ssize_t CS_NUMBER = _off(CSeq, "number")
+cdef Py_ssize_t CS_METHOD = _off(CSeq, "method")
+cdef Py_ssize_t MT_TYPE = _off(ContentType, "type")
+cdef Py_ssize_t MT_SUBTYPE = _off(ContentType, "subtype")
+cdef Py_ssize_t MT_PARAMS = _off(ContentType, "params")
+cdef Py_ssize_t MT_RAW = _off(ContentType, "raw")
+cdef Py_ssize_t U_SCHEME = _off(SipURI, "scheme")
+cdef Py_ssize_t U_USER = _off(SipURI, "user")
+cdef Py_ssize_t U_PASSWORD = _off(SipURI, "password")
+cdef Py_ssize_t U_HOST = _off(SipURI, "host")
+cdef Py_ssize_t U_PORT = _off(SipURI, "port")
+cdef Py_ssize_t U_PARAMS = _off(SipURI, "params")
+cdef Py_ssize_t U_HEADERS = _off(SipURI, "headers")
+cdef Py_ssize_t U_RAW = _off(SipURI, "raw")
+
+DEF CSEQ_MAX = 2147483647
+DEF EXPIRES_MAX = 4294967295
+DEF PORT_MAX = 65535
+DEF MAX_FORWARDS_MAX = 255
+
+# Strings the hot path would otherwise decode again and again.
+cdef str S_SIP20 = "SIP/2.0"
+cdef str S_EMPTY = ""
+cdef tuple _TRANSPORTS = ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS")
+cdef tuple _TRANSPORTS_LOWER = (b"udp", b"tcp", b"tls", b"sctp", b"ws", b"wss")
+cdef tuple _SCHEMES = ("sip", "sips", "tel")
+
+# --- small helpers on byte ranges --------------------------------------------------------
+
+
+cdef inline object _s(cp b, Py_ssize_t i, Py_ssize_t j):
+    """Decode b[i:j] (UTF-8, surrogateescape); ASCII is copied straight into a new str."""
+    cdef Py_ssize_t k = i
+    cdef uint64_t word
+    if j <= i:
+        return S_EMPTY
+    # ASCII check a word at a time: the check dominated header decoding
+    while k + 8 <= j:
+        memcpy(&word, b + k, 8)
+        if word & 0x8080808080808080ULL:
+            return PyUnicode_DecodeUTF8(<const char*>(b + i), j - i, "surrogateescape")
+        k += 8
+    while k < j:
+        if b[k] >= 0x80:
+            return PyUnicode_DecodeUTF8(<const char*>(b + i), j - i, "surrogateescape")
+        k += 1
+    text = PyUnicode_New(j - i, 127)
+    memcpy(PyUnicode_DATA(text), b + i, j - i)
+    return text
+
+
+@cython.final
+cdef class _Strings:
+    """A small table of str objects found by their bytes, so hot values are shared."""
+    cdef int n
+    cdef bint fold
+    cdef Py_ssize_t lens[48]
+    cdef const char* chars[48]
+    cdef list strs
+    cdef list keep
+
+    def __cinit__(self, names, bint fold):
+        self.n = 0
+        self.fold = fold
+        self.strs = []
+        self.keep = []
+        for name in names[:48]:
+            encoded = name.encode("ascii")
+            self.keep.append(encoded)
+            self.strs.append(name)
+            self.chars[self.n] = PyBytes_AS_STRING(encoded)
+            self.lens[self.n] = len(encoded)
+            self.n += 1
+
+    cdef inline object find(self, cp b, Py_ssize_t i, Py_ssize_t j):
+        """The shared str for b[i:j] (ASCII case folded when ``fold``), or None."""
+        cdef Py_ssize_t n = j - i
+        cdef int idx
+        for idx in range(self.n):
+            if self.lens[idx] != n:
+                continue
+            if self.fold:
+                if _ieq(b, i, j, self.chars[idx]):
+                    return self.strs[idx]
+            elif memcmp(b + i, self.chars[idx], n) == 0:
+                return self.strs[idx]
+        return None
+
+
+cdef _Strings _METHODS = _Strings((
+    "MESSAGE", "REGISTER", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "SUBSCRIBE",
+    "NOTIFY", "PUBLISH", "INFO", "REFER", "UPDATE", "PRACK"), False)
+cdef _Strings _PARAM_NAMES = _Strings((
+    "tag", "branch", "rport", "received", "lr", "transport", "user", "maddr", "ttl",
+    "method", "expires", "q", "charset", "methods", "+sip.instance", "reg-id", "ob",
+    "boundary", "alias", "gr"), True)
+cdef _Strings _MEDIA = _Strings((
+    "text", "plain", "application", "sdp", "html", "message", "cpim", "multipart",
+    "mixed", "related", "im-iscomposing+xml", "json", "xml", "pidf+xml",
+    "sipfrag"), True)
+
+
+cdef inline Py_ssize_t _lskip(cp b, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+    while i < j and (b[i] == 32 or b[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _rskip(cp b, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+    while j > i and (b[j - 1] == 32 or b[j - 1] == 9):
+        j -= 1
+    return j
+
+
+cdef inline bint _all(cp b, Py_ssize_t i, Py_ssize_t j, unsigned char cls) noexcept nogil:
+    """b[i:j] is non-empty and every byte is in ``cls``."""
+    if i >= j:
+        return False
+    while i < j:
+        if not (CT[b[i]] & cls):
+            return False
+        i += 1
+    return True
+
+
+cdef inline bint _any(cp b, Py_ssize_t i, Py_ssize_t j, unsigned char cls) noexcept nogil:
+    while i < j:
+        if CT[b[i]] & cls:
+            return True
+        i += 1
+    return False
+
+
+cdef inline Py_ssize_t _find(cp b, Py_ssize_t i, Py_ssize_t j, unsigned char c) noexcept nogil:
+    cdef const void* r
+    if j - i < 24:
+        # most ranges are short: a call to memchr costs more than the loop
+        while i < j:
+            if b[i] == c:
+                return i
+            i += 1
+        return -1
+    r = memchr(b + i, c, <size_t>(j - i))
+    if r == NULL:
+        return -1
+    return <Py_ssize_t>(<cp>r - b)
+
+
+cdef inline bint _ieq(cp b, Py_ssize_t i, Py_ssize_t j, const char* lower) noexcept nogil:
+    """b[i:j] equals the lower-case ASCII ``lower``, ignoring ASCII case."""
+    cdef Py_ssize_t k = 0
+    cdef unsigned char c
+    while i < j:
+        if lower[k] == 0:
+            return False
+        c = b[i]
+        if 65 <= c <= 90:
+            c += 32
+        if c != <unsigned char>lower[k]:
+            return False
+        i += 1
+        k += 1
+    return lower[k] == 0
+
+
+cdef object _case_s(cp b, Py_ssize_t i, Py_ssize_t j, bint upper):
+    """ASCII-only case mapping of b[i:j], then decode."""
+    cdef Py_ssize_t k
+    cdef unsigned char c
+    cdef unsigned char lo = 97 if upper else 65
+    cdef bytes tmp
+    cdef unsigned char* t
+    for k in range(i, j):
+        c = b[k]
+        if lo <= c <= lo + 25:
+            break
+    else:
+        return _s(b, i, j)
+    tmp = PyBytes_FromStringAndSize(<const char*>(b + i), j - i)
+    t = <unsigned char*>PyBytes_AS_STRING(tmp)
+    for k in range(j - i):
+        c = t[k]
+        if lo <= c <= lo + 25:
+            t[k] = c - 32 if upper else c + 32
+    return _s(t, 0, j - i)
+
+
+cdef int64_t _number(cp b, Py_ssize_t i, Py_ssize_t j, int64_t limit, bint clamp,
+                     str what) except -2:
+    """1*DIGIT as an integer; over ``limit`` is clamped or a 400."""
+    cdef Py_ssize_t k
+    cdef int64_t v = 0
+    if not _all(b, i, j, C_DIGIT):
+        raise _ParseError(f"{what} is not a number: {_s(b, i, j)!r}")
+    k = i
+    while k < j and b[k] == 48:
+        k += 1
+    if j - k > 10:
+        if clamp:
+            return limit
+        raise _ParseError(f"{what} is too large: {_s(b, i, j)!r}")
+    while k < j:
+        v = v * 10 + (b[k] - 48)
+        k += 1
+    if v > limit:
+        if clamp:
+            return limit
+        raise _ParseError(f"{what} is too large: {_s(b, i, j)!r}")
+    return v
+
+
+cdef Py_ssize_t _quoted_end(cp b, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+    """Index just after the quoted string opening at ``i``; -1 if unterminated."""
+    i += 1
+    while i < j:
+        if b[i] == 92:
+            i += 2
+            continue
+        if b[i] == 34:
+            return i + 1
+        i += 1
+    return -1
+
+
+cdef Py_ssize_t _next_sep(cp b, Py_ssize_t i, Py_ssize_t j, unsigned char sep) except -2:
+    """Next ``sep`` outside quoted strings and <...>, or ``j``."""
+    cdef Py_ssize_t e
+    cdef unsigned char c
+    while i < j:
+        c = b[i]
+        if c == 34:
+            e = _quoted_end(b, i, j)
+            if e < 0:
+                raise _ParseError("unterminated quoted string")
+            i = e
+            continue
+        if c == 60:
+            e = _find(b, i + 1, j, 62)
+            if e < 0:
+                raise _ParseError("unterminated <")
+            i = e + 1
+            continue
+        if c == sep:
+            return i
+        i += 1
+    return j
+
+
+cdef str _unquote_str(str text):
+    """Content of a quoted string with quoted-pairs resolved; other text unchanged."""
+    cdef Py_ssize_t i, n
+    cdef list out
+    cdef str inner
+    if len(text) >= 2 and text[0] == '"' and text[len(text) - 1] == '"':
+        inner = text[1:len(text) - 1]
+        if "\\" not in inner:
+            return inner
+        out = []
+        n = len(inner)
+        i = 0
+        while i < n:
+            c = inner[i]
+            if c == "\\" and i + 1 < n:
+                i += 1
+                c = inner[i]
+            out.append(c)
+            i += 1
+        return "".join(out)
+    return text
+
+
+cdef dict _params(cp b, Py_ssize_t i, Py_ssize_t j):
+    """``generic-param *( SEMI generic-param )`` over b[i:j]; see the twin."""
+    cdef dict params = {}
+    cdef Py_ssize_t s = i, e, eq, ns, ne, vs, ve, k
+    cdef unsigned char c
+    while True:
+        e = _next_sep(b, s, j, 59)
+        eq = _find(b, s, e, 61)
+        ne = e if eq < 0 else eq
+        ns = _lskip(b, s, ne)
+        ne = _rskip(b, ns, ne)
+        if ns >= ne:
+            raise _ParseError(f"empty parameter in {_s(b, i, j)!r}")
+        name = _PARAM_NAMES.find(b, ns, ne)
+        if name is None:
+            name = _case_s(b, ns, ne, False)
+        if eq < 0:
+            PyDict_SetItem(params, name, None)
+        else:
+            vs = _lskip(b, eq + 1, e)
+            ve = _rskip(b, vs, e)
+            if vs >= ve:
+                raise _ParseError(f"parameter {name!r} has an empty value")
+            if b[vs] == 34:
+                if _quoted_end(b, vs, ve) != ve:
+                    raise _ParseError(f"parameter {name!r}: bad quoted string")
+            else:
+                for k in range(vs, ve):
+                    c = b[k]
+                    if c == 32 or c == 9 or c == 34:
+                        raise _ParseError(f"parameter {name!r}: bad value")
+            PyDict_SetItem(params, name, _s(b, vs, ve))
+        if e >= j:
+            break
+        s = e + 1
+    return params
+
+
+cdef int _check_uri_chars(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
+    if i >= j:
+        raise _ParseError("empty URI")
+    if _any(b, i, j, C_URIBAD):
+        raise _ParseError(f"invalid character in URI {_s(b, i, j)!r}")
+    return 0
+
+
+cdef bint _valid_host(cp b, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
+    # hostname / IPv4address characters, or IPv6reference = "[" IPv6address "]"
+    if i < j and b[i] == 91:
+        return j - i >= 3 and b[j - 1] == 93 and _all(b, i + 1, j - 1, C_IPV6)
+    return _all(b, i, j, C_HOST)
+
+
+# --- header values ---------------------------------------------------------------------
+
+cdef struct NameAddrSpan:
+    Py_ssize_t ds, de      # display name; ds = -1 when absent
+    bint quoted
+    Py_ssize_t us, ue      # the URI
+    Py_ssize_t ps, pe      # parameters after the first ";"; ps = -1 when none
+
+
+cdef int _scan_name_addr(cp b, Py_ssize_t i, Py_ssize_t j, NameAddrSpan* out) except -1:
+    # name-addr = [ display-name ] LAQUOT addr-spec RAQUOT ; addr-spec ends at ";"
+    cdef Py_ssize_t lt = -1, end, k, gt, de
+    cdef unsigned char c
+    out.ds = -1
+    out.quoted = False
+    out.ps = -1
+    if i < j and b[i] == 34:
+        end = _quoted_end(b, i, j)
+        if end < 0:
+            raise _ParseError("unterminated quoted display name")
+        out.ds = i
+        out.de = end
+        out.quoted = True
+        lt = _lskip(b, end, j)
+        if lt >= j or b[lt] != 60:
+            raise _ParseError("quoted display name not followed by <")
+    else:
+        k = i
+        while k < j:
+            c = b[k]
+            if c == 60 or c == 59 or c == 34:
+                if c == 60:
+                    lt = k
+                break
+            k += 1
+        if lt >= 0:
+            de = _rskip(b, i, lt)
+            for k in range(i, de):
+                if not (CT[b[k]] & (C_TOKEN | C_SWS)):
+                    raise _ParseError(f"invalid display name {_s(b, i, de)!r}")
+            if de > i:
+                out.ds = i
+                out.de = de
+    if lt >= 0:
+        gt = _find(b, lt + 1, j, 62)
+        if gt < 0:
+            raise _ParseError("unterminated <")
+        out.us = lt + 1
+        out.ue = gt
+        k = _lskip(b, gt + 1, j)
+        if k < j:
+            if b[k] != 59:
+                raise _ParseError(f"unexpected text after >: {_s(b, k, j)!r}")
+            out.ps = k + 1
+            out.pe = j
+    else:
+        k = _find(b, i, j, 59)
+        if k >= 0:
+            out.ps = k + 1
+            out.pe = j
+            end = k
+        else:
+            end = j
+        end = _rskip(b, i, end)
+        out.us = i
+        out.ue = end
+        if _find(b, i, end, 63) >= 0 or _find(b, i, end, 44) >= 0:
+            raise _ParseError(f"URI with ? or , must be enclosed in <>: {_s(b, i, end)!r}")
+    _check_uri_chars(b, out.us, out.ue)
+    return 0
+
+
+cdef inline object _display(cp b, NameAddrSpan* na):
+    if na.ds < 0:
+        return None
+    if na.quoted:
+        if _find(b, na.ds + 1, na.de - 1, 92) < 0:
+            return _s(b, na.ds + 1, na.de - 1)
+        return _unquote_str(_s(b, na.ds, na.de))
+    return _s(b, na.ds, na.de)
+
+
+cdef object _from_to(cp b, Py_ssize_t i, Py_ssize_t j):
+    cdef NameAddrSpan na
+    _scan_name_addr(b, i, j, &na)
+    params = _params(b, na.ps, na.pe) if na.ps >= 0 else {}
+    obj = msilo_alloc(_NameAddr)
+    msilo_put(obj, NA_DISPLAY, _display(b, &na))
+    msilo_put(obj, NA_URI, _s(b, na.us, na.ue))
+    msilo_put(obj, NA_PARAMS, params)
+    msilo_put(obj, NA_TAG, params.get("tag"))
+    return obj
+
+
+cdef bint _is_digits(str text):
+    if not text:
+        return False
+    for ch in text:
+        if not ("0" <= ch <= "9"):
+            return False
+    return True
+
+
+cdef bint _is_qvalue(str text):
+    # DIGITS [ "." DIGITS ]
+    cdef Py_ssize_t i, n = len(text), dot = -1
+    if n == 0:
+        return False
+    for i in range(n):
+        ch = text[i]
+        if ch == ".":
+            if dot >= 0 or i == 0 or i == n - 1:
+                return False
+            dot = i
+        elif not ("0" <= ch <= "9"):
+            return False
+    return True
+
+
+cdef object _upper_str(str text):
+    return text.upper() if text.isascii() else text.translate(_UPPER_TABLE)
+
+
+cdef dict _UPPER_TABLE = {c: c - 32 for c in range(97, 123)}
+
+
+cdef tuple _method_list_str(str text):
+    cdef list out = []
+    for item in text.split(","):
+        item = item.strip(" \t")
+        if item:
+            out.append(_upper_str(item))
+    return tuple(out)
+
+
+cdef object _contact(cp b, Py_ssize_t i, Py_ssize_t j):
+    cdef NameAddrSpan na
+    cdef bytes digits
+    _scan_name_addr(b, i, j, &na)
+    params = _params(b, na.ps, na.pe) if na.ps >= 0 else {}
+    obj = msilo_alloc(_Contact)
+    msilo_put(obj, CT_DISPLAY, _display(b, &na))
+    msilo_put(obj, CT_URI, _s(b, na.us, na.ue))
+    msilo_put(obj, CT_PARAMS, params)
+    expires = params.get("expires")
+    if expires is not None and _is_digits(expires):
+        digits = (<str>expires).encode("ascii")
+        expires = _number(<cp>PyBytes_AS_STRING(digits), 0, len(digits), EXPIRES_MAX, True,
+                          "expires")
+    else:
+        expires = None
+    msilo_put(obj, CT_EXPIRES, expires)
+    q = params.get("q")
+    msilo_put(obj, CT_Q, PyFloat_FromString(q) if q is not None and _is_qvalue(q) else None)
+    if "methods" not in params:
+        methods = None
+    else:
+        methods = params["methods"]
+        methods = () if methods is None else _method_list_str(_unquote_str(methods))
+    msilo_put(obj, CT_METHODS, methods)
+    instance = params.get("+sip.instance")
+    msilo_put(obj, CT_INSTANCE, _unquote_str(instance) if instance is not None else None)
+    return obj
+
+
+cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j, object value):
+    # via-parm = sent-protocol LWS sent-by *( SEMI via-params ); see the twin
+    cdef Py_ssize_t e, rs, re_, semi, he, k, t1s, t1e, t2s, t2e, t3s, t3e, hs, hend, ps
+    e = _next_sep(b, i, j, 44)
+    rs = _lskip(b, i, e)
+    re_ = _rskip(b, rs, e)
+    semi = _find(b, rs, re_, 59)
+    he = _rskip(b, rs, semi if semi >= 0 else re_)
+    k = rs
+    t1s = k
+    while k < he and CT[b[k]] & C_TOKEN:
+        k += 1
+    t1e = k
+    if t1e == t1s:
+        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+    k = _lskip(b, k, he)
+    if k >= he or b[k] != 47:
+        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+    k = _lskip(b, k + 1, he)
+    t2s = k
+    while k < he and CT[b[k]] & C_TOKEN:
+        k += 1
+    t2e = k
+    if t2e == t2s:
+        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+    k = _lskip(b, k, he)
+    if k >= he or b[k] != 47:
+        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+    k = _lskip(b, k + 1, he)
+    t3s = k
+    while k < he and CT[b[k]] & C_TOKEN:
+        k += 1
+    t3e = k
+    if t3e == t3s or k >= he or not (CT[b[k]] & C_SWS):
+        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+    k = _lskip(b, k, he)
+    hs = k
+    if k < he and b[k] == 91:
+        k = _find(b, k + 1, he, 93)
+        if k < 0:
+            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+        k += 1
+    else:
+        while k < he and b[k] != 32 and b[k] != 9 and b[k] != 58 and b[k] != 91 and b[k] != 93:
+            k += 1
+        if k == hs:
+            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+    hend = k
+    port = None
+    if k < he:
+        k = _lskip(b, k, he)
+        if k >= he or b[k] != 58:
+            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+        ps = _lskip(b, k + 1, he)
+        if not _all(b, ps, he, C_DIGIT):
+            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+        port = _number(b, ps, he, PORT_MAX, False, "Via port")
+    if not _valid_host(b, hs, hend):
+        raise _ParseError(f"bad Via host {_s(b, hs, hend)!r}")
+    obj = msilo_alloc(_Via)
+    if t1e - t1s == 3 and _ieq(b, t1s, t1e, b"sip") and t2e - t2s == 3 and b[t2s] == 50 \
+            and b[t2s + 1] == 46 and b[t2s + 2] == 48:
+        protocol = S_SIP20
+    else:
+        protocol = _case_s(b, t1s, t1e, True) + "/" + _s(b, t2s, t2e)
+    msilo_put(obj, V_PROTOCOL, protocol)
+    transport = None
+    for k in range(len(_TRANSPORTS)):
+        if _ieq(b, t3s, t3e, <bytes>_TRANSPORTS_LOWER[k]):
+            transport = _TRANSPORTS[k]
+            break
+    if transport is None:
+        transport = _case_s(b, t3s, t3e, True)
+    msilo_put(obj, V_TRANSPORT, transport)
+    msilo_put(obj, V_HOST, _s(b, hs, hend))
+    msilo_put(obj, V_PORT, port)
+    params = _params(b, semi + 1, re_) if semi >= 0 else {}
+    msilo_put(obj, V_PARAMS, params)
+    msilo_put(obj, V_BRANCH, params.get("branch"))
+    msilo_put(obj, V_RECEIVED, params.get("received"))
+    rport = params.get("rport")
+    if rport is not None and _is_digits(rport) and len(rport) <= 5 and int(rport) <= PORT_MAX:
+        rport = int(rport)
+    else:
+        rport = None
+    msilo_put(obj, V_RPORT, rport)
+    msilo_put(obj, V_RAW, value if rs == i and re_ == j else _s(b, rs, re_))
+    return obj
+
+
+cdef object _cseq(cp b, Py_ssize_t i, Py_ssize_t j, object request_method):
+    # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method
+    cdef Py_ssize_t k = i, ms
+    while k < j and b[k] != 32 and b[k] != 9:
+        k += 1
+    ms = _lskip(b, k, j)
+    if k >= j or not _all(b, ms, j, C_TOKEN):
+        raise _ParseError(f"malformed CSeq {_s(b, i, j)!r}")
+    number = _number(b, i, k, CSEQ_MAX, False, "CSeq number")
+    method = _METHODS.find(b, ms, j)
+    if method is None:
+        method = _s(b, ms, j)
+    obj = msilo_alloc(_CSeq)
+    msilo_put(obj, CS_NUMBER, number)
+    msilo_put(obj, CS_METHOD, method)
+    return obj
+
+
+cdef object _content_type(cp b, Py_ssize_t i, Py_ssize_t j, object raw):
+    # media-type = m-type SLASH m-subtype *(SEMI m-parameter)
+    cdef Py_ssize_t semi, he, slash, ts, te, ss, se
+    semi = _find(b, i, j, 59)
+    he = semi if semi >= 0 else j
+    slash = _find(b, i, he, 47)
+    if slash < 0:
+        raise _ParseError(f"malformed Content-Type {raw!r}")
+    ts = _lskip(b, i, slash)
+    te = _rskip(b, ts, slash)
+    ss = _lskip(b, slash + 1, he)
+    se = _rskip(b, ss, he)
+    if not _all(b, ts, te, C_TOKEN) or not _all(b, ss, se, C_TOKEN):
+        raise _ParseError(f"malformed Content-Type {raw!r}")
+    obj = msilo_alloc(_ContentType)
+    mtype = _MEDIA.find(b, ts, te)
+    msilo_put(obj, MT_TYPE, mtype if mtype is not None else _case_s(b, ts, te, False))
+    mtype = _MEDIA.find(b, ss, se)
+    msilo_put(obj, MT_SUBTYPE, mtype if mtype is not None else _case_s(b, ss, se, False))
+    cdef dict params
+    if semi >= 0:
+        params = _params(b, semi + 1, j)
+        # m-value = token / quoted-string: keep what the sender means
+        for k, v in params.items():
+            if v is None:
+                params[k] = S_EMPTY
+            elif (<str>v).startswith('"'):
+                params[k] = _unquote_str(v)
+    else:
+        params = {}
+    msilo_put(obj, MT_PARAMS, params)
+    msilo_put(obj, MT_RAW, raw)
+    return obj
+
+
+# --- header names ------------------------------------------------------------------------
+
+cdef enum:
+    H_OTHER = 0
+    H_VIA
+    H_FROM
+    H_TO
+    H_CALL_ID
+    H_CSEQ
+    H_MAX_FORWARDS
+    H_EXPIRES
+    H_CONTENT_LENGTH
+    H_CONTENT_TYPE
+    H_CONTACT
+    H_ALLOW
+    H_DATE
+
+# Canonical names we know, the typed ones with their id; the others are only interned.
+cdef tuple _KNOWN = (
+    ("via", H_VIA), ("from", H_FROM), ("to", H_TO), ("call-id", H_CALL_ID),
+    ("cseq", H_CSEQ), ("max-forwards", H_MAX_FORWARDS), ("expires", H_EXPIRES),
+    ("content-length", H_CONTENT_LENGTH), ("content-type", H_CONTENT_TYPE),
+    ("contact", H_CONTACT), ("allow", H_ALLOW), ("date", H_DATE),
+    ("route", H_OTHER), ("record-route", H_OTHER), ("user-agent", H_OTHER),
+    ("server", H_OTHER), ("supported", H_OTHER), ("require", H_OTHER),
+    ("proxy-require", H_OTHER), ("unsupported", H_OTHER), ("accept", H_OTHER),
+    ("accept-encoding", H_OTHER), ("accept-language", H_OTHER), ("subject", H_OTHER),
+    ("authorization", H_OTHER), ("proxy-authorization", H_OTHER),
+    ("www-authenticate", H_OTHER), ("proxy-authenticate", H_OTHER),
+    ("content-encoding", H_OTHER), ("content-disposition", H_OTHER),
+    ("content-language", H_OTHER), ("mime-version", H_OTHER), ("min-expires", H_OTHER),
+    ("organization", H_OTHER), ("priority", H_OTHER), ("timestamp", H_OTHER),
+    ("warning", H_OTHER), ("retry-after", H_OTHER), ("event", H_OTHER),
+    ("allow-events", H_OTHER), ("p-asserted-identity", H_OTHER), ("path", H_OTHER),
+    ("privacy", H_OTHER), ("reply-to", H_OTHER), ("in-reply-to", H_OTHER),
+)
+
+DEF MAX_KNOWN = 96
+cdef int _n_known = 0
+cdef int _known_id[MAX_KNOWN]
+cdef Py_ssize_t _known_len[MAX_KNOWN]
+cdef const char* _known_chars[MAX_KNOWN]
+cdef list _known_strs = []
+cdef list _known_bytes = []     # keeps _known_chars alive
+cdef int _compact_idx[256]
+
+
+cdef int _known_index(str name, int hid) except -1:
+    global _n_known
+    cdef int idx
+    for idx in range(_n_known):
+        if _known_strs[idx] == name:
+            return idx
+    if _n_known >= MAX_KNOWN:
+        return -1
+    idx = _n_known
+    encoded = name.encode("ascii")
+    _known_bytes.append(encoded)
+    _known_strs.append(name)
+    _known_chars[idx] = PyBytes_AS_STRING(encoded)
+    _known_len[idx] = len(encoded)
+    _known_id[idx] = hid
+    _n_known += 1
+    return idx
+
+
+cdef void _init_names() except *:
+    cdef int c
+    for name, hid in _KNOWN:
+        _known_index(name, hid)
+    for c in range(256):
+        _compact_idx[c] = -1
+    for short, full in _COMPACT.items():
+        hid = H_OTHER
+        for name, known_hid in _KNOWN:
+            if name == full:
+                hid = known_hid
+        idx = _known_index(full, hid)
+        if idx >= 0 and len(short) == 1:
+            c = ord(short)
+            if c < 128:
+                _compact_idx[c] = idx
+                if 97 <= c <= 122:
+                    _compact_idx[c - 32] = idx
+
+
+_init_names()
+
+
+cdef inline int _lookup_name(cp b, Py_ssize_t i, Py_ssize_t j) noexcept:
+    """Index of the known canonical name b[i:j] (case-insensitive, compact forms), or -1."""
+    cdef Py_ssize_t n = j - i, k
+    cdef int idx
+    cdef const char* t
+    if n == 1:
+        return _compact_idx[b[i]]
+    for idx in range(_n_known):
+        if _known_len[idx] != n:
+            continue
+        t = _known_chars[idx]
+        # header names are validated tokens: "| 0x20" folds only A-Z among them
+        # (and "_", which no known name contains)
+        for k in range(n):
+            if (b[i + k] | 0x20) != <unsigned char>t[k]:
+                break
+        else:
+            return idx
+    return -1
+
+
+# --- the message -----------------------------------------------------------------------
+
+
+cdef int _check_version(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
+    # SIP-Version = "SIP" "/" 1*DIGIT "." 1*DIGIT  (case-insensitive, §7.1)
+    if _ieq(b, i, j, b"sip/2.0"):
+        return 0
+    if j - i >= 4 and _ieq(b, i, i + 4, b"sip/"):
+        raise _ParseError(f"unsupported version {_s(b, i, j)!r}", status=505,
+                          reason="Version Not Supported")
+    raise _ParseError(f"bad SIP version {_s(b, i, j)!r}")
+
+
+cdef object _request_line(cp b, Py_ssize_t i, Py_ssize_t j, _Fields f):
+    # Request-Line = Method SP Request-URI SP SIP-Version CRLF
+    cdef Py_ssize_t sp1, sp2, colon, at, start
+    sp1 = _find(b, i, j, 32)
+    sp2 = _find(b, sp1 + 1, j, 32) if sp1 >= 0 else -1
+    if sp2 < 0 or _find(b, sp2 + 1, j, 32) >= 0 or sp1 == i or sp2 == sp1 + 1 \
+            or sp2 + 1 == j:
+        raise _ParseError(f"malformed request line {_s(b, i, j)!r}")
+    if not _all(b, i, sp1, C_TOKEN):
+        raise _ParseError(f"bad method {_s(b, i, sp1)!r}")
+    _check_version(b, sp2 + 1, j)
+    _check_uri_chars(b, sp1 + 1, sp2)
+    colon = _find(b, sp1 + 1, sp2, 58)
+    if colon < 0 or not (CT[b[sp1 + 1]] & C_ALPHA) or not _all(b, sp1 + 1, colon, C_SCHEME):
+        raise _ParseError(f"bad Request-URI {_s(b, sp1 + 1, sp2)!r}")
+    if _ieq(b, sp1 + 1, colon, b"sip") or _ieq(b, sp1 + 1, colon, b"sips"):
+        # §19.1.1: no headers in a Request-URI; the user part may hold "?"
+        at = _find(b, colon + 1, sp2, 64)
+        start = at + 1 if at >= 0 else colon + 1
+        if _find(b, start, sp2, 63) >= 0:
+            raise _ParseError(f"headers in Request-URI {_s(b, sp1 + 1, sp2)!r}")
+    elif not _ieq(b, sp1 + 1, colon, b"tel"):
+        raise UnsupportedURIScheme(
+            f"unsupported Request-URI scheme {_case_s(b, sp1 + 1, colon, False)!r}")
+    msg = msilo_alloc(_SipRequest)
+    method = _METHODS.find(b, i, sp1)
+    if method is None:
+        method = _s(b, i, sp1)
+    f.method = method
+    msilo_put(msg, RQ_METHOD, method)
+    msilo_put(msg, RQ_URI, _s(b, sp1 + 1, sp2))
+    msilo_put(msg, RQ_VERSION, S_SIP20 if b[sp2 + 1] == 83 and b[sp2 + 2] == 73 and b[sp2 + 3] == 80
+              else _s(b, sp2 + 1, j))
+    return msg
+
+
+cdef object _status_line(cp b, Py_ssize_t i, Py_ssize_t j):
+    # Status-Line = SIP-Version SP Status-Code SP Reason-Phrase CRLF
+    cdef Py_ssize_t sp1, ve, cs, ce, sp2
+    sp1 = _find(b, i, j, 32)
+    ve = sp1 if sp1 >= 0 else j
+    _check_version(b, i, ve)
+    cs = sp1 + 1 if sp1 >= 0 else j
+    sp2 = _find(b, cs, j, 32)
+    ce = sp2 if sp2 >= 0 else j
+    # Status-Code = 3DIGIT, 1xx to 6xx
+    if ce - cs != 3 or not _all(b, cs, ce, C_DIGIT) or b[cs] < 49 or b[cs] > 54:
+        raise _ParseError(f"bad status code {_s(b, cs, ce)!r}")
+    msg = msilo_alloc(_SipResponse)
+    msilo_put(msg, RS_VERSION, S_SIP20 if b[i] == 83 and b[i + 1] == 73 and b[i + 2] == 80
+              else _s(b, i, ve))
+    msilo_put(msg, RS_STATUS, (b[cs] - 48) * 100 + (b[cs + 1] - 48) * 10 + (b[cs + 2] - 48))
+    msilo_put(msg, RS_REASON, _s(b, sp2 + 1, j) if sp2 >= 0 else S_EMPTY)
+    return msg
+
+
+@cython.freelist(4)
+@cython.final
+cdef class _Fields:
+    """Typed fields gathered while the headers are read (one per parse, never escapes)."""
+    cdef object via, from_, to, call_id, cseq, max_forwards, expires, content_type
+    cdef object content_length
+    cdef list contacts
+    cdef list allow
+    cdef bint star
+    cdef object method
+
+
+cdef int _typed(_Fields f, int hid, cp b, Py_ssize_t i, Py_ssize_t j, object value) except -1:
+    """Set the typed field for one header value b[i:j] (``value`` is its str)."""
+    cdef Py_ssize_t s, e, k, e2
+    if hid == H_VIA:
+        if f.via is None:
+            f.via = _via(b, i, j, value)
+    elif hid == H_FROM:
+        if f.from_ is not None:
+            raise _ParseError("more than one From header")
+        f.from_ = _from_to(b, i, j)
+    elif hid == H_TO:
+        if f.to is not None:
+            raise _ParseError("more than one To header")
+        f.to = _from_to(b, i, j)
+    elif hid == H_CALL_ID:
+        if f.call_id is not None:
+            raise _ParseError("more than one Call-ID header")
+        if i >= j or _any(b, i, j, C_SWS):
+            raise _ParseError(f"bad Call-ID {value!r}")
+        f.call_id = value
+    elif hid == H_CSEQ:
+        if f.cseq is not None:
+            raise _ParseError("more than one CSeq header")
+        f.cseq = _cseq(b, i, j, f.method)
+    elif hid == H_MAX_FORWARDS:
+        if f.max_forwards is not None:
+            raise _ParseError("more than one Max-Forwards header")
+        f.max_forwards = _number(b, i, j, MAX_FORWARDS_MAX, False, "Max-Forwards")
+    elif hid == H_EXPIRES:
+        if f.expires is not None:
+            raise _ParseError("more than one Expires header")
+        f.expires = _number(b, i, j, EXPIRES_MAX, True, "Expires")
+    elif hid == H_CONTENT_LENGTH:
+        if f.content_length is not None:
+            raise _ParseError("more than one Content-Length header")
+        f.content_length = _number(b, i, j, CSEQ_MAX, False, "Content-Length")
+    elif hid == H_CONTENT_TYPE:
+        if f.content_type is not None:
+            raise _ParseError("more than one Content-Type header")
+        f.content_type = _content_type(b, i, j, value)
+    elif hid == H_CONTACT:
+        # Contact = ("*" / (contact-param *(COMMA contact-param)))
+        if j - i == 1 and b[i] == 42:
+            if f.star or f.contacts:
+                raise _ParseError("Contact: * mixed with other contacts")
+            f.star = True
+            return 0
+        if f.star:
+            raise _ParseError("Contact: * mixed with other contacts")
+        s = i
+        while True:
+            e = _next_sep(b, s, j, 44)
+            k = _lskip(b, s, e)
+            e2 = _rskip(b, k, e)
+            if k >= e2 or (e2 - k == 1 and b[k] == 42):
+                raise _ParseError(f"bad Contact list {value!r}")
+            f.contacts.append(_contact(b, k, e2))
+            if e >= j:
+                break
+            s = e + 1
+    elif hid == H_ALLOW:
+        if f.allow is None:
+            f.allow = []
+        f.allow.extend(_method_list_str(value))
+    elif hid == H_DATE:
+        # §20.17: rfc1123-date is always "GMT"
+        if j - i < 4 or b[j - 4] != 32 or b[j - 3] != 71 or b[j - 2] != 77 or b[j - 1] != 84:
+            raise _ParseError(f"Date not in GMT: {value!r}")
+    return 0
+
+
+cdef object _header(list headers, _Fields f, int idx, object name, cp b, Py_ssize_t i,
+                    Py_ssize_t j):
+    """Record one complete header (value b[i:j], already unfolded and stripped)."""
+    cdef tuple item
+    value = _s(b, i, j)
+    item = PyTuple_New(2)
+    Py_INCREF(name)
+    PyTuple_SET_ITEM(item, 0, name)
+    Py_INCREF(value)
+    PyTuple_SET_ITEM(item, 1, value)
+    PyList_Append(headers, item)
+    if idx >= 0 and _known_id[idx] != H_OTHER:
+        _typed(f, _known_id[idx], b, i, j, value)
+    return None
+
+
+cdef object _finish(list headers, _Fields f, int idx, object name, cp b, Py_ssize_t vs,
+                    Py_ssize_t ve, object folded):
+    cdef cp fb
+    cdef Py_ssize_t s, e
+    if folded is None:
+        s = _lskip(b, vs, ve)
+        _header(headers, f, idx, name, b, s, _rskip(b, s, ve))
+    else:
+        folded = bytes(folded)
+        fb = <cp>PyBytes_AS_STRING(folded)
+        s = _lskip(fb, 0, PyBytes_GET_SIZE(folded))
+        e = _rskip(fb, s, PyBytes_GET_SIZE(folded))
+        _header(headers, f, idx, name, fb, s, e)
+    return None
+
+
+def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
+    """Parse one SIP request or response (RFC 3261 §7); see ``msilo.sip._parse_py``."""
+    cdef bytes buf
+    cdef cp b
+    cdef Py_ssize_t n, start, k, nl, head_end, body_start, ls, le, colon, fe, vs = 0, ve = 0
+    cdef Py_ssize_t fs, fe2
+    cdef int idx = -1
+    cdef bint is_request
+    cdef list headers
+    cdef _Fields f
+    cdef object folded = None
+    cdef object name = None
+    if PyBytes_Check(data):
+        buf = <bytes>data
+    elif isinstance(data, (bytearray, memoryview)):
+        try:
+            buf = bytes(data)
+        except (TypeError, ValueError, BufferError) as exc:
+            raise _ParseError(f"unreadable buffer: {exc}") from None
+    else:
+        raise _ParseError(f"expected bytes, got {type(data).__name__}")
+    b = <cp>PyBytes_AS_STRING(buf)
+    n = PyBytes_GET_SIZE(buf)
+    if n > max_size:
+        raise MessageTooLarge(f"message of {n} bytes exceeds {max_size}")
+    # §7.5: ignore CRLFs before the start line
+    start = 0
+    while start < n and (b[start] == 10 or b[start] == 13):
+        start += 1
+    if start == n:
+        raise _ParseError("empty message")
+    # the first empty line ends the head
+    k = start
+    while True:
+        nl = _find(b, k, n, 10)
+        if nl < 0:
+            raise _ParseError("no empty line after the headers")
+        if nl + 1 < n and b[nl + 1] == 10:
+            head_end = nl
+            body_start = nl + 2
+            break
+        if nl + 2 < n and b[nl + 1] == 13 and b[nl + 2] == 10:
+            head_end = nl
+            body_start = nl + 3
+            break
+        k = nl + 1
+    # start line
+    le = _find(b, start, head_end, 10)
+    if le < 0:
+        le = head_end
+    ls = le + 1
+    if le > start and b[le - 1] == 13:
+        le -= 1
+    f = _Fields.__new__(_Fields)
+    f.contacts = []
+    if le - start >= 4 and _ieq(b, start, start + 4, b"sip/"):
+        msg = _status_line(b, start, le)
+        is_request = False
+    else:
+        msg = _request_line(b, start, le, f)
+        is_request = True
+    # header lines; a folded value is rebuilt in a bytearray (rare)
+    headers = []
+    while ls <= head_end:
+        nl = _find(b, ls, head_end, 10)
+        if nl < 0:
+            nl = head_end
+        le = nl
+        if le > ls and b[le - 1] == 13:
+            le -= 1
+        if le > ls and (b[ls] == 32 or b[ls] == 9):
+            # LWS = [*WSP CRLF] 1*WSP: a continuation joins the value with one SP
+            if name is None:
+                raise _ParseError("continuation line before the first header")
+            if folded is None:
+                folded = bytearray(b[vs:_rskip(b, vs, ve)])
+            else:
+                fs = len(folded)
+                while fs > 0 and (folded[fs - 1] == 32 or folded[fs - 1] == 9):
+                    fs -= 1
+                del folded[fs:]
+            fs = _lskip(b, ls, le)
+            fe2 = _rskip(b, fs, le)
+            folded.append(32)
+            folded += b[fs:fe2]
+        else:
+            if name is not None:
+                _finish(headers, f, idx, name, b, vs, ve, folded)
+                folded = None
+            colon = _find(b, ls, le, 58)
+            if colon < 0:
+                raise _ParseError(f"header line without a colon: {_s(b, ls, min(le, ls + 40))!r}")
+            fe = _rskip(b, ls, colon)
+            if not _all(b, ls, fe, C_TOKEN):
+                raise _ParseError(f"bad header name {_s(b, ls, min(fe, ls + 40))!r}")
+            idx = _lookup_name(b, ls, fe)
+            if idx >= 0:
+                name = _known_strs[idx]
+            else:
+                name = _s(b, ls, fe).lower()
+                if fe - ls == 1:
+                    name = _COMPACT.get(name, name)
+            vs = colon + 1
+            ve = le
+        if nl >= head_end:
+            break
+        ls = nl + 1
+    if name is not None:
+        _finish(headers, f, idx, name, b, vs, ve, folded)
+    # §8.2.2 / §16.3: To, From, Call-ID, CSeq and Via are mandatory
+    if f.to is None:
+        raise _ParseError("missing To header")
+    if f.from_ is None:
+        raise _ParseError("missing From header")
+    if f.call_id is None:
+        raise _ParseError("missing Call-ID header")
+    if f.cseq is None:
+        raise _ParseError("missing CSeq header")
+    if f.via is None:
+        raise _ParseError("missing Via header")
+    if is_request and (<object>f.cseq).method != f.method:
+        raise _ParseError(f"CSeq method {(<object>f.cseq).method!r} does not match {f.method!r}")
+    # §18.3: Content-Length frames the body; absent on a datagram means "the rest"
+    k = n - body_start
+    if f.content_length is None:
+        body = PyBytes_FromStringAndSize(<const char*>(b + body_start), k)
+    elif <Py_ssize_t>f.content_length > k:
+        raise _ParseError(
+            f"Content-Length {f.content_length} exceeds the {k} bytes received")
+    else:
+        body = PyBytes_FromStringAndSize(<const char*>(b + body_start), f.content_length)
+    msilo_put(msg, M_HEADERS, headers)
+    msilo_put(msg, M_BODY, body)
+    msilo_put(msg, M_VIA, f.via)
+    msilo_put(msg, M_FROM, f.from_)
+    msilo_put(msg, M_TO, f.to)
+    msilo_put(msg, M_CALL_ID, f.call_id)
+    msilo_put(msg, M_CSEQ, f.cseq)
+    msilo_put(msg, M_MAX_FORWARDS, f.max_forwards)
+    msilo_put(msg, M_EXPIRES, f.expires)
+    msilo_put(msg, M_CONTENT_TYPE, f.content_type)
+    msilo_put(msg, M_CONTENT_LENGTH, f.content_length)
+    msilo_put(msg, M_CONTACTS, f.contacts)
+    msilo_put(msg, M_CONTACT_STAR, f.star)
+    msilo_put(msg, M_ALLOW, tuple(f.allow) if f.allow is not None else None)
+    return msg
+
+
+# --- URIs ---------------------------------------------------------------------------------
+
+cdef struct UriSpan:
+    int kind               # 0 sip, 1 sips, 2 tel
+    Py_ssize_t us, ue      # user; us = -1 when absent
+    Py_ssize_t ws, we      # password; ws = -1 when absent
+    Py_ssize_t hs, he      # host
+    long port              # -1 when absent
+    Py_ssize_t ps, pe      # parameters; ps = -1 when absent
+    Py_ssize_t qs, qe      # headers; qs = -1 when absent
+
+
+cdef int _check_uri_params(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
+    # other-param = pname [ "=" pvalue ]: a non-empty item may not start with "="
+    cdef Py_ssize_t s = i, e
+    while True:
+        e = _find(b, s, j, 59)
+        if e < 0:
+            e = j
+        if e > s and b[s] == 61:
+            raise _InvalidURI(f"URI parameter without a name: {_s(b, s, e)!r}")
+        if e >= j:
+            return 0
+        s = e + 1
+
+
+cdef int _scan_uri(cp b, Py_ssize_t n, UriSpan* u) except -1:
+    # SIP-URI = "sip:" [ userinfo ] hostport uri-parameters [ headers ]   (§19.1.1)
+    cdef Py_ssize_t colon, rs, semi, at, pc, k, q, hpe, close, after
+    u.us = u.ws = u.ps = u.qs = -1
+    u.port = -1
+    if n == 0 or _any(b, 0, n, C_URIBAD):
+        raise _InvalidURI(f"invalid character in URI {_s(b, 0, n)!r}" if n else "empty URI")
+    colon = _find(b, 0, n, 58)
+    if colon < 0 or not (CT[b[0]] & C_ALPHA) or not _all(b, 0, colon, C_SCHEME):
+        raise _InvalidURI(f"no scheme in URI {_s(b, 0, n)!r}")
+    if _ieq(b, 0, colon, b"sip"):
+        u.kind = 0
+    elif _ieq(b, 0, colon, b"sips"):
+        u.kind = 1
+    elif _ieq(b, 0, colon, b"tel"):
+        u.kind = 2
+    else:
+        raise UnsupportedURIScheme(f"unsupported URI scheme {_case_s(b, 0, colon, False)!r}")
+    rs = colon + 1
+    if u.kind == 2:
+        # telephone-uri = "tel:" telephone-subscriber *( ";" par )   (RFC 3966)
+        semi = _find(b, rs, n, 59)
+        u.us = rs
+        u.ue = semi if semi >= 0 else n
+        if u.ue == rs:
+            raise _InvalidURI(f"tel: URI without a number {_s(b, 0, n)!r}")
+        u.hs = u.he = 0
+        if semi >= 0:
+            u.ps = semi + 1
+            u.pe = n
+            _check_uri_params(b, u.ps, u.pe)
+        return 0
+    k = rs
+    at = _find(b, rs, n, 64)
+    if at >= 0:
+        pc = _find(b, rs, at, 58)
+        u.us = rs
+        u.ue = pc if pc >= 0 else at
+        if u.ue == rs:
+            raise _InvalidURI(f"empty user part in {_s(b, 0, n)!r}")
+        if pc >= 0:
+            u.ws = pc + 1
+            u.we = at
+        k = at + 1
+    q = _find(b, k, n, 63)
+    if q >= 0:
+        u.qs = q + 1
+        u.qe = n
+        hpe = q
+    else:
+        hpe = n
+    semi = _find(b, k, hpe, 59)
+    if semi >= 0:
+        u.ps = semi + 1
+        u.pe = hpe
+        _check_uri_params(b, u.ps, u.pe)
+        hpe = semi
+    if k < hpe and b[k] == 91:
+        close = _find(b, k, hpe, 93)
+        if close < 0 or not _valid_host(b, k, close + 1):
+            raise _InvalidURI(f"bad IPv6 reference in {_s(b, 0, n)!r}")
+        u.hs = k
+        u.he = close + 1
+        after = close + 1
+        if after < hpe and b[after] != 58:
+            raise _InvalidURI(f"bad host in {_s(b, 0, n)!r}")
+    else:
+        pc = _find(b, k, hpe, 58)
+        u.hs = k
+        u.he = pc if pc >= 0 else hpe
+        if not _all(b, u.hs, u.he, C_HOST):
+            raise _InvalidURI(f"bad host in {_s(b, 0, n)!r}")
+        after = u.he
+    if after < hpe:
+        try:
+            u.port = <long>_number(b, after + 1, hpe, PORT_MAX, False, "port")
+        except ParseError as exc:
+            raise _InvalidURI(exc.detail) from None
+    return 0
+
+
+cdef bytes _uri_bytes(object text):
+    """UTF-8 bytes of a URI str; InvalidURI if it does not survive the round trip."""
+    cdef Py_ssize_t size
+    cdef const char* p
+    if not PyUnicode_Check(text):
+        raise _InvalidURI("URI must be a str")
+    try:
+        p = PyUnicode_AsUTF8AndSize(text, &size)
+        return PyBytes_FromStringAndSize(p, size)
+    except UnicodeError:
+        pass
+    try:
+        raw = (<str>text).encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        raise _InvalidURI("URI is not valid text") from None
+    if raw.decode("utf-8", "surrogateescape") != text:
+        raise _InvalidURI("URI is not valid text")
+    return raw
+
+
+cdef dict _uri_params(cp b, Py_ssize_t i, Py_ssize_t j):
+    cdef dict params = {}
+    cdef Py_ssize_t s = i, e, eq
+    while True:
+        e = _find(b, s, j, 59)
+        if e < 0:
+            e = j
+        if e > s:
+            eq = _find(b, s, e, 61)
+            if eq < 0:
+                PyDict_SetItem(params, _case_s(b, s, e, False), None)
+            else:
+                PyDict_SetItem(params, _case_s(b, s, eq, False), _s(b, eq + 1, e))
+        if e >= j:
+            return params
+        s = e + 1
+
+
+cpdef object parse_uri(object text):
+    """Parse a sip:, sips: or tel: URI (RFC 3261 §19.1.1, RFC 3966)."""
+    cdef UriSpan u
+    cdef bytes raw = _uri_bytes(text)
+    cdef cp b = <cp>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), s, e, eq
+    cdef dict headers = {}
+    _scan_uri(b, n, &u)
+    uri = msilo_alloc(_SipURI)
+    msilo_put(uri, U_SCHEME, _SCHEMES[u.kind])
+    msilo_put(uri, U_USER, _s(b, u.us, u.ue) if u.us >= 0 else None)
+    msilo_put(uri, U_PASSWORD, _s(b, u.ws, u.we) if u.ws >= 0 else None)
+    msilo_put(uri, U_HOST, _s(b, u.hs, u.he))
+    msilo_put(uri, U_PORT, u.port if u.port >= 0 else None)
+    msilo_put(uri, U_PARAMS, _uri_params(b, u.ps, u.pe) if u.ps >= 0 else {})
+    if u.qs >= 0:
+        # headers = "?" header *( "&" header )
+        s = u.qs
+        while True:
+            e = _find(b, s, u.qe, 38)
+            if e < 0:
+                e = u.qe
+            if e > s:
+                eq = _find(b, s, e, 61)
+                if eq < 0:
+                    PyDict_SetItem(headers, _s(b, s, e), S_EMPTY)
+                else:
+                    PyDict_SetItem(headers, _s(b, s, eq), _s(b, eq + 1, e))
+            if e >= u.qe:
+                break
+            s = e + 1
+    msilo_put(uri, U_HEADERS, headers)
+    msilo_put(uri, U_RAW, text)
+    return uri
+
+
+cdef inline int _hex(unsigned char c) noexcept nogil:
+    if 48 <= c <= 57:
+        return c - 48
+    if 65 <= c <= 70:
+        return c - 55
+    if 97 <= c <= 102:
+        return c - 87
+    return -1
+
+
+cdef object _aor(cp ub, Py_ssize_t us, Py_ssize_t ue, cp hb, Py_ssize_t hs, Py_ssize_t he):
+    """``unescape(user) "@" lower(host)`` decoded as one string."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, (ue - us) + 1 + (he - hs))
+    cdef unsigned char* o = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef Py_ssize_t k = us, m = 0
+    cdef unsigned char c
+    cdef int hi, lo
+    while k < ue:
+        c = ub[k]
+        if c == 37 and k + 2 < ue:
+            hi = _hex(ub[k + 1])
+            lo = _hex(ub[k + 2])
+            if hi >= 0 and lo >= 0:
+                o[m] = <unsigned char>(hi * 16 + lo)
+                m += 1
+                k += 3
+                continue
+        o[m] = c
+        m += 1
+        k += 1
+    o[m] = 64
+    m += 1
+    for k in range(hs, he):
+        c = hb[k]
+        o[m] = c + 32 if 65 <= c <= 90 else c
+        m += 1
+    return _s(o, 0, m)
+
+
+cpdef str normalize_aor(object uri):
+    """``user@host`` for an address-of-record (RFC 3261 §10.3, §19.1.4); see the twin."""
+    cdef UriSpan u
+    cdef bytes raw, ubytes, hbytes
+    cdef cp b
+    if PyUnicode_Check(uri):
+        raw = _uri_bytes(uri)
+        b = <cp>PyBytes_AS_STRING(raw)
+        _scan_uri(b, PyBytes_GET_SIZE(raw), &u)
+        if u.kind == 2:
+            raise UnsupportedURIScheme("a tel: URI is not an address-of-record")
+        if u.us < 0:
+            raise IncompleteURI(f"no user part in {uri!r}")
+        return _aor(b, u.us, u.ue, b, u.hs, u.he)
+    if isinstance(uri, _SipURI):
+        if uri.scheme == "tel":
+            raise UnsupportedURIScheme("a tel: URI is not an address-of-record")
+        if not uri.user:
+            raise IncompleteURI(f"no user part in {uri.raw!r}")
+        try:
+            ubytes = (<str?>uri.user).encode("utf-8", "surrogateescape")
+            hbytes = (<str?>uri.host).encode("utf-8", "surrogateescape")
+        except UnicodeError:
+            raise _InvalidURI("URI is not valid text") from None
+        return _aor(<cp>PyBytes_AS_STRING(ubytes), 0, len(ubytes),
+                    <cp>PyBytes_AS_STRING(hbytes), 0, len(hbytes))
+    raise _InvalidURI("normalize_aor() takes a str or a SipURI")

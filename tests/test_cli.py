@@ -1,0 +1,177 @@
+"""The ``msilo`` command, run as a user runs it (a subprocess), on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from msilo.storage import open_store
+from msilo.storage.base import NewMessage
+
+
+def msilo(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``msilo ARGS`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "msilo", *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL for the CLI: an SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/cli.db"
+        return
+    dsn: str = request.getfixturevalue("pg_dsn")
+    schema = f"cli_{uuid.uuid4().hex[:10]}"
+    _pg(dsn, f"CREATE SCHEMA {schema}")
+    yield f"{dsn}?search_path={schema}"
+    _pg(dsn, f"DROP SCHEMA {schema} CASCADE")
+
+
+def _pg(dsn: str, sql: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def _seed(db_url: str, user: str, bodies: list[bytes]) -> None:
+    async def run() -> None:
+        async with open_store(db_url) as store:
+            now = int(time.time())
+            await store.store_batch(
+                [
+                    NewMessage(user, "example.com", "sip:a@x", f"sip:{user}@example.com", b,
+                               "text/plain", now, now + 600)
+                    for b in bodies
+                ],
+                0,
+            )  # fmt: skip
+
+    asyncio.run(run())
+
+
+def test_version_names_the_active_parser(tmp_path: Path) -> None:
+    out = msilo("--version", cwd=tmp_path)
+    assert out.returncode == 0
+    assert out.stdout.strip() in ("msilo 0.1.0 (parser: C)", "msilo 0.1.0 (parser: Python)")
+    env_out = subprocess.run(
+        [sys.executable, "-m", "msilo", "--version"],
+        capture_output=True, text=True, env={**os.environ, "MSILO_NO_EXTENSIONS": "1"},
+    )  # fmt: skip
+    assert env_out.stdout.strip() == "msilo 0.1.0 (parser: Python)"
+
+
+def test_check_config_accepts_c_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    conf = tmp_path / "m.toml"
+    conf.write_text("[msilo]\ncheck_time = 10\n")
+    for args in (("-c", str(conf), "check-config"), ("check-config", "-c", str(conf))):
+        out = msilo(*args, "--set", "msilo.max_messages=3", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert "msilo.check_time = 10" in out.stdout
+        assert "msilo.max_messages = 3" in out.stdout
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    out = msilo("check-config", "--set", "msilo.check_time=0", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr == "msilo: error: msilo.check_time: must be an integer >= 1 (got 0)\n"
+
+
+def test_db_init_then_messages_count_list_purge(db_url: str, tmp_path: Path) -> None:
+    setting = f'msilo.db_url="{db_url}"'
+    assert msilo("db", "init", "--set", setting, cwd=tmp_path).returncode == 0
+    _seed(db_url, "alice", [b"one", b"two"])
+    count = msilo("messages", "count", "--aor", "alice@example.com", "--set", setting, cwd=tmp_path)
+    assert (count.returncode, count.stdout) == (0, "2\n")
+    listed = msilo("messages", "list", "--aor", "sip:alice@EXAMPLE.com", "--set", setting,
+                   cwd=tmp_path)  # fmt: skip
+    assert listed.returncode == 0
+    assert [line.split("\t")[-1] for line in listed.stdout.splitlines()] == ["one", "two"]
+    refused = msilo("messages", "purge", "--aor", "alice@example.com", "--set", setting,
+                    cwd=tmp_path, stdin="")  # fmt: skip
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    purged = msilo("messages", "purge", "--aor", "alice@example.com", "--yes", "--set", setting,
+                   cwd=tmp_path)  # fmt: skip
+    assert purged.stdout == "deleted 2 message(s)\n"
+    count = msilo("messages", "count", "--aor", "alice@example.com", "--set", setting, cwd=tmp_path)
+    assert count.stdout == "0\n"
+
+
+def test_messages_on_a_database_without_schema_says_what_to_do(tmp_path: Path) -> None:
+    setting = f'msilo.db_url="sqlite:///{tmp_path}/empty.db"'
+    out = msilo("messages", "count", "--aor", "a@b", "--set", setting, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "msilo db init" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_bad_aor_is_refused(tmp_path: Path) -> None:
+    out = msilo("messages", "count", "--aor", "nodomain", cwd=tmp_path)
+    assert out.returncode == 2 and "must be user@domain" in out.stderr
+
+
+def test_unreachable_database_is_one_clear_line(tmp_path: Path) -> None:
+    setting = 'msilo.db_url="postgres://postgres@127.0.0.1:1/nowhere"'
+    out = msilo("db", "init", "--set", setting, cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.startswith("msilo: error: database:")
+    assert "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_with_no_config_uses_sqlite_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "msilo", "serve", "--set",
+         f'server.listen=["udp:127.0.0.1:{port}"]', "--set", 'server.http=""'],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "msilo.db").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert (tmp_path / "msilo.db").exists()  # the embedded default, relative to the cwd
+    assert "event=serving" in err and "event=stopped" in err
+
+
+def test_serve_on_a_taken_port_exits_with_one_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        out = msilo("serve", "--set", f'server.listen=["udp:127.0.0.1:{port}"]', "--set",
+                    'server.http=""', cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2
+    assert "server.listen: cannot bind" in out.stderr
+    assert "Traceback" not in out.stderr

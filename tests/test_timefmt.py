@@ -41,9 +41,19 @@ def test_snd_time_is_read_in_the_zone_with_daylight_saving() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["2030", "20300101", "2030010112000", "203001011200000", "20300231120000",
-     "20301301120000", "20300101250000", "2030010112000x", "", "２０３００１０１１２００００"],
-)  # fmt: skip
+    [
+        "2030",
+        "20300101",
+        "2030010112000",
+        "203001011200000",
+        "20300231120000",
+        "20301301120000",
+        "20300101250000",
+        "2030010112000x",
+        "",
+        "２０３００１０１１２００００",
+    ],
+)
 def test_malformed_snd_times_are_rejected(text: str) -> None:
     assert parse_snd_time(text, UTC) is None
 

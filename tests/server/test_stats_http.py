@@ -14,9 +14,12 @@ from msilo.server.stats import MSILO_COUNTERS, StatsBlock, prometheus_text
 
 def test_documented_msilo_counters_exist() -> None:
     assert set(MSILO_COUNTERS) == {
-        "stored_messages", "dumped_messages", "failed_messages",
-        "dumped_reminders", "failed_reminders",
-    }  # fmt: skip
+        "stored_messages",
+        "dumped_messages",
+        "failed_messages",
+        "dumped_reminders",
+        "failed_reminders",
+    }
 
 
 def test_rows_are_summed() -> None:

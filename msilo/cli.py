@@ -243,16 +243,6 @@ async def _cmd_serve(config: Config) -> int:
     return await _with_store(config, work)
 
 
-def _redact(url: str) -> str:
-    # Never print a database password in a log line.
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}@{host}"
-    return url
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``msilo`` command; return its exit code."""
     parser = build_parser()

@@ -37,3 +37,12 @@ def setup_logging(level: str = "info", *, process: str = "main") -> None:
     root.handlers[:] = [handler]
     root.setLevel(LEVELS.get(level, logging.INFO))
     root.propagate = False
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for logs and messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
+    return url

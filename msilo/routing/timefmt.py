@@ -1,4 +1,6 @@
-"""Times as msilo shows and reads them: the Date header, the body date prefix, send times.
+"""Times as msilo shows and reads them: the body date prefix and send times.
+
+(The Date header is :func:`msilo.sip.build.format_date`.)
 
 Send times and the prefix use the configured ``msilo.timezone`` (an IANA name;
 None = the host's zone), with daylight saving handled by zoneinfo (D7, D10, §10 Q14).
@@ -7,7 +9,6 @@ None = the host's zone), with daylight saving handled by zoneinfo (D7, D10, §10
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import re
 import zoneinfo
 
@@ -24,11 +25,6 @@ def zone(name: str | None) -> dt.tzinfo:
         assert local is not None
         return local
     return zoneinfo.ZoneInfo(name)
-
-
-def sip_date(epoch: int) -> str:
-    """RFC 1123 date in GMT as RFC 3261 §20.17 wants it: ``Mon, 05 Feb 2024 09:03:01 GMT``."""
-    return email.utils.formatdate(epoch, usegmt=True)
 
 
 def ctime(epoch: int, tz: dt.tzinfo) -> str:

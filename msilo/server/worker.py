@@ -20,6 +20,7 @@ from msilo.config import LISTEN, Config
 from msilo.errors import ConfigError, ParseError
 from msilo.leader.cycles import CycleSettings, TimerCycles
 from msilo.leader.election import LeaderElection, leader_election_for
+from msilo.log import redact_url
 from msilo.routing.delivery import Deliverer, DeliverySettings
 from msilo.routing.notify import NotifySettings
 from msilo.routing.policy import trusted_networks
@@ -183,6 +184,10 @@ class Worker:
         """Add to one of this worker's counters."""
         self.counters.incr(name, amount)
 
+    def _flushed(self, rows: int) -> None:
+        self.counters.incr("batch_flushes")
+        self.counters.incr("batch_rows", rows)
+
     # -- start-up -------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -192,7 +197,9 @@ class Worker:
         # Everything that can refuse the configuration comes first, before any task starts.
         route = load_route(config.server.route) if config.server.route else None
         settings = service_settings(config)
-        self.writer = BatchWriter(self.store, max_messages=config.msilo.max_messages)
+        self.writer = BatchWriter(
+            self.store, max_messages=config.msilo.max_messages, on_flush=self._flushed
+        )
         self.writer.start()
         self.transports = Transports(
             max_message=limits.max_message_size,
@@ -241,7 +248,7 @@ class Worker:
 
     async def _bind(self) -> None:
         assert self.transports is not None
-        families: set[str] = set()
+        client_hosts: dict[str, str] = {}  # family -> address for our client socket
         for item in self.config.server.listen:
             transport, host, port = parse_listen(item)
             if transport == "udp":
@@ -250,9 +257,14 @@ class Worker:
                 await self.transports.listen_tcp(host, port)
             else:
                 raise ConfigError(f"server.listen: {item!r}: TLS listeners are not available yet")
-            families.add("::" if ":" in host else "0.0.0.0")
-        for wildcard in sorted(families):
-            await self.transports.open_client_udp(wildcard)
+            # Send from the address we listen on (so our Via names it and a firewall
+            # rule for the listener covers us too); several addresses -> the wildcard.
+            family = "6" if ":" in host else "4"
+            wildcard = "::" if family == "6" else "0.0.0.0"
+            known = client_hosts.get(family)
+            client_hosts[family] = host if known in (None, host) else wildcard
+        for host in client_hosts.values():
+            await self.transports.open_client_udp(host)
 
     def _start_leader(self, deliverer: Deliverer) -> None:
         assert self.service is not None
@@ -325,7 +337,7 @@ class Worker:
                 "parser": IMPLEMENTATION,
                 "uptime": int(time.time() - self.started_at),
                 "leader": leader,
-                "database": _redact(self.config.msilo.db_url),
+                "database": redact_url(self.config.msilo.db_url),
             }
 
         return ManagementViews(
@@ -366,11 +378,3 @@ class Worker:
         if self._own_stats:
             self.stats.close()
         log.info("event=stopped")
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
-    return url

@@ -57,7 +57,7 @@ def _plain(value: Any) -> Any:
 class SipURI(_Value):
     """A parsed sip:, sips: or tel: URI (RFC 3261 §19.1.1, RFC 3966)."""
 
-    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "raw")
+    __slots__ = ("headers", "host", "params", "password", "port", "raw", "scheme", "user")
 
     scheme: str  # "sip", "sips" or "tel", lower-case
     user: str | None  # as written (escapes not resolved); tel: the number
@@ -72,7 +72,7 @@ class SipURI(_Value):
 class NameAddr(_Value):
     """From / To / Route style value: ``"Display" <uri>;params`` (RFC 3261 §20.20)."""
 
-    __slots__ = ("display", "uri", "tag", "params")
+    __slots__ = ("display", "params", "tag", "uri")
 
     display: str | None  # unquoted display name, or None
     uri: str  # the URI text (without <>)
@@ -84,15 +84,15 @@ class Via(_Value):
     """One Via value (RFC 3261 §20.42, RFC 3581)."""
 
     __slots__ = (
-        "protocol",
-        "transport",
-        "host",
-        "port",
         "branch",
+        "host",
+        "params",
+        "port",
+        "protocol",
+        "raw",
         "received",
         "rport",
-        "params",
-        "raw",
+        "transport",
     )
 
     protocol: str  # "SIP/2.0"
@@ -109,7 +109,7 @@ class Via(_Value):
 class CSeq(_Value):
     """CSeq value (RFC 3261 §20.16)."""
 
-    __slots__ = ("number", "method")
+    __slots__ = ("method", "number")
 
     number: int
     method: str
@@ -118,7 +118,7 @@ class CSeq(_Value):
 class ContentType(_Value):
     """Content-Type value (RFC 3261 §20.15): media type plus parameters."""
 
-    __slots__ = ("type", "subtype", "params", "raw")
+    __slots__ = ("params", "raw", "subtype", "type")
 
     type: str  # lower-case, e.g. "text"
     subtype: str  # lower-case, e.g. "plain"
@@ -134,7 +134,7 @@ class ContentType(_Value):
 class Contact(_Value):
     """One Contact value (RFC 3261 §20.10, RFC 3840, RFC 5626)."""
 
-    __slots__ = ("display", "uri", "expires", "q", "methods", "instance", "params")
+    __slots__ = ("display", "expires", "instance", "methods", "params", "q", "uri")
 
     display: str | None
     uri: str
@@ -149,20 +149,20 @@ class SipMessage(_Value):
     """Fields common to requests and responses."""
 
     __slots__ = (
-        "headers",
-        "body",
-        "via",
-        "from_",
-        "to",
-        "call_id",
-        "cseq",
-        "max_forwards",
-        "expires",
-        "content_type",
-        "content_length",
-        "contacts",
-        "contact_star",
         "allow",
+        "body",
+        "call_id",
+        "contact_star",
+        "contacts",
+        "content_length",
+        "content_type",
+        "cseq",
+        "expires",
+        "from_",
+        "headers",
+        "max_forwards",
+        "to",
+        "via",
     )
 
     # Every header in order of appearance: (canonical lower-case full name, value).
@@ -215,7 +215,7 @@ class SipRequest(SipMessage):
 class SipResponse(SipMessage):
     """A parsed response: ``SIP-Version SP Status-Code SP Reason-Phrase`` (RFC 3261 §7.2)."""
 
-    __slots__ = ("status", "reason", "version")
+    __slots__ = ("reason", "status", "version")
 
     status: int
     reason: str

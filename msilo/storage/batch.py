@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 
 from msilo.errors import QueueFull, StorageError
 from msilo.storage.base import NewMessage, Store, StoreResult, validate_message
@@ -33,6 +34,7 @@ class BatchWriter:
         max_messages: int,
         max_batch: int = 512,
         max_queue: int = 10000,
+        on_flush: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch <= 0:
             raise ValueError("max_batch is expected to be greater than zero")
@@ -42,6 +44,7 @@ class BatchWriter:
         self.max_messages = max_messages
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self._on_flush = on_flush  # told the size of every committed batch (statistics)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -139,6 +142,8 @@ class BatchWriter:
             _fail(batch, StorageError("the batch writer stopped during a flush"))
             raise
         self.rows += len(batch)
+        if self._on_flush is not None:
+            self._on_flush(len(batch))
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

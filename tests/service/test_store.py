@@ -35,6 +35,7 @@ async def test_offline_message_is_stored_with_its_fields_and_answered_202(
     assert before <= row.inc_time <= int(time.time())
     assert row.exp_time == row.inc_time + 259200
     assert srv.stats()["stored_messages"] == 1
+    assert (srv.stats()["batch_flushes"], srv.stats()["batch_rows"]) == (1, 1)
 
 
 async def test_expires_header_shortens_but_never_lengthens_the_lifetime(

@@ -230,11 +230,10 @@ async def flush_cut_mid_way(store: PostgresStore, w: BatchWriter, keyed: bool) -
         await admin.close()
 
 
+@pytest.mark.backend_only("postgres")
 async def test_lost_connection_fails_that_flush_and_the_next_succeeds(
     backend: str, store: Store
 ) -> None:
-    if backend != "postgres":
-        pytest.skip("PostgreSQL connections")
     assert isinstance(store, PostgresStore)
     w = writer(store)
     assert (await w.submit(message())).outcome is StoreOutcome.STORED
@@ -252,9 +251,8 @@ async def test_lost_connection_fails_that_flush_and_the_next_succeeds(
     await w.close()
 
 
+@pytest.mark.backend_only("postgres")
 async def test_a_keyed_flush_survives_a_lost_connection(backend: str, store: Store) -> None:
-    if backend != "postgres":
-        pytest.skip("PostgreSQL connections")
     assert isinstance(store, PostgresStore)
     w = writer(store)
     # Every row keyed: trying again on a fresh connection cannot store anything twice.
@@ -264,11 +262,10 @@ async def test_a_keyed_flush_survives_a_lost_connection(backend: str, store: Sto
     await w.close()
 
 
+@pytest.mark.backend_only("postgres")
 async def test_idle_connections_killed_by_the_server_do_not_fail_the_next_flush(
     backend: str, make_store: StoreFactory
 ) -> None:
-    if backend != "postgres":
-        pytest.skip("PostgreSQL connections")
     store = await make_store(min_size=4, max_size=4)
     await store.create_schema()
     assert isinstance(store, PostgresStore)

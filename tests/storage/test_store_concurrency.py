@@ -108,11 +108,10 @@ async def test_concurrent_reminder_claims_are_disjoint(make_store: StoreFactory)
     assert len(mids) == len(set(mids)) == 60
 
 
+@pytest.mark.backend_only("sqlite")
 async def test_sqlite_writer_waiting_too_long_is_unavailable(
     backend: str, make_store: StoreFactory
 ) -> None:
-    if backend != "sqlite":
-        pytest.skip("SQLite's write lock")
     s = await make_store(busy_timeout=0.2)
     await s.create_schema()
     assert isinstance(s, SQLiteStore)
@@ -127,17 +126,15 @@ async def test_sqlite_writer_waiting_too_long_is_unavailable(
         blocker.close()
 
 
+@pytest.mark.backend_only("postgres")
 async def test_postgres_down_is_unavailable(backend: str, names: SiloNames) -> None:
-    if backend != "postgres":
-        pytest.skip("PostgreSQL connection")
     store = PostgresStore("postgres://postgres@127.0.0.1:1/none", names, connect_timeout=2)
     with pytest.raises(DatabaseUnavailable, match=r"cannot connect to PostgreSQL at 127.0.0.1:1"):
         await store.open()
 
 
+@pytest.mark.backend_only("postgres")
 async def test_repeatable_read_callers_are_refused(backend: str, store: Store) -> None:
-    if backend != "postgres":
-        pytest.skip("PostgreSQL isolation levels")
     assert isinstance(store, PostgresStore)
     conn = await asyncpg.connect(store.dsn)
     try:

@@ -253,12 +253,11 @@ async def test_upgrade_keeps_opensips_rows_and_works_afterwards(
     assert (await s.list("carol", OWNER[1]))[0].exp_time == 2**41
 
 
+@pytest.mark.backend_only("postgres")
 async def test_upgraded_opensips_sequence_goes_past_2_to_the_31(
     make_store: StoreFactory, names: SiloNames
 ) -> None:
     s = await make_store(SiloNames(table=names.table, mid="id"))
-    if not isinstance(s, PostgresStore):
-        pytest.skip("SQLite ids are 64-bit already")
     await raw(s, OPENSIPS_PG.format(t=names.table, now=1, exp=2))
     await s.upgrade_schema()
     await raw(s, f"SELECT setval('{names.table}_id_seq', 2147483647)")

@@ -90,17 +90,25 @@ class LayerRequester:
     ) -> ClientResult:
         """Send a MESSAGE and wait for its final outcome (2xx, ≥ 300, 408 or 503 local)."""
         txn = self.start_message(
-            uri,
-            target,
-            from_=from_,
-            to=to,
-            body=body,
-            content_type=content_type,
-            headers=headers,
-            date=date,
-            **build,
-        )
-        return await txn.wait()
+            uri, target, from_=from_, to=to, body=body, content_type=content_type,
+            headers=headers, date=date, **build,
+        )  # fmt: skip
+        result = await txn.wait()
+        if (
+            result.local
+            and result.status == 503
+            and txn.request.transport == "TCP"
+            and target.transport == "UDP"
+            and not target.explicit
+        ):
+            # RFC 3261 §18.1.1: TCP was chosen only because the request is large; when the
+            # connection is refused or reset the request SHOULD be retried over UDP.
+            txn = self.start_message(
+                uri, target._replace(explicit=True), from_=from_, to=to, body=body,
+                content_type=content_type, headers=headers, date=date, **build,
+            )  # fmt: skip
+            result = await txn.wait()
+        return result
 
 
 def service_settings(config: Config) -> ServiceSettings:
@@ -161,6 +169,7 @@ class Worker:
         row: int = 0,
         run_leader: bool = True,
         timers: TimerValues | None = None,
+        listen: bool = True,
     ) -> None:
         self.config = config
         self.store = store
@@ -168,6 +177,9 @@ class Worker:
         self._own_stats = stats is None
         self.counters: Counters = self.stats.counters(row)
         self.run_leader = run_leader
+        # listen=False: only the client UDP socket (the supervisor's leader process sends
+        # reminders and dumps but takes no SIP traffic).
+        self.listen = listen
         self.timers = timers
         self.transports: Transports | None = None
         self.layer: TransactionLayer | None = None
@@ -243,7 +255,7 @@ class Worker:
             "event=serving mode=%s parser=%s listen=%s",
             config.server.mode,
             IMPLEMENTATION,
-            ",".join(config.server.listen),
+            ",".join(config.server.listen) if self.listen else "-",
         )
 
     async def _bind(self) -> None:
@@ -251,7 +263,9 @@ class Worker:
         client_hosts: dict[str, str] = {}  # family -> address for our client socket
         for item in self.config.server.listen:
             transport, host, port = parse_listen(item)
-            if transport == "udp":
+            if not self.listen:
+                pass
+            elif transport == "udp":
                 await self.transports.listen_udp(host, port)
             elif transport == "tcp":
                 await self.transports.listen_tcp(host, port)

@@ -17,6 +17,8 @@ async def test_custom_route_stores_for_an_explicit_owner_with_an_avp_send_time(
     srv = await server(
         'server.route="tests.service.routes:shared_inbox"',
         'msilo.snd_time_avp="$avp(snd_time)"', 'msilo.timezone="UTC"',
+        'msilo.from_address="sip:registrar@127.0.0.1"', 'msilo.offline_message="offline"',
+        'msilo.content_type_hdr="Content-Type: text/plain\\r\\n"',
     )  # fmt: skip
     alice = await srv.agent("alice")
     assert (await alice.message("sip:bob@127.0.0.1", "to the inbox")).status == 202
@@ -26,6 +28,7 @@ async def test_custom_route_stores_for_an_explicit_owner_with_an_avp_send_time(
     assert [r.body for r in rows] == [b"to the inbox", b"later"]
     assert rows[1].snd_time == int(dt.datetime(2030, 1, 1, 12, tzinfo=dt.UTC).timestamp())
     assert await srv.store.count("bob", "127.0.0.1") == 0
+    assert srv.stats()["notifications_sent"] == 0  # m_store(notify=False) suppressed them
     inbox = await srv.agent("inbox")
     await inbox.register(600)
     [got] = await inbox.wait_requests(1)  # the scheduled one waits for its time

@@ -265,3 +265,15 @@ async def test_dump_through_outbound_proxy(server: ServerFactory) -> None:
         await _eventually(lambda: _count_is(srv, "bob", 0))
     finally:
         proxy_ua.close()
+
+
+async def test_large_message_to_a_udp_only_phone_falls_back_to_udp(server: ServerFactory) -> None:
+    srv = await server("msilo.add_date=0")
+    alice = await srv.agent("alice")
+    big = "y" * 2000  # over 1300 bytes: TCP first (RFC 3261 §18.1.1), refused, then UDP
+    await _store(alice, "sip:bob@127.0.0.1", big)
+    bob = await srv.agent("bob")  # listens on UDP only
+    await bob.register(600)
+    [got] = await bob.wait_requests(1)
+    assert got.request.body == big.encode()
+    await _eventually(lambda: _count_is(srv, "bob", 0))

@@ -72,7 +72,7 @@ class TimerCycles:
             loops.append(self._every(self.settings.send_time, self.reminders_once))
         await asyncio.gather(*loops)
 
-    async def _every(self, period: int, job: Callable[[], Awaitable[None]]) -> None:
+    async def _every(self, period: int, job: Callable[[], Awaitable[object]]) -> None:
         # The first run is one period after election, as the reference's timers do.
         while True:
             await asyncio.sleep(period)

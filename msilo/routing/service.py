@@ -21,7 +21,14 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from msilo.errors import ConfigError, ParseError, QueueFull, SipError, StorageError
+from msilo.errors import (
+    ConfigError,
+    InvalidRecord,
+    ParseError,
+    QueueFull,
+    SipError,
+    StorageError,
+)
 from msilo.routing import mstore
 from msilo.routing.delivery import Deliverer, DumpReport, Requester, format_received
 from msilo.routing.notify import NotifySettings, notification_for
@@ -39,7 +46,7 @@ from msilo.routing.registrar import (
 from msilo.routing.timefmt import parse_snd_time
 from msilo.sip.message import SipRequest
 from msilo.sip.parser import normalize_aor, parse_uri
-from msilo.storage.base import InvalidRecord, StoreOutcome, StoreResult
+from msilo.storage.base import StoreOutcome, StoreResult
 from msilo.storage.batch import BatchWriter
 from msilo.storage.location import Binding
 from msilo.transaction.client import ClientResult

@@ -58,12 +58,13 @@ class StatsBlock:
         self.rows = rows
         size = rows * _WIDTH * 8
         self._shm: shared_memory.SharedMemory | None = None
+        buf: memoryview
         if name is not None:
             self._shm = shared_memory.SharedMemory(name=name)
-            buf = self._shm.buf
+            buf = _buffer(self._shm)
         elif shared:
             self._shm = shared_memory.SharedMemory(create=True, size=size)
-            buf = self._shm.buf
+            buf = _buffer(self._shm)
             buf[:size] = bytes(size)
         else:
             buf = memoryview(bytearray(size))
@@ -112,6 +113,12 @@ class StatsBlock:
             self._shm = None
 
 
+def _buffer(shm: shared_memory.SharedMemory) -> memoryview:
+    buf = shm.buf
+    assert buf is not None  # only None after close()
+    return buf
+
+
 class Counters:
     """Increments one process's row of a :class:`StatsBlock`."""
 
@@ -147,5 +154,5 @@ def prometheus_text(totals: dict[str, int], gauges: dict[str, float] | None = No
                 yield GaugeMetricFamily(f"msilo_{name}", name.replace("_", " "), value=gauge)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())  # type: ignore[arg-type]
+    registry.register(_Collector())
     return generate_latest(registry)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
-import io
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -210,31 +209,38 @@ async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int
 
 
 async def _cmd_serve(config: Config) -> int:
-    """Create the schema, then supervise the workers and the leader until SIGTERM/SIGINT."""
-    from msilo.server.supervisor import Supervisor
+    """Run the SIP service in this process until SIGTERM/SIGINT, then stop gracefully."""
+    import logging
 
-    async def prepare(store: Store) -> int:
+    from msilo.server.worker import Worker
+
+    log = logging.getLogger("msilo.server")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config.server.worker_count != 1:
+        log.info(
+            "event=single_process workers=%d note=the multi-process server is not built yet",
+            config.server.worker_count,
+        )
+
+    async def work(store: Store) -> int:
         await store.create_schema()
+        worker = Worker(config, store)
+        try:
+            await worker.start()
+        except BaseException as exc:
+            await worker.stop(grace=0)
+            if isinstance(exc, OSError):
+                raise ConfigError(f"server.listen: cannot bind ({exc.strerror or exc})") from None
+            raise
+        await stop.wait()
+        log.info("event=stopping reason=signal")
+        await worker.stop()
         return 0
 
-    # The schema exists before any child starts; no connection is kept open here.
-    await _with_store(config, prepare)
-
-    # main() hands over only the loaded Config; a SIGHUP re-reads the same -c file with the
-    # same --set overrides, which are on the command line that started this process.
-    overrides: list[str] = []
-    with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-        args, _ = build_parser().parse_known_args(sys.argv[1:])
-        if args.command == "serve" and args.config == config.source:
-            overrides = list(args.overrides)
-
-    def reload() -> Config:
-        return load_config(config.source, overrides)
-
-    # The loop running this coroutine stays idle: the supervisor's main loop is synchronous
-    # and its children are spawned (fork + exec), so they inherit none of it.
-    supervisor = Supervisor(config, store_factory=open_configured_store, reload=reload)
-    return supervisor.run()
+    return await _with_store(config, work)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

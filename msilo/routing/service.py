@@ -34,6 +34,7 @@ from msilo.routing.delivery import Deliverer, DumpReport, Requester, format_rece
 from msilo.routing.notify import NotifySettings, notification_for
 from msilo.routing.policy import ALLOW, check_request, check_source
 from msilo.routing.pv import pv_values
+from msilo.routing.ratelimit import RateLimiter
 from msilo.routing.registrar import (
     IntervalTooBrief,
     RegistrarPolicy,
@@ -73,6 +74,8 @@ class ServiceSettings:
     registrar: RegistrarPolicy = field(default_factory=RegistrarPolicy)
     notify: NotifySettings | None = None
     outbound_proxy: Target | None = None
+    rate: float = 0.0  # requests per second per source; 0 = no limit
+    burst: float = 0.0
 
 
 class RouteContext:
@@ -148,7 +151,7 @@ class MsiloService:
         self.deliverer = deliverer
         self.count = count
         self.route = route
-        self._background: set[asyncio.Task[Any]] = set()
+        self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
 
     # -- entry point --------------------------------------------------------------------
 
@@ -156,6 +159,11 @@ class MsiloService:
         """The transaction layer's handler: every new request comes through here."""
         self.count("requests")
         self.count(_METHOD_COUNTERS.get(request.method, "requests_other"))
+        if self.limiter is not None and not self.limiter.allow(txn.source.ip):
+            self.count("rate_limited")
+            retry = ("Retry-After", str(self.limiter.retry_after()))
+            self.reply(txn, 503, "Service Unavailable", [retry])
+            return
         try:
             if self.settings.mode == "silo":
                 check_source(txn.source.ip, self.settings.trusted)

@@ -136,6 +136,8 @@ def service_settings(config: Config) -> ServiceSettings:
         registrar=RegistrarPolicy(r.default_expires, r.min_expires, r.max_expires),
         notify=notify,
         outbound_proxy=proxy_target(m.outbound_proxy),
+        rate=config.limits.rate,
+        burst=config.limits.burst,
     )
 
 

@@ -53,13 +53,14 @@ class UserAgent:
     answer: Callable[[SipRequest], tuple[int, str] | None] = lambda req: (200, "OK")
     received: list[Received] = field(default_factory=list)
     port: int = 0
+    bind_host: str = "127.0.0.1"
 
     async def start(self) -> UserAgent:
         loop = asyncio.get_running_loop()
         self._responses: dict[str, asyncio.Future[SipResponse]] = {}
         self._got_request = asyncio.Event()
         self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=("127.0.0.1", self.port)
+            lambda: _Protocol(self), local_addr=(self.bind_host, self.port)
         )
         self.port = self.transport.get_extra_info("sockname")[1]
         return self
@@ -73,7 +74,7 @@ class UserAgent:
 
     @property
     def contact(self) -> str:
-        return f"sip:{self.user}@127.0.0.1:{self.port}"
+        return f"sip:{self.user}@{self.bind_host}:{self.port}"
 
     def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         message = parse_message(data)
@@ -159,7 +160,7 @@ class UserAgent:
         branch = branch or f"z9hG4bKua{n}x{self.port}"
         lines = [
             f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport",
+            f"Via: SIP/2.0/UDP {self.bind_host}:{self.port};branch={branch};rport",
             "Max-Forwards: 70",
             f"From: <{from_uri or self.uri}>;tag={from_tag or f'ua{n}'}",
             f"To: <{to_uri or uri}>",

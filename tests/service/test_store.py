@@ -10,6 +10,7 @@ import time
 import asyncpg
 
 from tests.service.conftest import Running, ServerFactory
+from tests.service.sipua import UserAgent
 
 SILO = "server.mode=silo"
 
@@ -192,3 +193,19 @@ async def _break_silo_table(srv: Running) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def test_a_flood_from_one_address_is_rate_limited_while_another_is_served(
+    server: ServerFactory,
+) -> None:
+    srv = await server(SILO, "limits.rate=5", "limits.burst=5")
+    flooder = await srv.agent("mallory")
+    statuses = [(await flooder.message("sip:bob@127.0.0.1", f"x{i}")).status for i in range(8)]
+    assert statuses[:5] == [202] * 5 and set(statuses[5:]) == {503}
+    # Every test agent is on 127.0.0.1: a second address shows the limit is per source.
+    other = await UserAgent(srv.address, user="trent", bind_host="127.0.0.2").start()
+    try:
+        assert (await other.message("sip:bob@127.0.0.1", "served")).status == 202
+    finally:
+        other.close()
+    assert srv.stats()["rate_limited"] == 3

@@ -38,6 +38,7 @@ from msilo.transaction.clock import TimerValues
 from msilo.transaction.layer import TransactionLayer
 from msilo.transport.base import Target
 from msilo.transport.manager import Transports
+from msilo.transport.tls import client_context, server_context
 
 log = logging.getLogger("msilo.server")
 
@@ -247,6 +248,13 @@ class Worker:
             count=self.count,
             route=route,
         )
+        tls = config.tls
+        self.transports.configure_tls(
+            server_context(tls.certificate, tls.private_key, tls.ca or None)
+            if tls.certificate
+            else None,
+            client_context(tls.ca or None),
+        )
         await self._bind()
         if config.server.http:
             host, _, port = config.server.http.rpartition(":")
@@ -272,7 +280,7 @@ class Worker:
             elif transport == "tcp":
                 await self.transports.listen_tcp(host, port)
             else:
-                raise ConfigError(f"server.listen: {item!r}: TLS listeners are not available yet")
+                await self.transports.listen_tls(host, port)
             # Send from the address we listen on (so our Via names it and a firewall
             # rule for the listener covers us too); several addresses -> the wildcard.
             family = "6" if ":" in host else "4"

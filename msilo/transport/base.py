@@ -23,6 +23,7 @@ Address = tuple[Any, ...]  # (host, port) or an IPv6 (host, port, flowinfo, scop
 
 UDP: Final = "UDP"
 TCP: Final = "TCP"
+TLS: Final = "TLS"
 RELIABLE: Final = frozenset({"TCP", "TLS", "WS", "WSS", "SCTP"})
 
 # RFC 3261 §18.1.1: a request larger than 1300 bytes (path MTU unknown) goes

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from msilo.errors import TransportError
 from msilo.transport.base import (
     TCP,
+    TLS,
     UDP,
     ErrorCallback,
     MessageCallback,
@@ -62,8 +64,11 @@ class Transports:
             idle_timeout=idle_timeout,
             max_connections=max_connections,
         )
+        self.tls_pool: ConnectionPool | None = None  # set up by configure_tls()
+        self._tls_server: ssl.SSLContext | None = None
         self.udp_listeners: list[UdpEndpoint] = []
         self.tcp_servers: list[asyncio.Server] = []
+        self.tls_servers: list[asyncio.Server] = []
         self._client_udp: dict[int, UdpEndpoint] = {}  # by address family
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -101,6 +106,31 @@ class Transports:
         log.info("event=listening transport=TCP address=%s:%s", *sock.getsockname()[:2])
         return server
 
+    def configure_tls(self, server: ssl.SSLContext | None, client: ssl.SSLContext | None) -> None:
+        """Enable TLS: ``server`` for ``tls:`` listeners, ``client`` for connections we open."""
+        self._tls_server = server
+        self.tls_pool = ConnectionPool(
+            self._dispatch,
+            max_message=self.max_message,
+            idle_timeout=self.pool.idle_timeout,
+            max_connections=self.pool.max_connections,
+            transport=TLS,
+            client_ssl=client,
+        )
+
+    async def listen_tls(self, host: str, port: int, *, reuse_port: bool = True) -> asyncio.Server:
+        """Bind a TLS listener (needs :meth:`configure_tls` with a server context first)."""
+        if self.tls_pool is None or self._tls_server is None:
+            raise TransportError("TLS is not configured (tls.certificate / tls.private_key)")
+        loop = asyncio.get_running_loop()
+        sock = bind_tcp(host, port, reuse_port=reuse_port)
+        server = await loop.create_server(
+            self.tls_pool.protocol_factory(), sock=sock, ssl=self._tls_server
+        )
+        self.tls_servers.append(server)
+        log.info("event=listening transport=TLS address=%s:%s", *sock.getsockname()[:2])
+        return server
+
     async def open_client_udp(self, host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
         """Bind this process's own UDP socket for the requests it sends (one per family)."""
         endpoint = await self._endpoint(bind_client_udp(host, port))
@@ -132,9 +162,11 @@ class Transports:
             endpoint = self._udp_for(socket.AF_INET) or self._udp_for(socket.AF_INET6)
             if endpoint is not None:
                 return self._host_for(endpoint.local[0]), int(endpoint.local[1])
-        elif self.tcp_servers:
-            bound = self.tcp_servers[0].sockets[0].getsockname()
-            return self._host_for(bound[0]), int(bound[1])
+        else:
+            servers = self.tls_servers if transport == TLS else self.tcp_servers
+            if servers:
+                bound = servers[0].sockets[0].getsockname()
+                return self._host_for(bound[0]), int(bound[1])
         host = self.advertise or local_ip()
         return host, 5060
 
@@ -178,6 +210,8 @@ class Transports:
             endpoint.sendto(data, (host, target.port))
         elif target.transport == TCP:
             self.pool.send(data, host, target.port, on_error)
+        elif target.transport == TLS and self.tls_pool is not None:
+            self.tls_pool.send(data, host, target.port, on_error)
         else:
             raise TransportError(f"transport {target.transport} is not supported")
 
@@ -202,15 +236,18 @@ class Transports:
 
     async def close(self) -> None:
         """Close every socket and connection."""
-        for server in self.tcp_servers:
+        for server in (*self.tcp_servers, *self.tls_servers):
             server.close()
         for endpoint in (*self.udp_listeners, *self._client_udp.values()):
             endpoint.close()
         for task in list(self._tasks):
             task.cancel()
         await self.pool.close()
-        for server in self.tcp_servers:
+        if self.tls_pool is not None:
+            await self.tls_pool.close()
+        for server in (*self.tcp_servers, *self.tls_servers):
             await server.wait_closed()
         self.tcp_servers.clear()
+        self.tls_servers.clear()
         self.udp_listeners.clear()
         self._client_udp.clear()

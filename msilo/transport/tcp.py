@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Final, cast
@@ -81,12 +82,15 @@ class TcpConnection(asyncio.Protocol):
             assert isinstance(item, bytes)
             self.messages += 1
             try:
-                on_message(item, Source(TCP, self.peer, self))
+                on_message(item, Source(self._pool.transport, self.peer, self))
             except SipError as exc:
                 _answer_error(self, item, self.peer, exc)
             except Exception:
                 log.exception(
-                    "event=message_failed transport=TCP peer=%s:%s", self.peer[0], self.peer[1]
+                    "event=message_failed transport=%s peer=%s:%s",
+                    self._pool.transport,
+                    self.peer[0],
+                    self.peer[1],
                 )
         if framer.error is not None:  # the messages before the bad one were handled
             self._framing_failed(framer.error)
@@ -116,7 +120,7 @@ class TcpConnection(asyncio.Protocol):
         """Write bytes; raises OSError when the connection is closed."""
         transport = self.transport
         if transport is None or transport.is_closing():
-            raise OSError("TCP connection is closed")
+            raise OSError(f"{self._pool.transport} connection is closed")
         self.last_activity = time.monotonic()
         transport.write(data)
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
@@ -134,7 +138,11 @@ def _log_reply_error(exc: BaseException) -> None:
 
 
 class ConnectionPool:
-    """Every live SIP TCP connection of this process, by peer address."""
+    """Every live SIP TCP (or TLS) connection of this process, by peer address.
+
+    A TLS pool is the same thing over ``ssl``: ``transport="TLS"`` and the
+    client context used for the connections it opens (RFC 3261 §26.2.1).
+    """
 
     def __init__(
         self,
@@ -144,8 +152,12 @@ class ConnectionPool:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = 0,
         connect_timeout: float = CONNECT_TIMEOUT,
+        transport: str = TCP,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.on_message = on_message
+        self.transport = transport
+        self.client_ssl = client_ssl
         self.max_message = max_message
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections  # 0 = no limit
@@ -225,9 +237,13 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: TcpConnection(self, outbound=True), key[0], key[1]
+                    lambda: TcpConnection(self, outbound=True),
+                    key[0],
+                    key[1],
+                    ssl=self.client_ssl,
+                    server_hostname=key[0] if self.client_ssl is not None else None,
                 )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             waiting = self._connecting.pop(key, [])
             error = TransportError(f"cannot connect to {key[0]}:{key[1]}: {exc!r}")
             for _, on_error in waiting:

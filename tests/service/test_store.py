@@ -209,3 +209,13 @@ async def test_a_flood_from_one_address_is_rate_limited_while_another_is_served(
     finally:
         other.close()
     assert srv.stats()["rate_limited"] == 3
+
+
+async def test_silo_mode_accepts_only_trusted_proxies(server: ServerFactory) -> None:
+    closed = await server(SILO, 'server.trusted=["10.0.0.0/8"]')
+    stranger = await closed.agent("alice")
+    assert (await stranger.message("sip:bob@127.0.0.1", "x")).status == 403
+    assert await closed.store.count("bob", "127.0.0.1") == 0
+    opened = await server(SILO, 'server.trusted=["127.0.0.0/8", "::1"]')
+    proxy = await opened.agent("alice")
+    assert (await proxy.message("sip:bob@127.0.0.1", "x")).status == 202

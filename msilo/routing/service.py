@@ -30,7 +30,14 @@ from msilo.errors import (
     StorageError,
 )
 from msilo.routing import mstore
-from msilo.routing.delivery import Deliverer, DumpReport, Requester, format_received
+from msilo.routing.dbhealth import DatabaseHealth
+from msilo.routing.delivery import (
+    Deliverer,
+    DumpReport,
+    Requester,
+    format_received,
+    received_target,
+)
 from msilo.routing.notify import NotifySettings, notification_for
 from msilo.routing.policy import ALLOW, check_request, check_source
 from msilo.routing.pv import pv_values
@@ -152,6 +159,7 @@ class MsiloService:
         self.count = count
         self.route = route
         self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
+        self.db = DatabaseHealth()
 
     # -- entry point --------------------------------------------------------------------
 
@@ -196,9 +204,7 @@ class MsiloService:
             self.reply(txn, exc.status, exc.reason, headers)
         except StorageError as exc:
             self.count("store_failures")
-            log.error(
-                "event=db_error method=%s call_id=%s error=%s", request.method, request.call_id, exc
-            )
+            self.db.failed(exc, f"{request.method} call_id={request.call_id}")
             self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
 
     def reply(
@@ -289,6 +295,7 @@ class MsiloService:
             result = await self.writer.submit(message)
         except InvalidRecord as exc:
             raise ParseError(f"cannot store: {exc}") from None
+        self.db.ok()
         if result.outcome is StoreOutcome.STORED:
             self.count("stored_messages")
             log.info(
@@ -406,6 +413,7 @@ class MsiloService:
             transport=source.transport.lower(),
         )
         outcome = await self.store.update_bindings(user, host, plan, now=now)
+        self.db.ok()
         if outcome.error is not None:
             self.reply(txn, *outcome.error)
             return None
@@ -480,8 +488,6 @@ def _better_failure(a: ClientResult, b: ClientResult) -> bool:
 
 def binding_target(binding: Binding) -> Target:
     """Next hop to reach a binding: its TCP/TLS connection when it registered over one."""
-    from msilo.routing.delivery import received_target
-
     if binding.transport in ("tcp", "tls"):
         target = received_target(binding.received)
         if target is not None:

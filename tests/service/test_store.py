@@ -4,10 +4,12 @@ idempotency (D12), limits (D13), request policy, and failure paths."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 
 import asyncpg
+import pytest
 
 from tests.service.conftest import Running, ServerFactory
 from tests.service.sipua import UserAgent
@@ -168,22 +170,31 @@ async def test_garbage_and_broken_requests_do_not_stop_the_service(server: Serve
     assert [r.body for r in await srv.store.list("bob", "127.0.0.1")] == [b"still alive"]
 
 
-async def test_database_failure_is_answered_503_with_retry_after(server: ServerFactory) -> None:
+async def test_database_failure_is_answered_503_logged_once_and_recovered(
+    server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     srv = await server(SILO)
     alice = await srv.agent("alice")
     assert (await alice.message("sip:bob@127.0.0.1", "before")).status == 202
-    await _break_silo_table(srv)
-    reply = await alice.message("sip:bob@127.0.0.1", "lost?")
-    assert reply.status == 503
-    assert reply.get_header("Retry-After") == "5"
-    assert srv.stats()["store_failures"] == 1
+    await _rename_silo_table(srv, broken=True)
+    with caplog.at_level(logging.INFO, logger="msilo"):
+        replies = [await alice.message("sip:bob@127.0.0.1", f"lost? {i}") for i in range(5)]
+        assert {r.status for r in replies} == {503}
+        assert {r.get_header("Retry-After") for r in replies} == {"5"}
+        await _rename_silo_table(srv, broken=False)  # the database is back
+        assert (await alice.message("sip:bob@127.0.0.1", "after")).status == 202
+    events = [r.getMessage().split()[0] for r in caplog.records if "event=db_" in r.getMessage()]
+    assert events == ["event=db_down", "event=db_up"]  # one line per change, not per request
+    assert srv.stats()["store_failures"] == 5
+    assert [r.body for r in await srv.store.list("bob", "127.0.0.1")] == [b"before", b"after"]
 
 
-async def _break_silo_table(srv: Running) -> None:
-    """Rename the silo table behind the server's back: every insert now fails."""
+async def _rename_silo_table(srv: Running, *, broken: bool) -> None:
+    """Rename the silo table behind the server's back (every insert fails), or back."""
     table = srv.config.msilo.db_table
     url = srv.config.msilo.db_url
-    sql = f"ALTER TABLE {table} RENAME TO broken_{table}"
+    old, new = (table, f"broken_{table}") if broken else (f"broken_{table}", table)
+    sql = f"ALTER TABLE {old} RENAME TO {new}"
     if url.startswith("sqlite:///"):
         with sqlite3.connect(url[len("sqlite:///") :]) as db:
             db.execute(sql)

@@ -86,6 +86,26 @@ class AddressIncomplete(SipError):
     reason = "Address Incomplete"
 
 
+class Forbidden(SipError):
+    """The request is understood and refused (RFC 3261 §21.4.4): e.g. an authenticated user
+    registering or sending for an address-of-record that is not theirs (spec D14)."""
+
+    status = 403
+    reason = "Forbidden"
+
+
+class BadCredentials(ParseError):
+    """An Authorization / Proxy-Authorization header that is not valid digest credentials
+    (RFC 3261 §25.1 ``credentials``, RFC 7616 §3.4)."""
+
+    status = 400
+    reason = "Bad Request"
+
+
+class SubscriberError(MsiloError):
+    """A ``msilo subscriber`` command cannot do what was asked (no such user, user exists)."""
+
+
 class StorageError(MsiloError):
     """The database failed; the request is answered 503 and nothing is acknowledged."""
 

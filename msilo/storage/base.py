@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 
 from msilo.errors import InvalidRecord
 from msilo.storage.location import Binding, BindingsOutcome, PlanFunction
+from msilo.storage.subscriber import Subscriber
 
 #: ``version.table_version`` of the silo table: OpenSIPS msilo's (spec §5.1).
 SILO_VERSION = 6
@@ -334,6 +335,43 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_expired_bindings(self, now: int) -> int:
         """Delete bindings whose expiry has passed; returns how many."""
+
+    # -- digest credentials (the ``subscriber`` table) and nonce counts --------------
+
+    @abc.abstractmethod
+    async def get_subscriber(self, username: str, domain: str) -> Subscriber | None:
+        """The user's credentials, or None when there is no such subscriber."""
+
+    @abc.abstractmethod
+    async def set_subscriber(
+        self,
+        username: str,
+        domain: str,
+        *,
+        password: str | None = None,
+        ha1: str | None = None,
+        ha1_sha256: str | None = None,
+        ha1_sha512t256: str | None = None,
+    ) -> bool:
+        """Create the subscriber or replace its credentials; True when it was created.
+
+        The credentials are replaced as a whole: a field left None is stored empty, so an
+        old HA1 never outlives a password change.
+        """
+
+    @abc.abstractmethod
+    async def remove_subscriber(self, username: str, domain: str) -> bool:
+        """Delete the subscriber; False when there was none."""
+
+    @abc.abstractmethod
+    async def use_nonce(self, nonce: str, nc: int, *, expires: int) -> bool:
+        """Record nonce-count ``nc`` for ``nonce`` if it is greater than every count recorded
+        for it before; returns False (and records nothing) for a replay.  Atomic across
+        processes and hosts.  ``expires``: when the row may be deleted."""
+
+    @abc.abstractmethod
+    async def delete_expired_nonces(self, now: int) -> int:
+        """Forget the counts of nonces whose ``expires`` has passed; returns how many."""
 
     # Defined last: inside the class body ``list`` names this method from here on.
     @abc.abstractmethod

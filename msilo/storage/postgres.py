@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql
+from msilo.storage import _sql, subscriber
 from msilo.storage.base import (
     DEFAULT_NAMES,
     SILO_VERSION,
@@ -49,6 +49,7 @@ from msilo.storage.location import (
     binding_row,
     location_sql,
 )
+from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
 
 log = logging.getLogger("msilo.store")
 
@@ -445,6 +446,11 @@ class PostgresStore(Store):
                 actions.append(f"created table {table}")
             if await self._ensure_version_row(conn, table, version):
                 actions.append(f"set version of {table} to {version}")
+        # Checked first: CREATE ... IF NOT EXISTS would still take locks on every start.
+        if await self._columns(conn, subscriber.NONCE_TABLE) is None:
+            for stmt in subscriber.nonce_table_ddl():
+                await conn.execute(stmt)
+            actions.append(f"created table {subscriber.NONCE_TABLE}")
 
     async def _create_indexes(self, conn: Conn, actions: list[str]) -> None:
         # Checked by name first: CREATE INDEX IF NOT EXISTS would still lock the table.
@@ -712,6 +718,69 @@ class PostgresStore(Store):
     async def delete_expired_bindings(self, now: int) -> int:
         """Delete bindings past their expiry."""
         return await self._execute("expire bindings", self._location["delete_expired"], now)
+
+    # -- digest credentials and nonce counts ----------------------------------------
+
+    async def get_subscriber(self, username: str, domain: str) -> Subscriber | None:
+        """The user's credentials, or None."""
+        sql = _sql.to_pg(subscriber.SELECT_SUBSCRIBER)
+
+        async def run(conn: Conn) -> Subscriber | None:
+            row = await conn.fetchrow(sql, username, domain)
+            return None if row is None else subscriber.subscriber_from_row(row)
+
+        return await self._run("get subscriber", run, idempotent=True)
+
+    async def set_subscriber(
+        self,
+        username: str,
+        domain: str,
+        *,
+        password: str | None = None,
+        ha1: str | None = None,
+        ha1_sha256: str | None = None,
+        ha1_sha512t256: str | None = None,
+    ) -> bool:
+        """Create the subscriber or replace its credentials; True when created."""
+        sub = Subscriber(
+            username, domain, password or "", ha1 or "", ha1_sha256 or "", ha1_sha512t256 or ""
+        )
+        validate_subscriber(sub)
+        # xmax = 0 only on a row version this statement inserted (not on one it updated).
+        sql = _sql.to_pg(
+            subscriber.INSERT_SUBSCRIBER
+            + " ON CONFLICT (username, domain) DO UPDATE SET password = excluded.password, "
+            "ha1 = excluded.ha1, ha1_sha256 = excluded.ha1_sha256, "
+            "ha1_sha512t256 = excluded.ha1_sha512t256 RETURNING (xmax = 0)"
+        )
+
+        async def run(conn: Conn) -> bool:
+            return bool(
+                await conn.fetchval(
+                    sql, sub.username, sub.domain, sub.password, sub.ha1, sub.ha1_sha256,
+                    sub.ha1_sha512t256,
+                )
+            )  # fmt: skip
+
+        # Idempotent: setting the same credentials twice leaves the same row.
+        return await self._run("set subscriber", run, idempotent=True)
+
+    async def remove_subscriber(self, username: str, domain: str) -> bool:
+        """Delete the subscriber; False when there was none."""
+        sql = _sql.to_pg(subscriber.DELETE_SUBSCRIBER)
+        return await self._execute("remove subscriber", sql, username, domain) > 0
+
+    async def use_nonce(self, nonce: str, nc: int, *, expires: int) -> bool:
+        """Record ``nc`` for ``nonce`` if it increases; False for a replay."""
+        validate_nonce(nonce, nc)
+        sql = _sql.to_pg(subscriber.USE_NONCE)
+        # Not retried: had a lost first attempt committed, the retry would see a replay.
+        return await self._execute("use nonce", sql, nonce, nc, expires, idempotent=False) > 0
+
+    async def delete_expired_nonces(self, now: int) -> int:
+        """Forget the counts of expired nonces."""
+        sql = _sql.to_pg(subscriber.DELETE_EXPIRED_NONCES)
+        return await self._execute("expire nonces", sql, now)
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, TypeVar
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql
+from msilo.storage import _sql, subscriber
 from msilo.storage.base import (
     DEFAULT_NAMES,
     SILO_VERSION,
@@ -40,6 +40,7 @@ from msilo.storage.location import (
     binding_row,
     location_sql,
 )
+from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
 
 log = logging.getLogger("msilo.store")
 
@@ -249,6 +250,10 @@ class SQLiteStore(Store):
                 conn.execute(stmt)
             if self._ensure_version_row(conn, table, version):
                 actions.append(f"set version of {table} to {version}")
+        if self._columns(conn, subscriber.NONCE_TABLE) is None:
+            actions.append(f"created table {subscriber.NONCE_TABLE}")
+        for stmt in subscriber.nonce_table_ddl():
+            conn.execute(stmt)
 
     def _create(self, conn: Conn) -> list[str]:
         actions: list[str] = []
@@ -527,6 +532,62 @@ class SQLiteStore(Store):
     async def delete_expired_bindings(self, now: int) -> int:
         """Delete bindings past their expiry."""
         return await self._exec("expire bindings", self._location["delete_expired"], (now,))
+
+    # -- digest credentials and nonce counts ----------------------------------------
+
+    async def get_subscriber(self, username: str, domain: str) -> Subscriber | None:
+        """The user's credentials, or None."""
+        sql = _sql.to_sqlite(subscriber.SELECT_SUBSCRIBER)
+
+        def run(conn: Conn) -> Subscriber | None:
+            row = conn.execute(sql, (username, domain)).fetchone()
+            return None if row is None else subscriber.subscriber_from_row(row)
+
+        return await self._call("get subscriber", run)
+
+    async def set_subscriber(
+        self,
+        username: str,
+        domain: str,
+        *,
+        password: str | None = None,
+        ha1: str | None = None,
+        ha1_sha256: str | None = None,
+        ha1_sha512t256: str | None = None,
+    ) -> bool:
+        """Create the subscriber or replace its credentials; True when created."""
+        sub = Subscriber(
+            username, domain, password or "", ha1 or "", ha1_sha256 or "", ha1_sha512t256 or ""
+        )
+        validate_subscriber(sub)
+        args = (sub.username, sub.domain, sub.password, sub.ha1, sub.ha1_sha256, sub.ha1_sha512t256)
+        update = _sql.to_sqlite(subscriber.UPDATE_SUBSCRIBER)
+        insert = _sql.to_sqlite(subscriber.INSERT_SUBSCRIBER)
+
+        def run(conn: Conn) -> bool:
+            # Under the write lock (BEGIN IMMEDIATE): nobody can insert between the two.
+            if conn.execute(update, args).rowcount > 0:
+                return False
+            conn.execute(insert, args)
+            return True
+
+        return await self._call("set subscriber", lambda c: self._write(c, run))
+
+    async def remove_subscriber(self, username: str, domain: str) -> bool:
+        """Delete the subscriber; False when there was none."""
+        sql = _sql.to_sqlite(subscriber.DELETE_SUBSCRIBER)
+        return await self._exec("remove subscriber", sql, (username, domain)) > 0
+
+    async def use_nonce(self, nonce: str, nc: int, *, expires: int) -> bool:
+        """Record ``nc`` for ``nonce`` if it increases; False for a replay."""
+        validate_nonce(nonce, nc)
+        sql = _sql.to_sqlite(subscriber.USE_NONCE)
+        return await self._exec("use nonce", sql, (nonce, nc, expires)) > 0
+
+    async def delete_expired_nonces(self, now: int) -> int:
+        """Forget the counts of expired nonces."""
+        sql = _sql.to_sqlite(subscriber.DELETE_EXPIRED_NONCES)
+        return await self._exec("expire nonces", sql, (now,))
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

@@ -1,0 +1,314 @@
+"""Digest authentication of SIP requests (RFC 3261 §22, RFC 7616, RFC 8760).
+
+``Authenticator.check`` answers one question for the routing layer: is this request
+authenticated, and as whom?  It never raises for anything the client sent; the outcome says
+what to answer:
+
+* accepted -- with the identity ``user@domain`` from the ``subscriber`` table;
+* a challenge -- 401 (``WWW-Authenticate``, REGISTER) or 407 (``Proxy-Authenticate``,
+  MESSAGE), one header per offered algorithm, strongest first (RFC 8760 §2.4, RFC 7616
+  §3.7), ``stale=true`` when the digest was right but the nonce is used up or expired;
+* refused -- 403 (unknown user, or credentials for another realm), 400 (malformed).
+
+Nonces are stateless (``nonce.NonceSigner``); only their *use* is stored: the highest
+nonce-count seen per nonce lives in the database, and "nc must increase" is one atomic
+statement there, so a replay is refused whichever worker or host receives it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from msilo.auth.credentials import (
+    ALGORITHMS,
+    DigestCredentials,
+    auth_scheme,
+    parse_credentials,
+)
+from msilo.auth.nonce import NonceSigner
+from msilo.errors import BadCredentials
+from msilo.sip.message import SipRequest
+from msilo.storage.subscriber import Subscriber
+
+#: Seconds a peer's clock may be ahead of ours (nonces "from the future") and the margin
+#: kept before a nonce-count row is deleted (a peer whose clock lags still honours it).
+CLOCK_SKEW: Final = 60
+
+# hashlib names of the digest algorithms (RFC 8760 §2.2: SHA-512-256 is SHA-512/256 of
+# FIPS 180-4, not SHA-512 cut to 256 bits).
+_HASHLIB: Final = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"}
+# Where the subscriber table keeps each algorithm's HA1 (OpenSIPS auth_db columns).
+_HA1_COLUMN: Final = {"MD5": "ha1", "SHA-256": "ha1_sha256", "SHA-512-256": "ha1_sha512t256"}
+
+
+def _h(algorithm: str, text: str) -> str:
+    # Header values were decoded with surrogateescape: encode back to the bytes received.
+    data = text.encode("utf-8", "surrogateescape")
+    return hashlib.new(_HASHLIB[algorithm], data).hexdigest()
+
+
+def compute_ha1(algorithm: str, username: str, realm: str, password: str) -> str:
+    """``H(username ":" realm ":" password)`` in lower-case hex (RFC 7616 §3.4.2)."""
+    return _h(algorithm, f"{username}:{realm}:{password}")
+
+
+def compute_response(
+    algorithm: str,
+    ha1: str,
+    *,
+    nonce: str,
+    method: str,
+    uri: str,
+    qop: str | None = None,
+    nc: str = "",
+    cnonce: str = "",
+) -> str:
+    """The request-digest (RFC 7616 §3.4.1; RFC 2069 form when ``qop`` is None).
+
+    ``HA2 = H(method ":" digest-uri)``; with ``qop=auth`` the response is
+    ``H(HA1 ":" nonce ":" nc ":" cnonce ":" qop ":" HA2)``, without it
+    ``H(HA1 ":" nonce ":" HA2)``.
+    """
+    ha2 = _h(algorithm, f"{method}:{uri}")
+    if qop is None:
+        return _h(algorithm, f"{ha1}:{nonce}:{ha2}")
+    return _h(algorithm, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+
+
+def subscriber_ha1(sub: Subscriber, algorithm: str, realm: str) -> str | None:
+    """The subscriber's HA1 for ``algorithm``, or None when it has no credential for it.
+
+    A plain password serves every algorithm and wins over a stored HA1 (it stays right
+    when the realm changes); otherwise only the algorithm whose HA1 column is set works.
+    """
+    if sub.password:
+        return compute_ha1(algorithm, sub.username, realm, sub.password)
+    value: str = getattr(sub, _HA1_COLUMN[algorithm])
+    return value.strip().lower() or None
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class CredentialStore(Protocol):
+    """What the authenticator needs from storage (``msilo.storage.base.Store`` has it)."""
+
+    async def get_subscriber(self, username: str, domain: str) -> Subscriber | None: ...
+
+    async def use_nonce(self, nonce: str, nc: int, *, expires: int) -> bool: ...
+
+    async def delete_expired_nonces(self, now: int) -> int: ...
+
+
+class Verdict(enum.Enum):
+    """The kind of an ``AuthOutcome``."""
+
+    ACCEPTED = "accepted"
+    CHALLENGE = "challenge"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """What ``Authenticator.check`` decided.
+
+    For CHALLENGE and REFUSED, answer with ``status`` / ``reason`` and the extra
+    ``headers``; ``detail`` says why, for one log line (never a secret).
+    """
+
+    verdict: Verdict
+    status: int = 0
+    reason: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    username: str = ""
+    domain: str = ""
+    detail: str = ""
+    stale: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        """True when the request is authenticated."""
+        return self.verdict is Verdict.ACCEPTED
+
+    @property
+    def identity(self) -> str | None:
+        """``user@domain`` of the authenticated subscriber, or None."""
+        return f"{self.username}@{self.domain}" if self.accepted else None
+
+
+class Authenticator:
+    """Checks digest credentials against the ``subscriber`` table (one per worker; any number
+    of instances on any hosts agree as long as they share ``secret`` and the database).
+
+    ``realm`` is both the challenge realm and, unless ``check`` is given another, the
+    ``domain`` subscribers are looked up in (OpenSIPS's convention: realm = domain).
+    """
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        realm: str,
+        secret: str | bytes,
+        *,
+        nonce_expires: int = 300,
+        algorithms: Sequence[str] = ("SHA-256", "MD5"),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not realm:
+            raise ValueError("realm must not be empty")
+        if nonce_expires <= 0:
+            raise ValueError("nonce_expires is expected to be greater than zero")
+        unknown = [a for a in algorithms if a not in _HASHLIB]
+        if unknown or not algorithms:
+            raise ValueError(
+                f"algorithms must be a non-empty subset of {', '.join(ALGORITHMS)}, "
+                f"got {list(algorithms)!r}"
+            )
+        key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        if not key:
+            # A per-process random key would make other workers refuse our nonces.
+            raise ValueError("secret must not be empty (and must be the same on every host)")
+        self.store = store
+        self.realm = realm
+        self.nonce_expires = nonce_expires
+        # Strongest first whatever the configured order (RFC 7616 §3.7: by preference).
+        self.algorithms = tuple(a for a in ALGORITHMS if a in algorithms)
+        self._clock = clock
+        self._nonces = NonceSigner(key, realm)
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # --- outcomes -------------------------------------------------------------------------
+
+    def challenge(
+        self,
+        *,
+        proxy: bool,
+        stale: bool = False,
+        algorithms: Sequence[str] | None = None,
+        detail: str = "no credentials",
+    ) -> AuthOutcome:
+        """A fresh 401 / 407 challenge, one header per algorithm (RFC 3261 §22.1, §22.3)."""
+        name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
+        nonce = self._nonces.issue(self._now())
+        tail = ", stale=true" if stale else ""
+        offered = self.algorithms if algorithms is None else algorithms
+        headers = tuple(
+            (
+                name,
+                f"Digest realm={_quote(self.realm)}, nonce={_quote(nonce)}, "
+                f'algorithm={algorithm}, qop="auth"{tail}',
+            )
+            for algorithm in offered
+        )
+        return AuthOutcome(
+            Verdict.CHALLENGE,
+            status=407 if proxy else 401,
+            reason="Proxy Authentication Required" if proxy else "Unauthorized",
+            headers=headers,
+            detail=detail,
+            stale=stale,
+        )
+
+    @staticmethod
+    def _refuse(status: int, detail: str) -> AuthOutcome:
+        reason = "Forbidden" if status == 403 else "Bad Request"
+        return AuthOutcome(Verdict.REFUSED, status=status, reason=reason, detail=detail)
+
+    # --- the check ------------------------------------------------------------------------
+
+    def _find_credentials(self, request: SipRequest, proxy: bool) -> DigestCredentials | str:
+        """Our realm's credentials; else "none" or "other-realm"."""
+        header = "proxy-authorization" if proxy else "authorization"
+        found = "none"
+        for value in request.get_headers(header):
+            # Basic and other schemes are not for us (RFC 3261 §22.1 forbids Basic).
+            if auth_scheme(value) != "digest":
+                continue
+            creds = parse_credentials(value)
+            # RFC 3261 §22.4: use the credentials whose realm is ours; others may belong
+            # to other proxies on the path (§22.3).
+            if creds.realm == self.realm:
+                return creds
+            found = "other-realm"
+        return found
+
+    async def check(
+        self, request: SipRequest, *, proxy: bool, domain: str | None = None
+    ) -> AuthOutcome:
+        """Authenticate ``request``.
+
+        ``proxy=False``: Authorization, answered 401 (REGISTER, RFC 3261 §22.2);
+        ``proxy=True``: Proxy-Authorization, answered 407 (MESSAGE, §22.3).  ``domain``:
+        where to look the username up (default: the realm).  Raises only ``StorageError``.
+        """
+        try:
+            found = self._find_credentials(request, proxy)
+        except BadCredentials as exc:
+            return self._refuse(400, f"malformed credentials: {exc}")
+        if isinstance(found, str):
+            if found == "other-realm" and not proxy:
+                # A registrar is the only recipient of Authorization: a realm that is not
+                # ours can only be a misconfigured client, and re-challenging would loop.
+                return self._refuse(403, "credentials for another realm")
+            return self.challenge(proxy=proxy)
+        creds = found
+        if creds.algorithm not in self.algorithms:
+            # Not offered (e.g. MD5 when only SHA-256 is allowed): no downgrade.
+            return self.challenge(proxy=proxy, detail=f"algorithm {creds.algorithm} not offered")
+        now = self._now()
+        # The nonce first: it costs an HMAC, the subscriber a database round trip.
+        issued = self._nonces.verify(creds.nonce)
+        if issued is None or issued.issued > now + CLOCK_SKEW:
+            return self.challenge(proxy=proxy, detail="nonce not issued by us")
+        sub = await self.store.get_subscriber(creds.username, domain or self.realm)
+        if sub is None:
+            return self._refuse(403, f"unknown user {creds.username!r}")
+        ha1 = subscriber_ha1(sub, creds.algorithm, self.realm)
+        if ha1 is None:
+            usable = [a for a in self.algorithms if subscriber_ha1(sub, a, self.realm)]
+            if not usable:
+                return self._refuse(403, f"no usable credentials stored for {sub.aor}")
+            # Offer only what this user can answer, or a client that picks the first
+            # challenge would never get in.
+            return self.challenge(
+                proxy=proxy,
+                algorithms=usable,
+                detail=f"no {creds.algorithm} credentials for {sub.aor}",
+            )
+        expected = compute_response(
+            creds.algorithm,
+            ha1,
+            nonce=creds.nonce,
+            method=request.method,
+            uri=creds.uri,
+            qop=creds.qop,
+            nc=creds.nc_text,
+            cnonce=creds.cnonce,
+        )
+        if not hmac.compare_digest(expected, creds.response):
+            # As common registrars do: a fresh challenge, so the user may try again.
+            return self.challenge(proxy=proxy, detail=f"wrong password for {sub.aor}")
+        # RFC 7616 §3.3: stale=true only for a valid digest with a nonce no longer good.
+        if now - issued.issued > self.nonce_expires:
+            return self.challenge(proxy=proxy, stale=True, detail="nonce expired")
+        # Without qop (RFC 2069) there is no count: the nonce is good for one request.
+        if not await self.store.use_nonce(
+            creds.nonce, creds.nc, expires=issued.issued + self.nonce_expires + CLOCK_SKEW
+        ):
+            return self.challenge(proxy=proxy, stale=True, detail="nonce-count replayed")
+        return AuthOutcome(
+            Verdict.ACCEPTED, username=sub.username, domain=sub.domain, detail=creds.algorithm
+        )
+
+    async def delete_expired_nonces(self) -> int:
+        """Forget the nonce-counts of nonces that can no longer be used (run periodically)."""
+        return await self.store.delete_expired_nonces(self._now())

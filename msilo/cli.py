@@ -83,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _config_args(db_sub.add_parser(name, help=text, description=text), top=False)
 
+    subs = add("subscriber", "manage digest credentials (the subscriber table)")
+    subs_sub = subs.add_subparsers(dest="subscriber_command", metavar="ACTION", required=True)
+    for name, text in (
+        ("add", "add a user; the password is read from a prompt, or from stdin"),
+        ("passwd", "change a user's password"),
+        ("remove", "remove a user's credentials"),
+    ):
+        p = subs_sub.add_parser(name, help=text, description=text)
+        _config_args(p, top=False)
+        p.add_argument("aor", metavar="USER@DOMAIN", help="the user's address of record")
+        if name != "remove":
+            p.add_argument(
+                "--plain-password",
+                action="store_true",
+                help="also keep the plain password (OpenSIPS-style); default: only HA1s",
+            )
+
     msgs = add("messages", "inspect or purge a user's stored messages")
     msgs_sub = msgs.add_subparsers(dest="messages_command", metavar="ACTION", required=True)
     for name, text in (
@@ -208,6 +225,24 @@ async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int
     return await _with_store(config, work)
 
 
+async def _cmd_subscriber(config: Config, args: argparse.Namespace) -> int:
+    from msilo.cli_subscriber import subscriber_command
+
+    realm = config.auth.realm or (config.server.domains[0] if config.server.domains else None)
+
+    async def work(store: Store) -> int:
+        await store.check_schema()
+        return await subscriber_command(
+            store,
+            args.subscriber_command,
+            args.aor,
+            realm=realm,
+            plain_password=getattr(args, "plain_password", False),
+        )
+
+    return await _with_store(config, work)
+
+
 async def _cmd_serve(config: Config) -> int:
     """Run the SIP service in this process until SIGTERM/SIGINT, then stop gracefully."""
     import logging
@@ -263,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = _runner()
         if args.command == "db":
             return runner(_cmd_db(config, args.db_command))
+        if args.command == "subscriber":
+            return runner(_cmd_subscriber(config, args))
         if args.command == "messages":
             return runner(
                 _cmd_messages(config, args.messages_command, args.aor, getattr(args, "yes", False))

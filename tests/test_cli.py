@@ -175,3 +175,30 @@ def test_serve_on_a_taken_port_exits_with_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "server.listen: cannot bind" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_subscriber_add_passwd_remove(db_url: str, tmp_path: Path) -> None:
+    setting = f'msilo.db_url="{db_url}"'
+    assert msilo("db", "init", "--set", setting, cwd=tmp_path).returncode == 0
+    added = msilo("subscriber", "add", "alice@example.com", "--set", setting, cwd=tmp_path,
+                  stdin="wonderland\n")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "wonderland" not in added.stdout + added.stderr  # never echoed or logged
+    again = msilo("subscriber", "add", "alice@example.com", "--set", setting, cwd=tmp_path,
+                  stdin="x\n")  # fmt: skip
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    changed = msilo("subscriber", "passwd", "alice@example.com", "--set", setting, cwd=tmp_path,
+                    stdin="looking-glass\n")  # fmt: skip
+    assert changed.returncode == 0
+
+    async def ha1() -> str | None:
+        async with open_store(db_url) as store:
+            sub = await store.get_subscriber("alice", "example.com")
+            return sub.ha1 if sub is not None else None
+
+    from msilo.auth import compute_ha1
+
+    assert asyncio.run(ha1()) == compute_ha1("MD5", "alice", "example.com", "looking-glass")
+    removed = msilo("subscriber", "remove", "alice@example.com", "--set", setting, cwd=tmp_path)
+    assert removed.returncode == 0
+    assert asyncio.run(ha1()) is None

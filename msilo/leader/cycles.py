@@ -97,7 +97,7 @@ class TimerCycles:
             await self.expire_once(now)
 
     async def expire_once(self, now: int | None = None) -> int:
-        """Delete the messages whose lifetime is over (and stale bindings)."""
+        """Delete the messages whose lifetime is over (and stale bindings and nonces)."""
         now = int(time.time()) if now is None else now
         expired = await self.store.delete_expired(now)
         if expired:
@@ -105,6 +105,8 @@ class TimerCycles:
             log.info("event=expired count=%d", expired)
         if self._purge_bindings is not None:
             await self._purge_bindings(now)
+        # Digest nonce-counts of nonces that can no longer be used (D14).
+        await self.store.delete_expired_nonces(now)
         return expired
 
     async def reminders_once(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Collection, Sequence
 
-from msilo.errors import AddressIncomplete, ParseError, SipError, TooManyHops
+from msilo.errors import AddressIncomplete, Forbidden, ParseError, SipError, TooManyHops
 from msilo.sip.message import SipRequest
 from msilo.sip.parser import parse_uri
 
@@ -25,13 +25,6 @@ class MethodNotAllowed(SipError):
 
     status = 405
     reason = "Method Not Allowed"
-
-
-class Forbidden(SipError):
-    """A domain we do not serve, or a source that is not trusted."""
-
-    status = 403
-    reason = "Forbidden"
 
 
 def trusted_networks(items: Sequence[str]) -> tuple[Network, ...]:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from msilo.auth import Authenticator, require_registrar_owner, require_sender
 from msilo.errors import (
     ConfigError,
     InvalidRecord,
@@ -83,6 +84,18 @@ class ServiceSettings:
     outbound_proxy: Target | None = None
     rate: float = 0.0  # requests per second per source; 0 = no limit
     burst: float = 0.0
+    auth: AuthSettings | None = None  # digest authentication (D14); None = off
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """``[auth]`` as the routes use it."""
+
+    realm: str
+    secret: str
+    nonce_expires: int = 300
+    algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    message: bool = False  # also challenge MESSAGE (407) and bind From to the identity
 
 
 class RouteContext:
@@ -160,6 +173,15 @@ class MsiloService:
         self.route = route
         self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
         self.db = DatabaseHealth()
+        auth = settings.auth
+        self.auth = (
+            Authenticator(
+                store, auth.realm, auth.secret, nonce_expires=auth.nonce_expires,
+                algorithms=auth.algorithms,
+            )
+            if auth is not None
+            else None
+        )  # fmt: skip
 
     # -- entry point --------------------------------------------------------------------
 
@@ -176,6 +198,8 @@ class MsiloService:
             if self.settings.mode == "silo":
                 check_source(txn.source.ip, self.settings.trusted)
             check_request(request, self.settings.domains)
+            if self.auth is not None and not await self._authenticated(request, txn):
+                return
             ctx = RouteContext(self, request, txn)
             if request.method == "OPTIONS":
                 self.reply(txn, 200, "OK", [_allow()])
@@ -206,6 +230,29 @@ class MsiloService:
             self.count("store_failures")
             self.db.failed(exc, f"{request.method} call_id={request.call_id}")
             self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+
+    async def _authenticated(self, request: SipRequest, txn: ServerTransaction) -> bool:
+        """D14: REGISTER needs credentials of the AoR it registers; with ``auth.message`` a
+        MESSAGE needs them too and its From must be the authenticated identity.  False when
+        the request was answered (challenge or refusal)."""
+        assert self.auth is not None and self.settings.auth is not None
+        if request.method == "REGISTER":
+            proxy = False
+        elif request.method == "MESSAGE" and self.settings.auth.message:
+            proxy = True
+        else:
+            return True
+        outcome = await self.auth.check(request, proxy=proxy)
+        if not outcome.accepted:
+            log.info("event=auth_%s method=%s status=%d detail=%r", outcome.verdict.name.lower(),
+                     request.method, outcome.status, outcome.detail)  # fmt: skip
+            self.reply(txn, outcome.status, outcome.reason, outcome.headers)
+            return False
+        if proxy:
+            require_sender(request, outcome.identity)
+        else:
+            require_registrar_owner(request, outcome.identity)
+        return True
 
     def reply(
         self,

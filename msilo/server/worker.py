@@ -25,7 +25,13 @@ from msilo.routing.delivery import Deliverer, DeliverySettings
 from msilo.routing.notify import NotifySettings
 from msilo.routing.policy import trusted_networks
 from msilo.routing.registrar import RegistrarPolicy
-from msilo.routing.service import MsiloService, ServiceSettings, binding_target, load_route
+from msilo.routing.service import (
+    AuthSettings,
+    MsiloService,
+    ServiceSettings,
+    binding_target,
+    load_route,
+)
 from msilo.routing.templates import compile_template
 from msilo.routing.timefmt import zone
 from msilo.server.http import ManagementViews, start_management_http
@@ -139,6 +145,22 @@ def service_settings(config: Config) -> ServiceSettings:
         outbound_proxy=proxy_target(m.outbound_proxy),
         rate=config.limits.rate,
         burst=config.limits.burst,
+        auth=auth_settings(config),
+    )
+
+
+def auth_settings(config: Config) -> AuthSettings | None:
+    """``[auth]`` for the routes, or None when authentication is off."""
+    auth = config.auth
+    if not auth.enabled:
+        return None
+    realm = auth.realm or config.server.domains[0]
+    return AuthSettings(
+        realm=realm,
+        secret=auth.secret,
+        nonce_expires=auth.nonce_expires,
+        algorithms=auth.algorithms,
+        message=auth.message,
     )
 
 

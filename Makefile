@@ -39,3 +39,7 @@ bench:              ## micro and storage benchmarks (slow; not part of the test 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks
 	rm -f msilo/*.so msilo/*.c msilo/*.html
+
+.PHONY: bench-e2e
+bench-e2e:          ## end-to-end msilo vs Kamailio (sipp, PostgreSQL on 127.0.0.1); ARGS=--quick for a smoke run
+	$(PYTHON) -m bench.e2e $(ARGS)

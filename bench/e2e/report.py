@@ -1,0 +1,214 @@
+"""Machine info, the tables, the JSON file and the rate-vs-latency plot."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.e2e.servers import run_pg
+
+
+def machine_info(admin_dsn: str) -> dict[str, Any]:
+    """What the numbers depend on: CPU, memory, load, tool and server versions, PG settings."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+
+    async def pg(conn: asyncpg.Connection) -> dict[str, str]:
+        out = {"version": str(await conn.fetchval("SHOW server_version"))}
+        for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections"):
+            out[name] = str(await conn.fetchval(f"SHOW {name}"))
+        return out
+
+    sipp = subprocess.run(["sipp", "-v"], capture_output=True, text=True, timeout=10).stdout
+    versions: dict[str, str | None] = {}
+    for package in ("asyncpg", "uvloop", "matplotlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_mb": mem_kb // 1024,
+        "load_average_at_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "sipp": next((ln.strip() for ln in sipp.splitlines() if "SIPp" in ln), sipp.strip()),
+        "postgresql": run_pg(admin_dsn, pg),
+        "packages": versions,
+    }
+
+
+def _ms(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+STEP_HEADER = (
+    "| server | workload | rate/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms "
+    "| failed | retrans | rows | result |"
+)
+
+
+def step_row(step: dict[str, Any]) -> str:
+    """One Markdown table row for a step."""
+    lat = step["latency_ms"]
+    rows = step["rows"]
+    if step["workload"] == "store":
+        rows_text = f"{rows}/{step['successful']}"
+    else:
+        rows_text = f"{step['delivered']}/{step['preloaded']} left {rows}"
+    result = "ok" if step["passed"] else "FAIL: " + "; ".join(step["reasons"])
+    return (
+        f"| {step['server']} | {step['workload']} | {step['rate']} | {step['achieved_rate']:.0f} "
+        f"| {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['p99.9'])} "
+        f"| {step['failed']} | {step['retransmissions']} | {rows_text} | {result} |"
+    )
+
+
+def best(steps: list[dict[str, Any]], server: str, workload: str) -> dict[str, Any] | None:
+    """The highest-rate step of the ramp that passed, if any."""
+    passed = [
+        s for s in steps if s["server"] == server and s["workload"] == workload and s["passed"]
+    ]
+    return max(passed, key=lambda s: s["rate"]) if passed else None
+
+
+def summary(
+    steps: list[dict[str, Any]], servers: list[str], workloads: list[str]
+) -> dict[str, Any]:
+    """Per workload: each server's highest passing rate and its latencies, and the ratio."""
+    out: dict[str, Any] = {}
+    for workload in workloads:
+        entry: dict[str, Any] = {}
+        for server in servers:
+            top = best(steps, server, workload)
+            tried = [
+                s["rate"] for s in steps if s["server"] == server and s["workload"] == workload
+            ]
+            entry[server] = {
+                "max_rate": top["rate"] if top else 0,
+                "latency_ms": top["latency_ms"] if top else None,
+                # Hitting the top of the ramp means the limit was not found.
+                "ramp_exhausted": top is not None and top["rate"] == max(tried, default=0),
+            }
+        if "msilo" in entry and "kamailio" in entry:
+            k_rate = entry["kamailio"]["max_rate"]
+            m_rate = entry["msilo"]["max_rate"]
+            entry["ratio_msilo_kamailio"] = m_rate / k_rate if k_rate else None
+            # The issue's store criterion: msilo's p99 at Kamailio's highest rate.
+            same = [
+                s
+                for s in steps
+                if s["server"] == "msilo" and s["workload"] == workload and s["rate"] == k_rate
+            ]
+            entry["msilo_p99_at_kamailio_max_ms"] = same[0]["latency_ms"]["p99"] if same else None
+        out[workload] = entry
+    return out
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The both-servers table with ratios."""
+    servers = result["servers"]
+    lines = [
+        "| workload | "
+        + " | ".join(f"{s} max rate/s | {s} p50 / p99 ms" for s in servers)
+        + " | msilo / kamailio |",
+        "| --- | " + " | ".join("---: | ---:" for _ in servers) + " | ---: |",
+    ]
+    for workload, entry in result["summary"].items():
+        cells = []
+        for server in servers:
+            info = entry[server]
+            lat = info["latency_ms"] or {}
+            mark = "+" if info["ramp_exhausted"] else ""
+            cells.append(
+                f"{info['max_rate']}{mark} | {_ms(lat.get('p50'))} / {_ms(lat.get('p99'))}"
+            )
+        ratio = entry.get("ratio_msilo_kamailio")
+        lines.append(
+            f"| {workload} | " + " | ".join(cells) + f" | {f'{ratio:.2f}x' if ratio else '-'} |"
+        )
+    return lines
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    def clean(value: Any) -> Any:
+        # JSON has no NaN; an empty latency sample becomes null.
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(clean(result), indent=2) + "\n")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Offered rate vs p50 (dashed) and p99 (solid) latency, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(result["summary"])
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
+    colours = {"msilo": "tab:blue", "kamailio": "tab:red"}
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        for server in result["servers"]:
+            steps = [
+                s for s in result["steps"] if s["server"] == server and s["workload"] == workload
+            ]
+            if not steps:
+                continue
+            colour = colours.get(server)
+            rates = [s["rate"] for s in steps]
+            for pct, style in (("p50", "--"), ("p99", "-")):
+                values = [s["latency_ms"][pct] for s in steps]
+                ax.plot(rates, values, style, marker="o", color=colour, label=f"{server} {pct}")
+            failed = [s for s in steps if not s["passed"]]
+            if failed:
+                ax.scatter(
+                    [s["rate"] for s in failed],
+                    [s["latency_ms"]["p99"] for s in failed],
+                    marker="x",
+                    s=90,
+                    color="black",
+                    zorder=5,
+                )
+        unit = "MESSAGE/s stored" if workload == "store" else "messages/s delivered"
+        what = "MESSAGE → 202" if workload == "store" else "REGISTER → 200"
+        ax.set_title(f"{workload}: {what} latency (x = failed step)")
+        ax.set_xlabel(f"offered rate ({unit})")
+        ax.set_ylabel("latency, ms")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    label = "SMOKE RUN (--quick)" if result["config"]["quick"] else "full run"
+    fig.suptitle(f"msilo vs Kamailio msilo, {result['date']} — {label}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

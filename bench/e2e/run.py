@@ -1,0 +1,254 @@
+"""End-to-end benchmark: msilo vs Kamailio's msilo module, driven by sipp, side by side.
+
+    python -m bench.e2e --quick                 # smoke run: a few short steps per workload
+    python -m bench.e2e                         # full ramp, >= 20 s per step
+    python -m bench.e2e --servers msilo --workers 4 --workloads store --store-rates 4000:500:9000
+
+For each server (one at a time, so they never share the 2 CPUs during a step) and each
+workload, the offered rate goes up step by step until a step fails: a failed call, a
+retransmission, a row that is not where it should be, or a rate that was not achieved. The
+highest passing step is the server's rate. Results: a table on stdout, JSON and a PNG plot
+in bench/results/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.util
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.e2e import report, steps
+from bench.e2e.procs import BenchError, Proc
+from bench.e2e.servers import MAIN, KamailioServer, MsiloServer, Server, run_pg
+from bench.e2e.workloads import Workload, select
+
+DEFAULT_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
+
+
+def parse_rates(text: str) -> dict[str, int]:
+    """``START:STEP:MAX`` → workload overrides."""
+    try:
+        start, step, top = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STEP:MAX, got {text!r}") from None
+    if start <= 0 or step <= 0 or top < start:
+        raise argparse.ArgumentTypeError(f"need 0 < START <= MAX and STEP > 0, got {text!r}")
+    return {"start_rate": start, "step": step, "max_rate": top}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.e2e",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per step")
+    p.add_argument("--servers", default="msilo,kamailio", help="comma list (default: both)")
+    p.add_argument("--workloads", default="store,dump", help="comma list (default: store,dump)")
+    p.add_argument("--workers", type=int, default=2, help="msilo server.workers (default 2)")
+    p.add_argument("--kamailio-children", type=int, default=8, help="Kamailio children (8)")
+    p.add_argument(
+        "--kamailio-check-time",
+        type=int,
+        default=10,
+        help="Kamailio msilo check_time, s: how soon delivered rows are deleted (10)",
+    )
+    p.add_argument("--dsn", default=DEFAULT_DSN, help=f"admin DSN of PostgreSQL ({DEFAULT_DSN})")
+    p.add_argument("--store-rates", type=parse_rates, help="START:STEP:MAX MESSAGE/s")
+    p.add_argument("--dump-rates", type=parse_rates, help="START:STEP:MAX messages delivered/s")
+    p.add_argument("--duration", type=float, help="measuring window per step, s")
+    p.add_argument("--warmup", type=float, help="warm-up per step, s")
+    p.add_argument(
+        "--dump-users",
+        type=int,
+        help="users preloaded per dump step (default: REGISTER rate x step length)",
+    )
+    p.add_argument(
+        "--uas-linger-ms",
+        type=int,
+        help="sipp UAS -d: answers retransmissions this long (8000; --quick 4000)",
+    )
+    p.add_argument(
+        "--failures", type=int, default=1, help="failed steps after which a ramp stops (default 1)"
+    )
+    p.add_argument("--sipp", default="sipp", help="sipp binary (default: sipp on PATH)")
+    p.add_argument("--out", type=Path, default=MAIN / "bench" / "results", help="results folder")
+    p.add_argument("--keep-work", action="store_true", help="keep sipp traces and server logs")
+    return p
+
+
+def preflight(servers: list[str]) -> None:
+    """Every tool is there before anything starts, or a clear message says what is missing."""
+    if shutil.which(steps.SIPP) is None:
+        raise BenchError(
+            f"{steps.SIPP} not found: install sipp (Debian: apt-get install sip-tester)"
+        )
+    if importlib.util.find_spec("matplotlib") is None:
+        print("installing matplotlib with pip ...", flush=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if result.returncode != 0:
+            raise BenchError(f"pip install matplotlib failed:\n{result.stderr[-2000:]}")
+    if "kamailio" in servers:
+        KamailioServer.ensure_installed()
+
+
+def ramp(
+    server: Server,
+    wl: Workload,
+    workdir: Path,
+    opts: steps.Options,
+    failures: int,
+    results: list[dict[str, Any]],
+) -> None:
+    """Run ``wl``'s steps against ``server`` until ``failures`` steps failed."""
+    failed = 0
+    for rate in wl.rates():
+        stepdir = workdir / f"{server.name}-{wl.name}-{rate}"
+        stepdir.mkdir(parents=True)
+        started = time.time()
+        outcome = steps.RUNNERS[wl.name](server, wl, rate, stepdir, opts)
+        step = {
+            "server": server.name,
+            "workload": wl.name,
+            "rate": rate,
+            "started": started,
+            **outcome,
+        }
+        results.append(step)
+        print(report.step_row(step), flush=True)
+        if not step["passed"]:
+            failed += 1
+            if failed >= failures:
+                return
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(servers) - {"msilo", "kamailio"}
+    if unknown or not servers:
+        print(f"bench-e2e: error: unknown server(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    overrides: dict[str, dict[str, Any]] = {"store": {}, "dump": {}}
+    for name in overrides:
+        overrides[name].update(getattr(args, f"{name}_rates") or {})
+        overrides[name].update({"duration": args.duration, "warmup": args.warmup})
+    if args.dump_users:
+        overrides["dump"]["users"] = args.dump_users
+    try:
+        names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        workloads = [
+            select([n], quick=args.quick, overrides=overrides.get(n, {}))[0] for n in names
+        ]
+    except ValueError as exc:
+        print(f"bench-e2e: error: {exc}", file=sys.stderr)
+        return 2
+    steps.SIPP = args.sipp
+    opts = steps.Options(
+        uas_linger_ms=args.uas_linger_ms or (4000 if args.quick else 8000),
+        sipp_grace=10.0,
+    )
+
+    # SIGTERM must unwind through the finally below, so no server or sipp outlives us.
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = Path(tempfile.mkdtemp(prefix=f"msilo-e2e-{stamp}-"))
+    created: list[Server] = []
+    results: list[dict[str, Any]] = []
+    ok = False
+    try:
+        preflight(servers)
+        run_pg(args.dsn, lambda conn: conn.fetchval("SELECT 1"))
+        result: dict[str, Any] = {
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "machine": report.machine_info(args.dsn),
+            "config": {
+                "quick": args.quick,
+                "workloads": [dataclasses.asdict(w) for w in workloads],
+                "options": dataclasses.asdict(opts),
+                "argv": sys.argv[1:] if argv is None else argv,
+            },
+            "servers": servers,
+        }
+        print(report.STEP_HEADER)
+        print("| " + " | ".join(["---"] * 12) + " |", flush=True)
+        for name in servers:
+            sdir = workdir / name
+            sdir.mkdir()
+            server: Server
+            if name == "msilo":
+                server = MsiloServer(args.dsn, "msilo_bench", sdir, args.workers)
+            else:
+                server = KamailioServer(
+                    args.dsn,
+                    "kamailio_bench",
+                    sdir,
+                    args.kamailio_children,
+                    args.kamailio_check_time,
+                )
+            created.append(server)
+            server.prepare()
+            server.start()
+            result.setdefault("server_info", {})[name] = server.info
+            try:
+                for wl in workloads:
+                    ramp(server, wl, sdir, opts, args.failures, results)
+            finally:
+                server.stop()
+        result["steps"] = results
+        result["summary"] = report.summary(results, servers, [w.name for w in workloads])
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path = args.out / f"e2e-{stamp}.json"
+        png_path = args.out / f"e2e-{stamp}.png"
+        report.write_json(result, json_path)
+        report.plot(result, png_path)
+        print()
+        if args.quick:
+            print("SMOKE RUN (--quick): short steps; the numbers are not results.")
+        print("\n".join(report.summary_lines(result)))
+        print(f"\n(+ = the top of the ramp passed: raise MAX)\nJSON: {json_path}\nplot: {png_path}")
+        ok = True
+        return 0
+    except BenchError as exc:
+        print(f"\nbench-e2e: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench-e2e: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        print("\nbench-e2e: terminated, stopping everything it started", file=sys.stderr)
+        raise
+    finally:
+        Proc.stop_all()
+        for server in created:
+            server.stop()
+            try:
+                server.cleanup()
+            except BenchError as exc:
+                print(f"bench-e2e: warning: {exc}", file=sys.stderr)
+        if ok and not args.keep_work:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"work folder (logs, sipp traces): {workdir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The two servers under test and their silo tables.
+
+Each server gets its own database on the same PostgreSQL, its own SIP port, and is started
+and stopped by the harness. Rows are preloaded and counted with asyncpg directly, in each
+server's own column layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from bench.e2e.procs import BenchError, Proc, free_port, wait_for_sip
+
+T = TypeVar("T")
+HOST = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+MAIN = HERE.parents[1]
+
+# Every preloaded body carries a key "k=<user>.<n>", so the UAS can tell rows apart.
+KEY_PATTERN = re.compile(r"k=\d+\.\d+")
+SENDER = f"sip:bench-sender@{HOST}"
+
+
+def run_pg(dsn: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run ``fn`` on a fresh connection to ``dsn`` (the harness itself is synchronous)."""
+
+    async def main() -> T:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise BenchError(f"cannot connect to PostgreSQL at {dsn}: {exc}") from None
+        try:
+            return await fn(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(main())
+
+
+def database_dsn(admin_dsn: str, name: str) -> str:
+    """The admin DSN with its database name replaced."""
+    base, _, _ = admin_dsn.rpartition("/")
+    return f"{base}/{name}"
+
+
+def create_database(admin_dsn: str, name: str) -> str:
+    """(Re)create database ``name``; returns its DSN."""
+
+    async def create(conn: asyncpg.Connection) -> None:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+
+    run_pg(admin_dsn, create)
+    return database_dsn(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    async def drop(conn: asyncpg.Connection) -> None:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    run_pg(admin_dsn, drop)
+
+
+def body_for(user: int, n: int, size: int) -> bytes:
+    """A text/plain body of ``size`` bytes carrying the row's key."""
+    text = f"k={user}.{n} offline message {n} for user{user}: "
+    return (text + "lorem ipsum dolor sit amet " * 8)[:size].encode()
+
+
+def rows_for(users: int, per_user: int, size: int, dst_port: int) -> list[tuple[Any, ...]]:
+    """(username, domain, src_addr, dst_addr, body, ctype, inc_time, exp_time) per row.
+
+    dst_addr is what m_store keeps from store_uac.xml's To header: the AoR with the server's
+    port. Kamailio's m_dump sends there (back to itself, then lookup + relay to the contact).
+    """
+    now = int(time.time())
+    rows = []
+    for u in range(1, users + 1):
+        dst = f"sip:user{u}@{HOST}:{dst_port}"
+        for n in range(1, per_user + 1):
+            # inc_time spaced by one second keeps the arrival order well defined.
+            inc = now - per_user + n
+            rows.append(
+                (
+                    f"user{u}",
+                    HOST,
+                    SENDER,
+                    dst,
+                    body_for(u, n, size),
+                    "text/plain",
+                    inc,
+                    inc + 86400,
+                )
+            )
+    return rows
+
+
+class Server:
+    """What the harness needs from a server under test."""
+
+    name = "server"
+    table = "silo"
+    columns: tuple[str, ...] = (
+        "username",
+        "domain",
+        "src_addr",
+        "dst_addr",
+        "body",
+        "ctype",
+        "inc_time",
+        "exp_time",
+    )
+
+    def __init__(self, admin_dsn: str, database: str, workdir: Path) -> None:
+        self.admin_dsn = admin_dsn
+        self.database = database
+        self.dsn = database_dsn(admin_dsn, database)
+        self.workdir = workdir
+        self.port = 0
+        self.proc: Proc | None = None
+        self.info: dict[str, Any] = {}
+        # Seconds a dump step waits, after the last REGISTER, for the silo to empty.
+        self.drain_timeout = 30.0
+
+    # --- lifecycle
+
+    def prepare(self) -> None:
+        """Create the database and the silo table."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace=15.0)
+            self.proc = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.running()
+
+    def check_alive(self) -> None:
+        """A clear error when the server died during a step."""
+        if self.proc is None or not self.proc.running():
+            tail = self.proc.tail() if self.proc else ""
+            raise BenchError(f"{self.name} is not running any more; its output:\n{tail}")
+
+    def cleanup(self) -> None:
+        drop_database(self.admin_dsn, self.database)
+
+    # --- the silo table
+
+    def reset(self) -> None:
+        """An empty silo for the next step."""
+
+        async def truncate(conn: asyncpg.Connection) -> None:
+            await conn.execute(f"TRUNCATE {self.table}")
+
+        run_pg(self.dsn, truncate)
+
+    def count_rows(self) -> int:
+        async def count(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval(f"SELECT count(*) FROM {self.table}"))
+
+        return run_pg(self.dsn, count)
+
+    def preload(self, users: int, per_user: int, body_bytes: int) -> int:
+        """Insert ``users`` x ``per_user`` deliverable rows; returns how many."""
+        rows = rows_for(users, per_user, body_bytes, self.port)
+
+        async def load(conn: asyncpg.Connection) -> None:
+            await conn.copy_records_to_table(self.table, records=rows, columns=list(self.columns))
+            await conn.execute(f"ANALYZE {self.table}")
+
+        run_pg(self.dsn, load)
+        return len(rows)
+
+
+class MsiloServer(Server):
+    """``msilo serve`` in registrar mode with N workers, its schema from ``msilo db init``."""
+
+    name = "msilo"
+
+    def __init__(self, admin_dsn: str, database: str, workdir: Path, workers: int) -> None:
+        super().__init__(admin_dsn, database, workdir)
+        self.workers = workers
+        self.http_port = 0
+
+    def _msilo(self) -> list[str]:
+        # The same interpreter as the harness, so the msilo under test is this checkout's.
+        return [sys.executable, "-m", "msilo"]
+
+    def settings(self) -> list[str]:
+        sets = {
+            "server.listen": f'["udp:{HOST}:{self.port}"]',
+            "server.mode": '"registrar"',
+            "server.http": f'"{HOST}:{self.http_port}"',
+            "server.workers": str(self.workers),
+            # One info line per stored or delivered message would be part of the measurement;
+            # Kamailio's script logs at debug level too.
+            "server.log_level": '"warning"',
+            "msilo.db_url": f'"{self.dsn}"',
+        }
+        return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+    def prepare(self) -> None:
+        create_database(self.admin_dsn, self.database)
+        result = subprocess.run(
+            [*self._msilo(), "db", "init", "--set", f'msilo.db_url="{self.dsn}"'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.workdir,
+        )
+        if result.returncode != 0:
+            raise BenchError(f"msilo db init failed:\n{result.stdout}{result.stderr}")
+        version = subprocess.run(
+            [*self._msilo(), "--version"], capture_output=True, text=True, timeout=30
+        )
+        self.info = {"version": version.stdout.strip(), "workers": self.workers}
+
+    def start(self) -> None:
+        self.port, self.http_port = free_port(), free_port()
+        argv = [*self._msilo(), "serve", *self.settings()]
+        self.info["command"] = " ".join(argv)
+        self.proc = Proc("msilo", argv, self.workdir / "msilo.log", cwd=self.workdir)
+        wait_for_sip(self.proc, HOST, self.port, timeout=60)
+
+
+class KamailioServer(Server):
+    """Kamailio from Debian running bench/e2e/kamailio.cfg (the admin guide's sample)."""
+
+    name = "kamailio"
+    MODULES = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules")
+
+    def __init__(
+        self, admin_dsn: str, database: str, workdir: Path, children: int, check_time: int
+    ) -> None:
+        super().__init__(admin_dsn, database, workdir)
+        self.children = children
+        self.check_time = check_time
+        # Delivered rows are deleted by the clean timer, up to check_time after the 200.
+        self.drain_timeout = 2.0 * check_time + 15.0
+
+    @staticmethod
+    def ensure_installed() -> str:
+        """Path of the kamailio binary, installing the Debian packages when missing."""
+        binary = shutil.which("kamailio") or (
+            "/usr/sbin/kamailio" if Path("/usr/sbin/kamailio").exists() else None
+        )
+        modules = KamailioServer.MODULES
+        if binary and (modules / "db_postgres.so").exists() and (modules / "msilo.so").exists():
+            return binary
+        if not shutil.which("apt-get"):
+            raise BenchError("kamailio is missing: install kamailio and kamailio-postgres-modules")
+        if os.geteuid() != 0:
+            raise BenchError(
+                "kamailio is missing and we are not root: "
+                "sudo apt-get install kamailio kamailio-postgres-modules"
+            )
+        print("installing kamailio and kamailio-postgres-modules from Debian ...", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "kamailio", "kamailio-postgres-modules"],
+        ):
+            result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+            if result.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} failed:\n{result.stderr[-2000:]}")
+        binary = shutil.which("kamailio") or "/usr/sbin/kamailio"
+        if not Path(binary).exists():
+            raise BenchError("kamailio still missing after apt-get install")
+        return binary
+
+    def prepare(self) -> None:
+        self.binary = self.ensure_installed()
+        create_database(self.admin_dsn, self.database)
+
+        async def schema(conn: asyncpg.Connection) -> None:
+            # Kamailio's PostgreSQL layout, table version 8 (behaviour spec §5.2, §5.3).
+            await conn.execute(
+                """
+                CREATE TABLE version (
+                    id SERIAL PRIMARY KEY NOT NULL,
+                    table_name VARCHAR(32) NOT NULL,
+                    table_version INTEGER DEFAULT 0 NOT NULL,
+                    CONSTRAINT version_table_name_idx UNIQUE (table_name)
+                );
+                CREATE TABLE silo (
+                    id SERIAL PRIMARY KEY NOT NULL,
+                    src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+                    dst_addr VARCHAR(255) DEFAULT '' NOT NULL,
+                    username VARCHAR(64) DEFAULT '' NOT NULL,
+                    domain VARCHAR(64) DEFAULT '' NOT NULL,
+                    inc_time INTEGER DEFAULT 0 NOT NULL,
+                    exp_time INTEGER DEFAULT 0 NOT NULL,
+                    snd_time INTEGER DEFAULT 0 NOT NULL,
+                    ctype VARCHAR(32) DEFAULT 'text/plain' NOT NULL,
+                    body BYTEA,
+                    extra_hdrs TEXT,
+                    callid VARCHAR(128) DEFAULT '' NOT NULL,
+                    status INTEGER DEFAULT 0 NOT NULL
+                );
+                CREATE INDEX silo_account_idx ON silo (username, domain);
+                INSERT INTO version (table_name, table_version) VALUES ('silo', 8);
+                """
+            )
+
+        run_pg(self.dsn, schema)
+        version = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=30)
+        first = (version.stdout.splitlines() or [""])[0]
+        self.info = {
+            "version": first.replace("version:", "").strip(),
+            "children": self.children,
+            "check_time": self.check_time,
+        }
+
+    def write_config(self) -> Path:
+        values = {
+            "debug": "1",
+            "children": str(self.children),
+            "host": HOST,
+            "port": str(self.port),
+            "module_path": str(self.MODULES) + "/",
+            "db_url": self.dsn,
+            "check_time": str(self.check_time),
+        }
+        text = (HERE / "kamailio.cfg").read_text()
+        for key, value in values.items():
+            text = text.replace("{{" + key + "}}", value)
+        if "{{" in text:
+            raise BenchError("bench/e2e/kamailio.cfg has a placeholder the harness does not fill")
+        path = self.workdir / "kamailio.cfg"
+        path.write_text(text)
+        check = subprocess.run(
+            [self.binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=60
+        )
+        if check.returncode != 0:
+            raise BenchError(f"kamailio rejects {path}:\n{(check.stdout + check.stderr)[-3000:]}")
+        return path
+
+    def start(self) -> None:
+        self.port = free_port()
+        cfg = self.write_config()
+        # -DD: children fork, the main process stays in the foreground (our process group);
+        # -E: log to stderr (our log file). Shared memory sized for ~10^5 transactions.
+        argv = [self.binary, "-f", str(cfg), "-DD", "-E", "-m", "512", "-M", "16"]
+        self.info["command"] = " ".join(argv)
+        self.proc = Proc("kamailio", argv, self.workdir / "kamailio.log", cwd=self.workdir)
+        wait_for_sip(self.proc, HOST, self.port, timeout=30)

@@ -1,0 +1,383 @@
+"""One ramp step of each workload: run sipp at one rate, then check what really happened."""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.e2e import sipp
+from bench.e2e.procs import BenchError, Proc, free_port
+from bench.e2e.servers import HOST, KEY_PATTERN, Server
+from bench.e2e.workloads import Workload
+
+SIPP = "sipp"
+# Below this share of the offered rate in the measuring window the step fails: either the
+# server fell behind or sipp itself could not offer the rate (both are reported).
+MIN_ACHIEVED = 0.95
+
+
+@dataclass(frozen=True)
+class Options:
+    """Harness settings that are not part of a workload."""
+
+    uas_linger_ms: int  # message_uas.xml's -d: how long a delivered call keeps answering
+    sipp_grace: float  # seconds sipp may run past its nominal duration
+
+
+def _common(stat: Path, short: Path | None) -> list[str]:
+    argv = ["-nostdin", "-trace_stat", "-stf", stat.name, "-fd", "1"]
+    if short is not None:
+        argv += ["-trace_shortmsg", "-shortmessage_file", short.name]
+    return argv
+
+
+def _run_uac(name: str, argv: list[str], workdir: Path, timeout: float, server: Server) -> int:
+    proc = Proc(name, argv, workdir / f"{name.replace(' ', '_')}.out", cwd=workdir)
+    deadline = time.monotonic() + timeout
+    code = None
+    while code is None:
+        code = proc.wait(0.5)
+        if code is not None:
+            break
+        if not server.running():
+            # No point letting sipp retransmit into a dead server until its timeout.
+            proc.stop(grace=2.0)
+            server.check_alive()
+        if time.monotonic() > deadline:
+            proc.stop(grace=5.0, sig=signal.SIGUSR1)
+            raise BenchError(f"{name} did not finish within {timeout:.0f} s; see {proc.log}")
+    proc.stop()
+    # 0: every call succeeded, 1: some failed (the counters say which); else sipp broke.
+    if code not in (0, 1):
+        raise BenchError(f"{name} exited with status {code}; its output:\n{proc.tail()}")
+    return code
+
+
+def _window(start: float, wl: Workload) -> tuple[float, float]:
+    begin = start + wl.warmup
+    return begin, begin + wl.duration
+
+
+def _check(checks: dict[str, bool], reasons: list[str], name: str, ok: bool, why: str) -> None:
+    checks[name] = ok
+    if not ok:
+        reasons.append(why)
+
+
+def run_store(
+    server: Server, wl: Workload, rate: int, workdir: Path, opts: Options
+) -> dict[str, Any]:
+    """MESSAGEs to ``wl.users`` offline users at ``rate``/s; every 202 must be a row."""
+    server.reset()
+    users = sipp.users_csv(workdir / "users.csv", wl.users)
+    calls = round(rate * (wl.warmup + wl.duration))
+    timeout = wl.warmup + wl.duration + 40 + opts.sipp_grace  # 40: a call's retransmissions
+    stat, short = workdir / "store_stat.csv", workdir / "store_short.log"
+    argv = [
+        SIPP,
+        f"{HOST}:{server.port}",
+        "-sf",
+        str(sipp.scenario("store_uac.xml")),
+        "-inf",
+        str(users),
+        "-i",
+        HOST,
+        "-p",
+        str(free_port()),
+        "-m",
+        str(calls),
+        "-r",
+        str(rate),
+        "-rp",
+        "1000",
+        "-l",
+        str(rate * 40),
+        "-default_behaviors",
+        "all,-bye",
+        "-timeout",
+        str(math.ceil(timeout)),
+        "-timeout_error",
+        "-trace_rtt",
+        "-rtt_freq",
+        "1000",
+        *_common(stat, short),
+    ]
+    code = _run_uac("sipp store", argv, workdir, timeout + 10, server)
+    server.check_alive()
+
+    counters = sipp.read_stat(stat)
+    successful = sipp.stat_int(counters, "SuccessfulCall(C)")
+    failed = sipp.stat_int(counters, "FailedCall(C)")
+    retrans = sipp.stat_int(counters, "Retransmissions(C)")
+    txs = list(sipp.read_shortmsg(short).values())
+    start = min((t.sent for t in txs), default=0.0)
+    begin, end = _window(start, wl)
+    in_window = [t for t in txs if begin <= t.sent < end]
+    ok_window = [t for t in in_window if t.status == 202 and t.answered is not None]
+    latencies = [(t.answered - t.sent) * 1000.0 for t in ok_window if t.answered is not None]
+    rtt = [
+        ms
+        for at, ms in sipp.read_rtt(workdir.glob("store_uac_*_rtt.csv"))
+        if wl.warmup * 1000 <= at < (wl.warmup + wl.duration) * 1000
+    ]
+    rows = server.count_rows()
+    achieved = len(ok_window) / wl.duration
+
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+    _check(
+        checks,
+        reasons,
+        "all_calls_made",
+        successful + failed == calls,
+        f"sipp made {successful + failed} of {calls} calls (exit {code})",
+    )
+    _check(checks, reasons, "no_failed_calls", failed == 0, f"{failed} failed calls")
+    _check(checks, reasons, "no_retransmissions", retrans == 0, f"{retrans} retransmissions")
+    # Every 202 is a row. More rows than 202s means a row was committed but its 202 never
+    # reached sipp in time (counted as a failed call above).
+    _check(
+        checks,
+        reasons,
+        "every_202_is_a_row",
+        rows >= successful,
+        f"{successful} MESSAGEs answered 202 but only {rows} rows",
+    )
+    _check(
+        checks, reasons, "no_extra_rows", rows <= successful, f"{rows} rows for {successful} 202s"
+    )
+    _check(
+        checks,
+        reasons,
+        "rate_achieved",
+        achieved >= MIN_ACHIEVED * rate,
+        f"only {achieved:.0f}/s answered 202 in the window",
+    )
+    return {
+        "offered_calls": calls,
+        "successful": successful,
+        "failed": failed,
+        "retransmissions": retrans,
+        "achieved_rate": achieved,
+        "latency_ms": sipp.summarize(latencies),
+        "latency_ms_rtt_csv": sipp.summarize(rtt),
+        "rows": rows,
+        "checks": checks,
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+
+
+def _wait_bound(proc: Proc, port: int, timeout: float = 10.0) -> None:
+    """Until sipp has bound its UDP port (binding it ourselves then fails)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise BenchError(f"{proc.name} exited at start; its output:\n{proc.tail()}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                return
+        time.sleep(0.1)
+    raise BenchError(f"{proc.name} did not bind {HOST}:{port}; its output:\n{proc.tail()}")
+
+
+def run_dump(
+    server: Server, wl: Workload, rate: int, workdir: Path, opts: Options
+) -> dict[str, Any]:
+    """Preload users x N rows, REGISTER them at rate/N per second, count what the UAS got."""
+    per_user = wl.messages_per_user
+    if rate % per_user:
+        raise BenchError(f"dump rate {rate} is not a multiple of {per_user} messages per user")
+    reg_rate = rate // per_user
+    users = wl.users or max(1, round(reg_rate * (wl.warmup + wl.duration)))
+    # A fixed user count fixes the step's length instead of the other way round.
+    span = users / reg_rate
+    server.reset()
+    total = server.preload(users, per_user, wl.body_bytes)
+
+    uas_port = free_port()
+    contacts = sipp.users_csv(workdir / "contacts.csv", users, (HOST, uas_port))
+    uas_stat = workdir / "uas_stat.csv"
+    uas_msgs = workdir / "uas_messages.log"
+    uas_timeout = span + server.drain_timeout + 120 + opts.sipp_grace
+    uas = Proc(
+        "sipp UAS",
+        [
+            SIPP,
+            "-sf",
+            str(sipp.scenario("message_uas.xml")),
+            "-i",
+            HOST,
+            "-p",
+            str(uas_port),
+            "-d",
+            str(opts.uas_linger_ms),
+            "-timeout",
+            str(math.ceil(uas_timeout)),
+            *_common(uas_stat, None),
+            "-trace_msg",
+            "-message_file",
+            uas_msgs.name,
+        ],
+        workdir / "sipp_UAS.out",
+        cwd=workdir,
+    )
+    try:
+        _wait_bound(uas, uas_port)
+        reg_stat, reg_short = workdir / "register_stat.csv", workdir / "register_short.log"
+        timeout = span + 40 + opts.sipp_grace
+        argv = [
+            SIPP,
+            f"{HOST}:{server.port}",
+            "-sf",
+            str(sipp.scenario("register_uac.xml")),
+            "-inf",
+            str(contacts),
+            "-i",
+            HOST,
+            "-p",
+            str(free_port()),
+            "-m",
+            str(users),
+            "-r",
+            str(reg_rate),
+            "-rp",
+            "1000",
+            "-l",
+            str(max(100, reg_rate * 40)),
+            "-default_behaviors",
+            "all,-bye",
+            "-timeout",
+            str(math.ceil(timeout)),
+            "-timeout_error",
+            "-trace_rtt",
+            "-rtt_freq",
+            "1000",
+            *_common(reg_stat, reg_short),
+        ]
+        code = _run_uac("sipp register", argv, workdir, timeout + 10, server)
+        server.check_alive()
+        # Drain: Kamailio deletes delivered rows only in its clean timer (every check_time).
+        drained_at = None
+        deadline = time.monotonic() + server.drain_timeout
+        left = server.count_rows()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = server.count_rows()
+        if not left:
+            drained_at = time.time()
+    finally:
+        # Soft quit: sipp stops taking new calls and waits for the lingering ones.
+        uas.stop(grace=opts.uas_linger_ms / 1000 + 10, sig=signal.SIGUSR1)
+    server.check_alive()
+
+    reg_counters = sipp.read_stat(reg_stat)
+    reg_ok = sipp.stat_int(reg_counters, "SuccessfulCall(C)")
+    reg_failed = sipp.stat_int(reg_counters, "FailedCall(C)")
+    reg_retrans = sipp.stat_int(reg_counters, "Retransmissions(C)")
+    uas_counters = sipp.read_stat(uas_stat)
+    uas_ok = sipp.stat_int(uas_counters, "SuccessfulCall(C)")
+    deliveries = sipp.read_trace_msg(uas_msgs, KEY_PATTERN)
+
+    registers = sipp.read_shortmsg(reg_short)
+    # sipp's Call-IDs are "<call number>-<pid>@<ip>", and call N used CSV line N (userN).
+    sent_by_user = {tx.call_id.split("-", 1)[0]: tx.sent for tx in registers.values()}
+    start = min(sent_by_user.values(), default=0.0)
+    begin, end = _window(start, wl)
+    reg_latency = [
+        (t.answered - t.sent) * 1000.0
+        for t in registers.values()
+        if t.answered is not None and t.status == 200 and begin <= t.sent < end
+    ]
+    delivery_latency = []
+    delivered_in_window = 0
+    for key, at in deliveries.first_arrival.items():
+        user = key[2:].split(".", 1)[0]
+        if begin <= at < end:
+            delivered_in_window += 1
+        if user in sent_by_user and begin <= sent_by_user[user] < end:
+            delivery_latency.append((at - sent_by_user[user]) * 1000.0)
+    last = max(deliveries.first_arrival.values(), default=start)
+    measured = min(wl.duration, span - wl.warmup) if span > wl.warmup else span
+    achieved = delivered_in_window / measured if measured > 0 else 0.0
+    delivered = len(deliveries.first_arrival)
+    missing = total - delivered
+
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+    _check(
+        checks,
+        reasons,
+        "all_registers_ok",
+        reg_ok == users and reg_failed == 0,
+        f"{reg_ok} of {users} REGISTERs got 200, {reg_failed} failed (exit {code})",
+    )
+    _check(
+        checks,
+        reasons,
+        "no_register_retransmissions",
+        reg_retrans == 0,
+        f"{reg_retrans} REGISTER retransmissions",
+    )
+    _check(
+        checks,
+        reasons,
+        "no_message_retransmissions",
+        deliveries.retransmissions == 0,
+        f"the server retransmitted {deliveries.retransmissions} MESSAGEs",
+    )
+    _check(
+        checks,
+        reasons,
+        "every_message_once",
+        missing == 0 and deliveries.duplicates == 0,
+        f"{missing} of {total} messages not delivered, {deliveries.duplicates} delivered twice",
+    )
+    _check(
+        checks,
+        reasons,
+        "uas_calls_equal_preloaded",
+        uas_ok == total,
+        f"the UAS completed {uas_ok} calls for {total} preloaded messages",
+    )
+    _check(checks, reasons, "silo_empty", left == 0, f"{left} rows left in the silo")
+    _check(
+        checks,
+        reasons,
+        "rate_achieved",
+        achieved >= MIN_ACHIEVED * rate,
+        f"only {achieved:.0f} messages/s delivered in the window",
+    )
+    return {
+        "users": users,
+        "preloaded": total,
+        "register_rate": reg_rate,
+        "registers_ok": reg_ok,
+        "failed": reg_failed,
+        "retransmissions": reg_retrans + deliveries.retransmissions,
+        "register_retransmissions": reg_retrans,
+        "message_retransmissions": deliveries.retransmissions,
+        "delivered": delivered,
+        "duplicates": deliveries.duplicates,
+        "unkeyed": deliveries.unkeyed,
+        "uas_successful_calls": uas_ok,
+        "achieved_rate": achieved,
+        "delivery_span_s": last - start,
+        "drain_s": (drained_at - start) if drained_at else None,
+        "latency_ms": sipp.summarize(reg_latency),
+        "delivery_latency_ms": sipp.summarize(delivery_latency),
+        "rows": left,
+        "checks": checks,
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+
+
+RUNNERS = {"store": run_store, "dump": run_dump}

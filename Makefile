@@ -34,7 +34,8 @@ lint:
 
 bench:              ## micro and storage benchmarks (slow; not part of the test suite)
 	$(PIP) install -q -e '.[test,bench]'
-	$(PYTHON) -m pytest bench --benchmark-only -p no:cacheprovider
+	$(PYTHON) -m pytest bench/bench_parse.py bench/bench_build.py --benchmark-only -p no:cacheprovider
+	$(PYTHON) bench/bench_store.py --dsn $${MSILO_BENCH_DSN:-postgres://postgres@127.0.0.1:5432/postgres}
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

@@ -60,6 +60,9 @@ class build_ext(_build_ext):
             super().finalize_options()
             return
         self._msilo_finalized = True
+        if not self.distribution.ext_modules:  # the explicit pure build needs no Cython
+            super().finalize_options()
+            return
         try:
             import Cython
             from Cython.Build import cythonize

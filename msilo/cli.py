@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -243,39 +242,27 @@ async def _cmd_subscriber(config: Config, args: argparse.Namespace) -> int:
     return await _with_store(config, work)
 
 
-async def _cmd_serve(config: Config) -> int:
-    """Run the SIP service in this process until SIGTERM/SIGINT, then stop gracefully."""
-    import logging
+async def _cmd_serve(config: Config, overrides: Sequence[str] = ()) -> int:
+    """Create the schema, then supervise the workers and the leader until SIGTERM/SIGINT.
 
-    from msilo.server.worker import Worker
+    A SIGHUP re-reads the same ``-c`` file with the same ``--set`` overrides.
+    """
+    from msilo.server.supervisor import Supervisor
 
-    log = logging.getLogger("msilo.server")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if config.server.worker_count != 1:
-        log.info(
-            "event=single_process workers=%d note=the multi-process server is not built yet",
-            config.server.worker_count,
-        )
-
-    async def work(store: Store) -> int:
+    async def prepare(store: Store) -> int:
         await store.create_schema()
-        worker = Worker(config, store)
-        try:
-            await worker.start()
-        except BaseException as exc:
-            await worker.stop(grace=0)
-            if isinstance(exc, OSError):
-                raise ConfigError(f"server.listen: cannot bind ({exc.strerror or exc})") from None
-            raise
-        await stop.wait()
-        log.info("event=stopping reason=signal")
-        await worker.stop()
         return 0
 
-    return await _with_store(config, work)
+    # The schema exists before any child starts; no connection is kept open here.
+    await _with_store(config, prepare)
+
+    def reload() -> Config:
+        return load_config(config.source, list(overrides))
+
+    # The loop running this coroutine stays idle: the supervisor's main loop is synchronous
+    # and its children are spawned (fork + exec), so they inherit none of it.
+    supervisor = Supervisor(config, store_factory=open_configured_store, reload=reload)
+    return supervisor.run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _cmd_messages(config, args.messages_command, args.aor, getattr(args, "yes", False))
             )
         if args.command == "serve":
-            return runner(_cmd_serve(config))
+            return runner(_cmd_serve(config, args.overrides))
     except ConfigError as exc:
         print(f"msilo: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

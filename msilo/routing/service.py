@@ -243,15 +243,16 @@ class MsiloService:
         else:
             return True
         outcome = await self.auth.check(request, proxy=proxy)
-        if not outcome.accepted:
+        identity = outcome.identity
+        if identity is None:
             log.info("event=auth_%s method=%s status=%d detail=%r", outcome.verdict.name.lower(),
                      request.method, outcome.status, outcome.detail)  # fmt: skip
             self.reply(txn, outcome.status, outcome.reason, outcome.headers)
             return False
         if proxy:
-            require_sender(request, outcome.identity)
+            require_sender(request, identity)
         else:
-            require_registrar_owner(request, outcome.identity)
+            require_registrar_owner(request, identity)
         return True
 
     def reply(

@@ -230,3 +230,41 @@ async def test_silo_mode_accepts_only_trusted_proxies(server: ServerFactory) -> 
     opened = await server(SILO, 'server.trusted=["127.0.0.0/8", "::1"]')
     proxy = await opened.agent("alice")
     assert (await proxy.message("sip:bob@127.0.0.1", "x")).status == 202
+
+
+async def test_a_full_batch_queue_is_answered_503_with_retry_after(server: ServerFactory) -> None:
+    srv = await server(SILO)
+    assert srv.worker.writer is not None
+    srv.worker.writer.max_queue = 2  # tiny, so that a stalled database fills it at once
+    senders = [await srv.agent(f"s{i}") for i in range(6)]
+    table = srv.config.msilo.db_table
+    url = srv.config.msilo.db_url
+    # Stall every commit by holding the table's write lock from another connection.
+    if url.startswith("sqlite:///"):
+        blocker = sqlite3.connect(url[len("sqlite:///") :], isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        release = blocker.rollback
+    else:
+        conn = await asyncpg.connect(url)
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+
+        async def unlock() -> None:
+            await tx.rollback()
+            await conn.close()
+
+    pending = [asyncio.ensure_future(s.message("sip:bob@127.0.0.1", "q")) for s in senders]
+    await asyncio.sleep(1.0)
+    done_early = [p.result() for p in pending if p.done()]
+    assert done_early and all(r.status == 503 for r in done_early)
+    assert all(r.get_header("Retry-After") == "5" for r in done_early)
+    if url.startswith("sqlite:///"):
+        release()
+        blocker.close()
+    else:
+        await unlock()
+    replies = await asyncio.gather(*pending)
+    accepted = sum(r.status == 202 for r in replies)
+    assert accepted + len(done_early) == 6
+    assert await srv.store.count("bob", "127.0.0.1") == accepted  # every 202 is a row

@@ -25,7 +25,8 @@ class _Value:
         """Names of every public field, base classes first."""
         names: list[str] = []
         for klass in reversed(cls.__mro__):
-            names.extend(klass.__dict__.get("__slots__", ()))
+            # a class with deferred fields lists its public names in _fields
+            names.extend(klass.__dict__.get("_fields", klass.__dict__.get("__slots__", ())))
         return tuple(names)
 
     def as_dict(self) -> dict[str, Any]:
@@ -145,29 +146,67 @@ class Contact(_Value):
     params: dict[str, str | None]
 
 
+class _Pending:
+    """Marks a field the C parser has checked but not built yet (see ``SipMessage``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING: Any = _Pending()
+
+
 class SipMessage(_Value):
-    """Fields common to requests and responses."""
+    """Fields common to requests and responses.
+
+    ``headers``, ``content_type``, ``contacts`` and ``allow`` are properties over
+    private slots.  The C parser checks those headers while parsing (a bad one is
+    still a ParseError from ``parse_message``) but builds their objects on first
+    read, from ``_source``: a transaction retransmission, a response matched to a
+    client transaction or a MESSAGE never reads Contact or Allow, and building the
+    (name, value) list and the typed values eagerly was about a third of the C parse
+    (bench/bench_parse.py).  The twin assigns them like any other field.
+    """
 
     __slots__ = (
-        "allow",
+        "_allow",
+        "_contacts",
+        "_content_type",
+        "_headers",
+        "_source",  # what builds the PENDING fields (C parser only)
         "body",
         "call_id",
         "contact_star",
-        "contacts",
         "content_length",
-        "content_type",
         "cseq",
         "expires",
         "from_",
-        "headers",
         "max_forwards",
         "to",
         "via",
     )
+    _fields = (
+        "headers",
+        "body",
+        "via",
+        "from_",
+        "to",
+        "call_id",
+        "cseq",
+        "max_forwards",
+        "expires",
+        "content_type",
+        "content_length",
+        "contacts",
+        "contact_star",
+        "allow",
+    )
 
     # Every header in order of appearance: (canonical lower-case full name, value).
     # Comma-joined values of list headers stay one entry here; typed fields split them.
-    headers: list[tuple[str, str]]
+    _headers: list[tuple[str, str]]
     body: bytes
     via: Via | None  # the top Via
     from_: NameAddr | None
@@ -176,11 +215,58 @@ class SipMessage(_Value):
     cseq: CSeq | None
     max_forwards: int | None
     expires: int | None
-    content_type: ContentType | None
+    _content_type: ContentType | None
     content_length: int | None
-    contacts: list[Contact]
+    _contacts: list[Contact]
     contact_star: bool  # Contact: *
-    allow: tuple[str, ...] | None  # upper-case methods; None if no Allow header
+    _allow: tuple[str, ...] | None  # upper-case methods; None if no Allow header
+    _source: Any
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """Every header in order: (canonical lower-case full name, value)."""
+        value = self._headers
+        if value is PENDING:
+            value = self._headers = self._source.headers()
+        return value
+
+    @headers.setter
+    def headers(self, value: list[tuple[str, str]]) -> None:
+        self._headers = value
+
+    @property
+    def content_type(self) -> ContentType | None:
+        value = self._content_type
+        if value is PENDING:
+            value = self._content_type = self._source.content_type()
+        return value
+
+    @content_type.setter
+    def content_type(self, value: ContentType | None) -> None:
+        self._content_type = value
+
+    @property
+    def contacts(self) -> list[Contact]:
+        value = self._contacts
+        if value is PENDING:
+            value = self._contacts = self._source.contacts()
+        return value
+
+    @contacts.setter
+    def contacts(self, value: list[Contact]) -> None:
+        self._contacts = value
+
+    @property
+    def allow(self) -> tuple[str, ...] | None:
+        """Upper-case methods of every Allow header; None if there is none."""
+        value = self._allow
+        if value is PENDING:
+            value = self._allow = self._source.allow()
+        return value
+
+    @allow.setter
+    def allow(self, value: tuple[str, ...] | None) -> None:
+        self._allow = value
 
     def get_header(self, name: str) -> str | None:
         """First value of a header (case-insensitive; compact forms accepted), or None."""

@@ -516,6 +516,81 @@ def test_malformed_contact_list_is_400(parser, value):
         parser.parse_message(request(f"Contact: {value}"))
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Content-Type: text/plain;=utf-8",
+        'Content-Type: text/plain;charset="open',
+        "Content-Type: text/plain;charset=",
+        "Contact: <sip:a@b>;expires=",
+        "Contact: <sip:a@b>;;q=1",
+        'Contact: <sip:a@b>;+sip.instance="open',
+    ],
+)
+def test_bad_parameters_of_built_on_read_headers_are_refused_by_the_parse(parser, line):
+    # the C parser builds Content-Type and Contact objects on first read, but checks
+    # them while parsing: the error comes from parse_message, as in the twin
+    with pytest.raises(ParseError):
+        parser.parse_message(request(line))
+
+
+def test_headers_read_later_are_the_same_object_on_every_read(parser):
+    msg = parser.parse_message(
+        request("Contact: <sip:a@192.0.2.1>\nAllow: MESSAGE\nContent-Type: text/plain")
+    )
+    assert msg.headers is msg.headers
+    assert msg.contacts is msg.contacts
+    assert msg.content_type is msg.content_type
+    assert msg.allow == ("MESSAGE",)
+    msg.contacts.append("kept")
+    assert msg.contacts[-1] == "kept"
+
+
+def test_fields_and_repr_show_only_public_names(parser):
+    msg = parser.parse_message(sip(MESSAGE))
+    assert msg.fields()[:2] == ("headers", "body")
+    assert "content_type" in msg.fields() and "allow" in msg.fields()
+    assert not any(name.startswith("_") for name in msg.fields())
+    assert set(msg.as_dict()) == set(msg.fields())
+    assert "PENDING" not in repr(msg)
+    assert "_source" not in repr(msg)
+
+
+def test_headers_can_be_assigned_like_any_field(parser):
+    msg = parser.parse_message(sip(MESSAGE))
+    msg.headers = [("via", "x")]
+    msg.content_type = None
+    msg.allow = ("ACK",)
+    msg.contacts = []
+    assert (msg.headers, msg.content_type, msg.allow, msg.contacts) == (
+        [("via", "x")],
+        None,
+        ("ACK",),
+        [],
+    )
+
+
+def test_folded_content_type_and_contact_are_built_from_the_unfolded_value(parser):
+    msg = parser.parse_message(
+        request(
+            "Content-Type: text/plain;\n charset=UTF-8\nContact: <sip:a@192.0.2.1>,\n\t<sip:b@x>"
+        )
+    )
+    assert msg.content_type.params == {"charset": "UTF-8"}
+    assert msg.content_type.raw == "text/plain; charset=UTF-8"
+    assert [c.uri for c in msg.contacts] == ["sip:a@192.0.2.1", "sip:b@x"]
+    assert msg.get_header("contact") == "<sip:a@192.0.2.1>, <sip:b@x>"
+
+
+def test_many_headers_keep_their_order(parser):
+    extra = "\n".join(f"X-H{i}: v{i}" for i in range(60)) + "\nAllow: ACK"
+    msg = parser.parse_message(request(extra))
+    names = [name for name, _ in msg.headers]
+    assert names[:5] == ["via", "from", "to", "call-id", "cseq"]
+    assert names[5:65] == [f"x-h{i}" for i in range(60)]
+    assert msg.get_header("x-h59") == "v59" and msg.allow == ("ACK",)
+
+
 # --- body framing ---------------------------------------------------------------------------------
 
 

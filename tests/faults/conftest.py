@@ -17,13 +17,8 @@ import asyncpg
 import pytest
 import uvloop
 
-from msilo.cli import open_configured_store
-from msilo.config import load_config
-from msilo.server.worker import Worker
-from msilo.transaction.clock import TimerValues
 from tests.faults.pgcluster import ClusterUnavailable, PgCluster
-from tests.service.conftest import Running
-from tests.service.sipua import free_port
+from tests.service.conftest import Running, start_worker, stop_worker
 
 
 def pytest_asyncio_loop_factories(
@@ -77,33 +72,10 @@ async def fault_worker(fault_db: str) -> AsyncIterator[WorkerFactory]:
     running: list[Running] = []
 
     async def start(*overrides: str) -> Running:
-        port = free_port()
-        config = load_config(
-            overrides=[
-                f'server.listen=["udp:127.0.0.1:{port}"]',
-                'server.http=""',
-                f'msilo.db_url="{fault_db}"',
-                *overrides,
-            ]
-        )
-        store = open_configured_store(config)
-        await store.open()
-        await store.create_schema()
-        # Short RFC 3261 timers (T1 = 50 ms) so a dead UA costs little.
-        worker = Worker(config, store, timers=TimerValues(t1=0.05, t2=0.4, t4=0.5))
-        try:
-            await worker.start()
-        except BaseException:
-            await worker.stop(grace=0)
-            await store.close()
-            raise
-        run = Running(worker, store, config, port)
+        run = await start_worker(fault_db, *overrides, tcp=False)
         running.append(run)
         return run
 
     yield start
     for run in running:
-        for ua in run.agents:
-            ua.close()
-        await asyncio.wait_for(run.worker.stop(grace=2), 20)
-        await asyncio.wait_for(run.store.close(), 20)
+        await stop_worker(run)

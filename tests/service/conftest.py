@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -64,39 +65,50 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 ServerFactory = Callable[..., Awaitable[Running]]
 
 
+async def start_worker(db_url: str, *overrides: str, tcp: bool = True) -> Running:
+    """A worker in this process on a free port, with ``--set`` style overrides."""
+    port = free_port()
+    listen = f'"udp:127.0.0.1:{port}","tcp:127.0.0.1:{port}"' if tcp else f'"udp:127.0.0.1:{port}"'
+    config = load_config(
+        overrides=[
+            f"server.listen=[{listen}]",
+            'server.http=""',
+            f'msilo.db_url="{db_url}"',
+            *overrides,
+        ]
+    )
+    store = open_configured_store(config)
+    await store.open()
+    await store.create_schema()
+    # Short RFC 3261 timers (T1 = 50 ms: Timer F = 3.2 s) keep timeout tests quick.
+    worker = Worker(config, store, timers=TimerValues(t1=0.05, t2=0.4, t4=0.5))
+    try:
+        await worker.start()
+    except BaseException:
+        await worker.stop(grace=0)
+        await store.close()
+        raise
+    return Running(worker, store, config, port)
+
+
+async def stop_worker(run: Running, timeout: float = 20) -> None:
+    """Stop a worker started by :func:`start_worker` (bounded, even with the database down)."""
+    for ua in run.agents:
+        ua.close()
+    await asyncio.wait_for(run.worker.stop(grace=2), timeout)
+    await asyncio.wait_for(run.store.close(), timeout)
+
+
 @pytest.fixture
 async def server(db_url: str) -> AsyncIterator[ServerFactory]:
     """Start a worker with ``--set`` style overrides; stopped at the end of the test."""
     running: list[Running] = []
 
     async def start(*overrides: str) -> Running:
-        port = free_port()
-        config = load_config(
-            overrides=[
-                f'server.listen=["udp:127.0.0.1:{port}","tcp:127.0.0.1:{port}"]',
-                'server.http=""',
-                f'msilo.db_url="{db_url}"',
-                *overrides,
-            ]
-        )
-        store = open_configured_store(config)
-        await store.open()
-        await store.create_schema()
-        # Short RFC 3261 timers (T1 = 50 ms: Timer F = 3.2 s) keep timeout tests quick.
-        worker = Worker(config, store, timers=TimerValues(t1=0.05, t2=0.4, t4=0.5))
-        try:
-            await worker.start()
-        except BaseException:
-            await worker.stop(grace=0)
-            await store.close()
-            raise
-        run = Running(worker, store, config, port)
+        run = await start_worker(db_url, *overrides)
         running.append(run)
         return run
 
     yield start
     for run in running:
-        for ua in run.agents:
-            ua.close()
-        await run.worker.stop(grace=2)
-        await run.store.close()
+        await stop_worker(run)

@@ -61,20 +61,19 @@ def _with_database(dsn: str, database: str) -> str:
 
 
 def _start_temp_cluster() -> tuple[str, object] | None:
+    """A throwaway cluster from the PostgreSQL binaries on this machine, or None.
+
+    (asyncpg's TempCluster cannot run as root, which CI is: tests/pgcluster.py runs the
+    server binaries as the ``postgres`` user then.)"""
+    from tests.pgcluster import ClusterUnavailable, PgCluster
+
     try:
-        from asyncpg import cluster as pgcluster
-    except ImportError:
+        cluster = PgCluster()
+        cluster.init()
+        cluster.start_blocking()
+    except ClusterUnavailable:
         return None
-    try:
-        cluster = pgcluster.TempCluster()
-        cluster.init(username="postgres")
-        cluster.trust_local_connections()
-        cluster.start(port="dynamic", server_settings={})
-    except Exception:
-        return None
-    addr = cluster.get_connection_spec()
-    dsn = f"postgres://postgres@{addr['host']}:{addr['port']}/postgres"
-    return dsn, cluster
+    return cluster.dsn(), cluster
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +102,7 @@ def pg_server_dsn() -> Iterator[str]:
         yield dsn
     finally:
         if cluster is not None:
-            cluster.stop()  # type: ignore[attr-defined]
+            cluster.stop_blocking()  # type: ignore[attr-defined]
             cluster.destroy()  # type: ignore[attr-defined]
 
 

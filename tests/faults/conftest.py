@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import uvloop
 
-from tests.faults.pgcluster import ClusterUnavailable, PgCluster
+from tests.pgcluster import ClusterUnavailable, PgCluster
 from tests.service.conftest import Running, start_worker, stop_worker
 
 

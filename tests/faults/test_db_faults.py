@@ -35,7 +35,7 @@ import asyncpg
 import pytest
 
 from tests.faults.conftest import WorkerFactory
-from tests.faults.pgcluster import PgCluster
+from tests.pgcluster import PgCluster
 from tests.service.conftest import Running
 from tests.service.sipua import UserAgent, free_port
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, fields
@@ -93,6 +94,7 @@ class TransactionLayer:
         self._max_pending = max_pending
         self._pending = 0  # server transactions without a final response
         self._server: dict[Hashable, ServerTransaction] = {}
+        self._serials = itertools.count(1)
         self._client: dict[tuple[str, str], ClientTransaction] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         t = self.timers
@@ -160,10 +162,14 @@ class TransactionLayer:
             self.stats.acks_dropped += 1
             return
         txn = ServerTransaction(self, key, request, source)
+        txn.serial = next(self._serials)
         self._server[key] = txn
         self.stats.requests += 1
         self._pending += 1
-        self._abandon.push(txn)
+        # The timer queues hold (key, serial), never the transaction: tuples of strings and
+        # ints are not tracked by the garbage collector, and a completed transaction is freed
+        # as soon as Timer J removes it from the table (instead of 2·Timer F later).
+        self._abandon.push((key, txn.serial))
         if self._pending > self._max_pending:
             self.stats.rejected_busy += 1
             txn.respond(503, "Service Unavailable", headers=("Retry-After: 5",))
@@ -212,8 +218,8 @@ class TransactionLayer:
         self.stats.handler_errors += 1
         log.error(
             "event=handler_failed method=%s call_id=%s",
-            txn.request.method,
-            txn.request.call_id,
+            txn.method,
+            txn.call_id,
             exc_info=exc,
         )
         if not txn.final:
@@ -225,25 +231,32 @@ class TransactionLayer:
         if txn.source.reliable:
             self._remove_server(txn)
         else:
-            self._timer_j.push(txn)
+            self._timer_j.push((txn.key, txn.serial))
 
-    def _expire_server(self, txn: ServerTransaction) -> None:
-        self._remove_server(txn)
+    def _current(self, item: tuple[Hashable, int]) -> ServerTransaction | None:
+        txn = self._server.get(item[0])
+        return txn if txn is not None and txn.serial == item[1] else None
+
+    def _expire_server(self, item: tuple[Hashable, int]) -> None:
+        txn = self._current(item)
+        if txn is not None:
+            self._remove_server(txn)
 
     def _remove_server(self, txn: ServerTransaction) -> None:
         txn.state = State.TERMINATED
         if self._server.get(txn.key) is txn:
             del self._server[txn.key]
 
-    def _abandon_server(self, txn: ServerTransaction) -> None:
-        if txn.final:
+    def _abandon_server(self, item: tuple[Hashable, int]) -> None:
+        txn = self._current(item)
+        if txn is None or txn.final:
             return
         self.stats.abandoned += 1
         self._pending -= 1
         log.warning(
             "event=transaction_abandoned method=%s call_id=%s",
-            txn.request.method,
-            txn.request.call_id,
+            txn.method,
+            txn.call_id,
         )
         self._remove_server(txn)
 

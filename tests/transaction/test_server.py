@@ -11,7 +11,7 @@ from msilo.sip.message import SipRequest, SipResponse
 from msilo.sip.parser import parse_message_py
 from msilo.transaction import ServerTransaction, State, server_key
 
-from .fakes import FakeNetwork, Holding, RecordingHandler, duplicating, make_request
+from .fakes import PEER, FakeNetwork, Holding, RecordingHandler, duplicating, make_request
 
 
 def _response(data: bytes) -> SipResponse:
@@ -293,3 +293,29 @@ def test_request_missing_essentials_is_a_parse_error(mutate: object, why: str) -
     with pytest.raises(ParseError):
         net.deliver(mutate(make_request()))  # type: ignore[operator]
     assert handler.calls == []
+
+
+def test_a_completed_udp_transaction_keeps_only_what_the_replay_needs() -> None:
+    net = FakeNetwork()
+    handler = RecordingHandler()
+    net.make_layer(handler)
+    net.deliver(make_request(), addr=("203.0.113.9", 61000))
+    [(_, txn)] = handler.calls
+    # The parsed request is let go (Timer J would otherwise keep it 32 s: GC pauses).
+    assert txn.request is None and txn.method == "MESSAGE" and txn.call_id == "txn-1@example.com"
+    net.deliver(make_request(), addr=("203.0.113.9", 61000))
+    assert [r.data for r in net.replies] == [net.replies[0].data] * 2
+    assert net.replies[1].addr == ("203.0.113.9", 61000)  # rport: back to the source port
+    assert len(handler.calls) == 1
+
+
+def test_a_replay_without_rport_goes_to_the_via_port() -> None:
+    net = FakeNetwork()
+    handler = RecordingHandler()
+    net.make_layer(handler)
+    request = make_request(rport=False)
+    net.deliver(request, addr=("203.0.113.9", 61000))
+    net.deliver(request, addr=("203.0.113.9", 61000))
+    # RFC 3261 §18.2.2: no rport -> the source IP and the sent-by port of the Via.
+    assert net.replies[1].addr == ("203.0.113.9", PEER[1])
+    assert net.replies[1].data == net.replies[0].data

@@ -33,6 +33,8 @@ from msilo.sip.message import (
     ContentType,
     CSeq,
     PENDING,
+    PENDING_FROM,
+    PENDING_TO,
     NameAddr,
     SipRequest,
     SipResponse,
@@ -157,6 +159,7 @@ cdef object _ParseError = ParseError
 cdef object _InvalidURI = InvalidURI
 cdef object _COMPACT = COMPACT_FORMS
 cdef object _PENDING = PENDING
+cdef tuple _LAZY_MARKS = (PENDING, PENDING_FROM, PENDING_TO)   # Via, From, To
 
 cdef Py_ssize_t M_HEADERS = _off(SipRequest, "_headers")
 cdef Py_ssize_t M_BODY = _off(SipRequest, "body")
@@ -186,12 +189,14 @@ cdef Py_ssize_t V_PORT = _off(Via, "port")
 cdef Py_ssize_t V_BRANCH = _off(Via, "branch")
 cdef Py_ssize_t V_RECEIVED = _off(Via, "received")
 cdef Py_ssize_t V_RPORT = _off(Via, "rport")
-cdef Py_ssize_t V_PARAMS = _off(Via, "params")
-cdef Py_ssize_t V_RAW = _off(Via, "raw")
-cdef Py_ssize_t NA_DISPLAY = _off(NameAddr, "display")
+cdef Py_ssize_t V_PARAMS = _off(Via, "_params")
+cdef Py_ssize_t V_SOURCE = _off(Via, "_source")
+cdef Py_ssize_t V_RAW = _off(Via, "_raw")
+cdef Py_ssize_t NA_DISPLAY = _off(NameAddr, "_display")
 cdef Py_ssize_t NA_URI = _off(NameAddr, "uri")
 cdef Py_ssize_t NA_TAG = _off(NameAddr, "tag")
-cdef Py_ssize_t NA_PARAMS = _off(NameAddr, "params")
+cdef Py_ssize_t NA_PARAMS = _off(NameAddr, "_params")
+cdef Py_ssize_t NA_SOURCE = _off(NameAddr, "_source")
 cdef Py_ssize_t CT_DISPLAY = _off(Contact, "display")
 cdef Py_ssize_t CT_URI = _off(Contact, "uri")
 cdef Py_ssize_t CT_EXPIRES = _off(Contact, "expires")
@@ -528,6 +533,84 @@ cdef dict _params(cp b, Py_ssize_t i, Py_ssize_t j, bint build=True):
     return params
 
 
+cdef struct ParamCap:
+    # value spans of the wanted parameters: s = -1 absent, -2 a flag (no value);
+    # the last occurrence wins, as in the dict _params builds
+    Py_ssize_t s[3]
+    Py_ssize_t e[3]
+
+
+cdef int _params_cap(cp b, Py_ssize_t i, Py_ssize_t j, bint via, ParamCap* cap) except -1:
+    """The checks of ``_params(b, i, j, False)``, capturing the values the hot path reads.
+
+    Name-addr (``via`` false): tag in slot 0.  Via: branch, received, rport in 0, 1, 2.
+    """
+    cdef Py_ssize_t s = i, e, eq, ns, ne, vs, ve, k
+    cdef int slot
+    cdef unsigned char c
+    while True:
+        e = _next_sep(b, s, j, 59)
+        eq = _find(b, s, e, 61)
+        ne = e if eq < 0 else eq
+        ns = _lskip(b, s, ne)
+        ne = _rskip(b, ns, ne)
+        if ns >= ne:
+            raise _ParseError(f"empty parameter in {_s(b, i, j)!r}")
+        slot = -1
+        if via:
+            if ne - ns == 6 and _ieq(b, ns, ne, b"branch"):
+                slot = 0
+            elif ne - ns == 8 and _ieq(b, ns, ne, b"received"):
+                slot = 1
+            elif ne - ns == 5 and _ieq(b, ns, ne, b"rport"):
+                slot = 2
+        elif ne - ns == 3 and _ieq(b, ns, ne, b"tag"):
+            slot = 0
+        if eq < 0:
+            if slot >= 0:
+                cap.s[slot] = -2
+        else:
+            vs = _lskip(b, eq + 1, e)
+            ve = _rskip(b, vs, e)
+            if vs >= ve:
+                raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r} has an empty value")
+            if b[vs] == 34:
+                if _quoted_end(b, vs, ve) != ve:
+                    raise _ParseError(
+                        f"parameter {_case_s(b, ns, ne, False)!r}: bad quoted string")
+            else:
+                for k in range(vs, ve):
+                    c = b[k]
+                    if c == 32 or c == 9 or c == 34:
+                        raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r}: bad value")
+            if slot >= 0:
+                cap.s[slot] = vs
+                cap.e[slot] = ve
+        if e >= j:
+            break
+        s = e + 1
+    return 0
+
+
+cdef inline object _cap_str(cp b, ParamCap* cap, int slot):
+    if cap.s[slot] < 0:
+        return None
+    return _s(b, cap.s[slot], cap.e[slot])
+
+
+# Port numbers as int objects, built once: a Via port (and rport) is most often one of
+# a few values, and an int allocation per parse was measurable.
+DEF PORT_CACHE_LO = 5000
+DEF PORT_CACHE_N = 128
+cdef list _PORT_INTS = [PORT_CACHE_LO + k for k in range(PORT_CACHE_N)]
+
+
+cdef inline object _port_int(int64_t v):
+    if PORT_CACHE_LO <= v < PORT_CACHE_LO + PORT_CACHE_N:
+        return _PORT_INTS[v - PORT_CACHE_LO]
+    return v
+
+
 cdef int _check_uri_chars(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
     if i >= j:
         raise _ParseError("empty URI")
@@ -625,20 +708,30 @@ cdef inline object _display(cp b, NameAddrSpan* na):
     return _s(b, na.ds, na.de)
 
 
-cdef object _from_to(cp b, Py_ssize_t i, Py_ssize_t j, _Fields f):
+cdef object _from_to(cp b, Py_ssize_t i, Py_ssize_t j, _Source f, _Source src, int which):
     cdef NameAddrSpan na
+    cdef ParamCap cap
     _scan_name_addr(b, i, j, &na)
-    params = _params(b, na.ps, na.pe) if na.ps >= 0 else {}
+    cap.s[0] = -1
+    if na.ps >= 0:
+        _params_cap(b, na.ps, na.pe, False, &cap)
     obj = msilo_alloc(_NameAddr)
-    msilo_put(obj, NA_DISPLAY, _display(b, &na))
+    src.lazy(which, na.ps, na.pe)
+    if na.ds < 0:
+        msilo_put(obj, NA_DISPLAY, None)
+    else:
+        src.lz_ds[which] = na.ds
+        src.lz_de[which] = na.de
+        src.lz_q[which] = na.quoted
+        msilo_put(obj, NA_DISPLAY, <object>_LAZY_MARKS[which])
     if f.request_uri is not None and na.ue - na.us == f.ru_len \
             and memcmp(b + na.us, f.ru, f.ru_len) == 0:
         uri = f.request_uri      # str is immutable: one object for both is the same value
     else:
         uri = _s(b, na.us, na.ue)
     msilo_put(obj, NA_URI, uri)
-    msilo_put(obj, NA_PARAMS, params)
-    msilo_put(obj, NA_TAG, params.get("tag"))
+    msilo_put(obj, NA_PARAMS, <object>_LAZY_MARKS[which])
+    msilo_put(obj, NA_TAG, _cap_str(b, &cap, 0))
     return obj
 
 
@@ -735,8 +828,10 @@ cdef object _contact(cp b, Py_ssize_t i, Py_ssize_t j):
     return obj
 
 
-cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j):
+cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j, _Source src):
     # via-parm = sent-protocol LWS sent-by *( SEMI via-params ); see the twin
+    cdef ParamCap cap
+    cdef int64_t rp
     cdef Py_ssize_t e, rs, re_, semi, he, k, t1s, t1e, t2s, t2e, t3s, t3e, hs, hend, ps
     e = _next_sep(b, i, j, 44)
     rs = _lskip(b, i, e)
@@ -791,10 +886,16 @@ cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j):
         ps = _lskip(b, k + 1, he)
         if not _all(b, ps, he, C_DIGIT):
             raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-        port = _number(b, ps, he, PORT_MAX, False, "Via port")
+        port = _port_int(_number(b, ps, he, PORT_MAX, False, "Via port"))
     if not _valid_host(b, hs, hend):
         raise _ParseError(f"bad Via host {_s(b, hs, hend)!r}")
+    cap.s[0] = cap.s[1] = cap.s[2] = -1
+    if semi >= 0:
+        _params_cap(b, semi + 1, re_, True, &cap)
     obj = msilo_alloc(_Via)
+    src.lazy(0, semi + 1 if semi >= 0 else -1, re_)
+    src.lz_ds[0] = rs
+    src.lz_de[0] = re_
     if t1e - t1s == 3 and _ieq(b, t1s, t1e, b"sip") and t2e - t2s == 3 and b[t2s] == 50 \
             and b[t2s + 1] == 46 and b[t2s + 2] == 48:
         protocol = S_SIP20
@@ -811,21 +912,22 @@ cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j):
     msilo_put(obj, V_TRANSPORT, transport)
     msilo_put(obj, V_HOST, _s(b, hs, hend))
     msilo_put(obj, V_PORT, port)
-    params = _params(b, semi + 1, re_) if semi >= 0 else {}
-    msilo_put(obj, V_PARAMS, params)
-    msilo_put(obj, V_BRANCH, params.get("branch"))
-    msilo_put(obj, V_RECEIVED, params.get("received"))
-    rport = params.get("rport")
-    if rport is not None and _is_digits(rport) and len(rport) <= 5 and int(rport) <= PORT_MAX:
-        rport = int(rport)
-    else:
-        rport = None
+    msilo_put(obj, V_PARAMS, _PENDING)
+    msilo_put(obj, V_BRANCH, _cap_str(b, &cap, 0))
+    msilo_put(obj, V_RECEIVED, _cap_str(b, &cap, 1))
+    rport = None
+    if cap.s[2] >= 0 and cap.e[2] - cap.s[2] <= 5 and _all(b, cap.s[2], cap.e[2], C_DIGIT):
+        rp = 0
+        for k in range(cap.s[2], cap.e[2]):
+            rp = rp * 10 + (b[k] - 48)
+        if rp <= PORT_MAX:
+            rport = _port_int(rp)
     msilo_put(obj, V_RPORT, rport)
-    msilo_put(obj, V_RAW, _s(b, rs, re_))
+    msilo_put(obj, V_RAW, _PENDING)
     return obj
 
 
-cdef object _cseq(cp b, Py_ssize_t i, Py_ssize_t j, _Fields f):
+cdef object _cseq(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
     # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method
     cdef Py_ssize_t k = i, ms
     while k < j and b[k] != 32 and b[k] != 9:
@@ -1005,6 +1107,7 @@ cdef inline int _lookup_name(cp b, Py_ssize_t i, Py_ssize_t j) noexcept:
     cdef Py_ssize_t n = j - i, k
     cdef int idx
     cdef unsigned char diff
+    cdef uint64_t w1, w2, wdiff
     cdef const char* t
     if n == 1:
         return _compact_idx[b[i]]
@@ -1014,10 +1117,20 @@ cdef inline int _lookup_name(cp b, Py_ssize_t i, Py_ssize_t j) noexcept:
             t = _known_chars[idx]
             # header names are validated tokens: "| 0x20" folds only A-Z among them
             # (and "_", which no known name contains); no branch per byte
+            # eight bytes at a time (known names are lower-case letters, digits-free,
+            # and "-": each has 0x20 set, so "| 0x20" leaves them unchanged)
+            wdiff = 0
+            k = 0
+            while k + 8 <= n:
+                memcpy(&w1, b + i + k, 8)
+                memcpy(&w2, t + k, 8)
+                wdiff |= (w1 | 0x2020202020202020ULL) ^ w2
+                k += 8
             diff = 0
-            for k in range(n):
+            while k < n:
                 diff |= (b[i + k] | 0x20) ^ <unsigned char>t[k]
-            if diff == 0:
+                k += 1
+            if diff == 0 and wdiff == 0:
                 return idx
         idx = _bucket_next[idx]
     return -1
@@ -1036,7 +1149,7 @@ cdef int _check_version(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
     raise _ParseError(f"bad SIP version {_s(b, i, j)!r}")
 
 
-cdef object _request_line(cp b, Py_ssize_t i, Py_ssize_t j, _Fields f):
+cdef object _request_line(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
     # Request-Line = Method SP Request-URI SP SIP-Version CRLF
     cdef Py_ssize_t sp1, sp2, colon, at, start
     sp1 = _find(b, i, j, 32)
@@ -1095,16 +1208,10 @@ cdef object _status_line(cp b, Py_ssize_t i, Py_ssize_t j):
     return msg
 
 
-@cython.freelist(4)
-@cython.final
-cdef class _Fields:
-    """Typed fields gathered while the headers are read (one per parse, never escapes)."""
-    cdef object via, from_, to, call_id, cseq, max_forwards, expires
-    cdef object content_length
-    cdef bint star
-    cdef object method, cseq_method, request_uri
-    cdef cp ru                      # the Request-URI bytes, to share its str with To
-    cdef Py_ssize_t ru_len
+# The typed fields gathered while the headers are read live in the _Source (one object
+# per parse instead of two).  Via, From and To point back at the _Source (their lazy
+# fields), so that link is made only at the end of a successful parse, after the
+# _Source has dropped them: no reference cycle, even when the parse fails half-way.
 
 
 # --- deferred fields ---------------------------------------------------------------------
@@ -1118,7 +1225,11 @@ cdef class _Fields:
 # methods below).  Every header those fields come from is still checked during the
 # parse, with the code that builds it, so a bad one is the same ParseError, raised
 # by parse_message, as in the twin.  Via, From, To, Call-ID, CSeq, Max-Forwards,
-# Expires and Content-Length are built eagerly: every request reads them.
+# Expires and Content-Length are built eagerly: every request reads them.  Within
+# Via, From and To, the parameter dicts, Via ``raw`` and the display names are deferred
+# the same way (three dicts and two strings per MESSAGE, ~10% of the C parse); the
+# parameters are still checked during the parse, by _params_cap, which also captures
+# what the hot path reads (branch, received, rport, tag) as it scans.
 #
 # Why not cdef classes for the values (style-anchors "Open questions")?  Measured:
 # allocating + filling + freeing a 9-field value costs the same either way (~37 ns,
@@ -1145,6 +1256,21 @@ cdef class _Source:
     cdef int count, cap
     cdef int ctype                 # the span of Content-Type, or -1
     cdef bint any_contact, any_allow
+    cdef object via, from_, to, call_id, cseq, max_forwards, expires
+    cdef object content_length
+    cdef bint star
+    cdef object method, cseq_method, request_uri
+    cdef cp ru                      # the Request-URI bytes, to share its str with To
+    cdef Py_ssize_t ru_len
+    # Via, From and To (0, 1, 2), built on first read of their deferred fields: where
+    # their parameters are and in which buffer
+    cdef Py_ssize_t lz_s[3]
+    cdef Py_ssize_t lz_e[3]
+    cdef int lz_fold[3]
+    cdef Py_ssize_t lz_ds[3]        # Via: the raw value; From, To: the display name
+    cdef Py_ssize_t lz_de[3]
+    cdef bint lz_q[3]               # the display name is quoted
+    cdef bint lz_set[3]
     cdef HeaderSpan inline_spans[INLINE_SPANS]
 
     def __cinit__(self):
@@ -1171,6 +1297,47 @@ cdef class _Source:
             self.cap *= 2
         self.count += 1
         return &self.spans[self.count - 1]
+
+    cdef inline void lazy(self, int which, Py_ssize_t ps, Py_ssize_t pe) noexcept:
+        """Record where the parameters of Via, From or To (the current header) are."""
+        self.lz_set[which] = True
+        self.lz_s[which] = ps
+        self.lz_e[which] = pe
+        self.lz_fold[which] = self.spans[self.count - 1].fold
+
+    cdef int which(self, mark) except -1:
+        """0, 1, 2 for the marker the Via, From or To left in its deferred field."""
+        cdef int k
+        for k in range(3):
+            if mark is _LAZY_MARKS[k] and self.lz_set[k]:
+                return k
+        raise ValueError("not a deferred field of this parse")
+
+    cdef inline cp lz_base(self, int k):
+        if self.lz_fold[k] < 0:
+            return <cp>PyBytes_AS_STRING(self.buf)
+        return <cp>PyBytes_AS_STRING(self.folded[self.lz_fold[k]])
+
+    def params_of(self, mark):
+        """The ``params`` dict of the Via, From or To this parse built (checked then)."""
+        cdef int k = self.which(mark)
+        if self.lz_s[k] < 0:
+            return {}
+        return _params(self.lz_base(k), self.lz_s[k], self.lz_e[k])
+
+    def raw_of(self, mark):
+        """The ``raw`` text of the Via this parse built."""
+        cdef int k = self.which(mark)
+        return _s(self.lz_base(k), self.lz_ds[k], self.lz_de[k])
+
+    def display_of(self, mark):
+        """The display name of the From or To this parse built."""
+        cdef int k = self.which(mark)
+        cdef NameAddrSpan na
+        na.ds = self.lz_ds[k]
+        na.de = self.lz_de[k]
+        na.quoted = self.lz_q[k]
+        return _display(self.lz_base(k), &na)
 
     cdef inline cp base(self, HeaderSpan* h):
         if h.fold < 0:
@@ -1228,19 +1395,19 @@ cdef class _Source:
         return tuple(out)
 
 
-cdef int _typed(_Fields f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t j) except -1:
+cdef int _typed(_Source f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t j) except -1:
     """Parse (or, for a deferred field, check) one typed header value b[i:j]."""
     if hid == H_VIA:
         if f.via is None:
-            f.via = _via(b, i, j)
+            f.via = _via(b, i, j, src)
     elif hid == H_FROM:
         if f.from_ is not None:
             raise _ParseError("more than one From header")
-        f.from_ = _from_to(b, i, j, f)
+        f.from_ = _from_to(b, i, j, f, src, 1)
     elif hid == H_TO:
         if f.to is not None:
             raise _ParseError("more than one To header")
-        f.to = _from_to(b, i, j, f)
+        f.to = _from_to(b, i, j, f, src, 2)
     elif hid == H_CALL_ID:
         if f.call_id is not None:
             raise _ParseError("more than one Call-ID header")
@@ -1288,7 +1455,7 @@ cdef int _typed(_Fields f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t 
     return 0
 
 
-cdef int _finish(_Source src, _Fields f, int idx, Py_ssize_t ns, Py_ssize_t ne, cp b,
+cdef int _finish(_Source src, _Source f, int idx, Py_ssize_t ns, Py_ssize_t ne, cp b,
                  Py_ssize_t vs, Py_ssize_t ve, object folded) except -1:
     """Record one complete header line (value b[vs:ve], or ``folded``) and type it."""
     cdef HeaderSpan* h = src.add()
@@ -1327,7 +1494,7 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
     cdef int nlines = 0, li
     cdef int idx = -1
     cdef bint is_request, named = False
-    cdef _Fields f
+    cdef _Source f
     cdef _Source src
     cdef object folded = None
     if PyBytes_Check(data):
@@ -1374,8 +1541,8 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
     ls = le + 1
     if le > start and b[le - 1] == 13:
         le -= 1
-    f = _Fields.__new__(_Fields)
     src = _Source.__new__(_Source)
+    f = src
     src.buf = buf
     if le - start >= 4 and _ieq(b, start, start + 4, b"sip/"):
         msg = _status_line(b, start, le)
@@ -1476,6 +1643,12 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
     msilo_put(msg, M_CONTACT_STAR, f.star)
     msilo_put(msg, M_ALLOW, _PENDING if src.any_allow else None)
     msilo_put(msg, M_SOURCE, src)
+    msilo_put(f.via, V_SOURCE, src)
+    msilo_put(f.from_, NA_SOURCE, src)
+    msilo_put(f.to, NA_SOURCE, src)
+    f.via = f.from_ = f.to = f.cseq = f.call_id = None
+    f.max_forwards = f.expires = f.content_length = None
+    f.method = f.cseq_method = f.request_uri = None
     return msg
 
 

@@ -36,7 +36,7 @@ class _Value:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self.as_dict() == other.as_dict()  # type: ignore[attr-defined]
+        return self.as_dict() == other.as_dict()
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -53,6 +53,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+class _Pending:
+    """Marks a field the C parser has checked but not built yet (see ``SipMessage``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING: Any = _Pending()
+# What the C parser leaves in a deferred field of From / To (and PENDING for the Via):
+# the marker itself tells the parse's _source which value to build, so a copy works too.
+PENDING_FROM: Any = _Pending()
+PENDING_TO: Any = _Pending()
 
 
 class SipURI(_Value):
@@ -73,18 +89,62 @@ class SipURI(_Value):
 class NameAddr(_Value):
     """From / To / Route style value: ``"Display" <uri>;params`` (RFC 3261 §20.20)."""
 
-    __slots__ = ("display", "params", "tag", "uri")
+    __slots__ = ("_display", "_params", "_source", "tag", "uri")
+    _fields = ("display", "params", "tag", "uri")
 
-    display: str | None  # unquoted display name, or None
+    _display: Any  # unquoted display name (str), None, or a _Pending marker (C parser)
     uri: str  # the URI text (without <>)
     tag: str | None  # the tag parameter
-    params: dict[str, str | None]  # header parameters (tag included), names lower-cased
+    _params: Any  # the params dict, or a _Pending marker (C parser)
+    _source: Any  # what builds a PENDING _params (C parser only)
+
+    @property
+    def params(self) -> dict[str, str | None]:
+        """Header parameters (tag included), names lower-cased.
+
+        The C parser checks them while parsing and captures ``tag``, but builds the
+        dict on first read (see ``SipMessage``); the twin assigns it.
+        """
+        value = self._params
+        if value.__class__ is _Pending:
+            value = self._params = self._source.params_of(value)
+        result: dict[str, str | None] = value
+        return result
+
+    @params.setter
+    def params(self, value: dict[str, str | None]) -> None:
+        self._params = value
+
+    @property
+    def display(self) -> str | None:
+        """Unquoted display name, or None (built on first read by the C parser)."""
+        value = self._display
+        if value.__class__ is _Pending:
+            value = self._display = self._source.display_of(value)
+        result: str | None = value
+        return result
+
+    @display.setter
+    def display(self, value: str | None) -> None:
+        self._display = value
 
 
 class Via(_Value):
     """One Via value (RFC 3261 §20.42, RFC 3581)."""
 
     __slots__ = (
+        "_params",
+        "_raw",
+        "_source",  # what builds the PENDING fields (C parser only)
+        "branch",
+        "host",
+        "port",
+        "protocol",
+        "received",
+        "rport",
+        "transport",
+    )
+    _fields = (
         "branch",
         "host",
         "params",
@@ -103,8 +163,39 @@ class Via(_Value):
     branch: str | None
     received: str | None
     rport: int | None  # the rport value; see params["rport"] for a bare flag
-    params: dict[str, str | None]  # all parameters, names lower-cased
-    raw: str  # the value exactly as received
+    _params: Any  # the params dict, or a _Pending marker (C parser)
+    _raw: Any  # the raw str, or a _Pending marker (C parser)
+    _source: Any
+
+    @property
+    def params(self) -> dict[str, str | None]:
+        """All parameters, names lower-cased.
+
+        The C parser checks them while parsing and captures branch, received and
+        rport as it goes, but builds the dict on first read (see ``SipMessage``).
+        """
+        value = self._params
+        if value.__class__ is _Pending:
+            value = self._params = self._source.params_of(value)
+        result: dict[str, str | None] = value
+        return result
+
+    @params.setter
+    def params(self, value: dict[str, str | None]) -> None:
+        self._params = value
+
+    @property
+    def raw(self) -> str:
+        """The value exactly as received (built on first read by the C parser)."""
+        value = self._raw
+        if value.__class__ is _Pending:
+            value = self._raw = self._source.raw_of(value)
+        result: str = value
+        return result
+
+    @raw.setter
+    def raw(self, value: str) -> None:
+        self._raw = value
 
 
 class CSeq(_Value):
@@ -144,18 +235,6 @@ class Contact(_Value):
     methods: tuple[str, ...] | None  # RFC 3840 methods="..." list, upper-case; None if absent
     instance: str | None  # +sip.instance value, unquoted
     params: dict[str, str | None]
-
-
-class _Pending:
-    """Marks a field the C parser has checked but not built yet (see ``SipMessage``)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "PENDING"
-
-
-PENDING: Any = _Pending()
 
 
 class SipMessage(_Value):

@@ -94,7 +94,11 @@ async def test_a_killed_worker_is_replaced_and_every_202_is_stored_once(
     assert len(numbers) == 600 and len(set(numbers)) == 600  # all 202s stored, none twice
     log = srv.log()
     assert f"event=child_died role=worker0 pid={before[0]} signal=SIGKILL" in log
-    assert srv.get("/stats")["stored_messages"] == 600  # the dead worker's rows still count
+    # The dead worker's counts still count. A kill between a commit and its counter (or its
+    # 202) makes the sender retransmit to the new worker, which finds the row by its dedupe
+    # key: the row is there once, and it is counted as stored or as a duplicate.
+    stats = srv.get("/stats")
+    assert stats["stored_messages"] <= 600 <= stats["stored_messages"] + stats["duplicates"]
 
 
 async def test_sigterm_under_load_drains_and_exits_within_the_grace_period(

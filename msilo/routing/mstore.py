@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Collection
 
 from msilo.errors import AddressIncomplete, ParseError
-from msilo.sip.message import SipRequest
+from msilo.sip.message import SipRequest, SipURI
 from msilo.sip.parser import normalize_aor, parse_uri
 from msilo.storage.base import NewMessage
 
@@ -21,7 +21,12 @@ def split_owner(aor: str) -> tuple[str, str]:
     return user, host
 
 
-def owner_of(request: SipRequest, explicit: str | None, domains: Collection[str]) -> str:
+def owner_of(
+    request: SipRequest,
+    explicit: str | None,
+    domains: Collection[str],
+    ruri: SipURI | None = None,
+) -> str:
     """The normalised owner AoR ``user@host`` of a MESSAGE (D3).
 
     The explicit owner (custom route) wins; otherwise the Request-URI when it
@@ -30,10 +35,11 @@ def owner_of(request: SipRequest, explicit: str | None, domains: Collection[str]
     """
     if explicit is not None:
         return _aor(explicit, "owner")
-    try:
-        ruri = parse_uri(request.uri)
-    except ParseError:
-        ruri = None
+    if ruri is None:
+        try:
+            ruri = parse_uri(request.uri)
+        except ParseError:
+            ruri = None
     if (
         ruri is not None
         and ruri.scheme in ("sip", "sips")

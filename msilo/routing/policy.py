@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Collection, Sequence
 
 from msilo.errors import AddressIncomplete, Forbidden, ParseError, SipError, TooManyHops
-from msilo.sip.message import SipRequest
+from msilo.sip.message import SipRequest, SipURI
 from msilo.sip.parser import parse_uri
 
 METHODS = ("REGISTER", "MESSAGE", "OPTIONS")
@@ -44,8 +44,9 @@ def check_source(ip: str, trusted: Sequence[Network]) -> None:
         raise Forbidden(f"source {ip} is not trusted")
 
 
-def check_request(request: SipRequest, domains: Collection[str]) -> None:
-    """Raise the SipError that answers ``request``, or return if it may be routed."""
+def check_request(request: SipRequest, domains: Collection[str]) -> SipURI | None:
+    """Raise the SipError that answers ``request``; else return its parsed Request-URI
+    (None for OPTIONS), so the route does not parse it again."""
     method = request.method
     if method not in METHODS:
         raise MethodNotAllowed(method)
@@ -53,7 +54,7 @@ def check_request(request: SipRequest, domains: Collection[str]) -> None:
     if request.max_forwards is not None and request.max_forwards <= 0 and method != "OPTIONS":
         raise TooManyHops()
     if method == "OPTIONS":
-        return
+        return None
     uri = parse_uri(request.uri)
     if method == "MESSAGE" and not uri.user:
         raise AddressIncomplete(f"no user in {request.uri}")
@@ -66,3 +67,4 @@ def check_request(request: SipRequest, domains: Collection[str]) -> None:
                 raise Forbidden("unparsable To URI") from None
         if host not in domains:
             raise Forbidden(f"domain {host} is not served here")
+    return uri

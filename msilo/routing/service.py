@@ -53,7 +53,7 @@ from msilo.routing.registrar import (
     requested_bindings,
 )
 from msilo.routing.timefmt import parse_snd_time
-from msilo.sip.message import SipRequest
+from msilo.sip.message import SipRequest, SipURI
 from msilo.sip.parser import normalize_aor, parse_uri
 from msilo.storage.base import StoreOutcome, StoreResult
 from msilo.storage.batch import BatchWriter
@@ -106,6 +106,7 @@ class RouteContext:
         self.request = request
         self.txn = txn
         self.avp: dict[str, str] = {}  # $avp(name) values, e.g. avp["snd_time"] (D10)
+        self.ruri: SipURI | None = None  # the Request-URI as the policy check parsed it
 
     @property
     def replied(self) -> bool:
@@ -138,7 +139,7 @@ class RouteContext:
 
     async def lookup(self, owner: str | None = None) -> list[Binding]:
         """The owner's current bindings that take MESSAGE (registrar mode)."""
-        aor = self.service.owner(self.request, owner)
+        aor = self.service.owner(self.request, owner, self.ruri)
         return await self.service.lookup(aor)
 
     async def relay(self, owner: str | None = None) -> ClientResult | None:
@@ -197,10 +198,11 @@ class MsiloService:
         try:
             if self.settings.mode == "silo":
                 check_source(txn.source.ip, self.settings.trusted)
-            check_request(request, self.settings.domains)
+            ruri = check_request(request, self.settings.domains)
             if self.auth is not None and not await self._authenticated(request, txn):
                 return
             ctx = RouteContext(self, request, txn)
+            ctx.ruri = ruri
             if request.method == "OPTIONS":
                 self.reply(txn, 200, "OK", [_allow()])
             elif self.route is not None:
@@ -324,16 +326,16 @@ class MsiloService:
 
     # -- script functions ---------------------------------------------------------------
 
-    def owner(self, request: SipRequest, explicit: str | None) -> str:
+    def owner(self, request: SipRequest, explicit: str | None, ruri: SipURI | None = None) -> str:
         """The normalised owner AoR of a request (D3)."""
-        return mstore.owner_of(request, explicit, self.settings.domains)
+        return mstore.owner_of(request, explicit, self.settings.domains, ruri)
 
     async def m_store(
         self, ctx: RouteContext, owner: str | None, snd_time: int | str | None, notify: bool
     ) -> StoreResult:
         """Store the request; answer-worthy errors are raised, the row's fate returned."""
         request = ctx.request
-        aor = self.owner(request, owner)
+        aor = self.owner(request, owner, ctx.ruri)
         now = int(time.time())
         when = self._snd_time(ctx, snd_time)
         try:

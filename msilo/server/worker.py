@@ -298,7 +298,7 @@ class Worker:
             if not self.listen:
                 pass
             elif transport == "udp":
-                await self.transports.listen_udp(host, port)
+                await self.transports.listen_udp(host, port, spread=self.config.server.worker_count)
             elif transport == "tcp":
                 await self.transports.listen_tcp(host, port)
             else:

@@ -32,6 +32,7 @@ from msilo.transport.sockets import (
     is_wildcard,
     local_ip,
 )
+from msilo.transport.spread import spread_by_content
 from msilo.transport.tcp import DEFAULT_IDLE_TIMEOUT, ConnectionPool
 from msilo.transport.udp import UdpEndpoint
 
@@ -90,9 +91,18 @@ class Transports:
 
     # -- binding ------------------------------------------------------------------
 
-    async def listen_udp(self, host: str, port: int, *, reuse_port: bool = True) -> UdpEndpoint:
-        """Bind a UDP listener (SO_REUSEPORT: shared with the other workers)."""
-        endpoint = await self._endpoint(bind_udp(host, port, reuse_port=reuse_port))
+    async def listen_udp(
+        self, host: str, port: int, *, reuse_port: bool = True, spread: int = 1
+    ) -> UdpEndpoint:
+        """Bind a UDP listener (SO_REUSEPORT: shared with the other workers).
+
+        ``spread`` > 1: the number of workers sharing the port; datagrams are then
+        spread over them by content rather than by peer address (msilo.transport.spread).
+        """
+        sock = bind_udp(host, port, reuse_port=reuse_port)
+        if reuse_port and spread > 1:
+            spread_by_content(sock, spread)
+        endpoint = await self._endpoint(sock)
         self.udp_listeners.append(endpoint)
         log.info("event=listening transport=UDP address=%s:%s", *endpoint.local[:2])
         return endpoint

@@ -89,6 +89,40 @@ async def test_two_workers_share_the_traffic_and_every_path_works(serve, pg_url:
             ua.close()
 
 
+async def test_one_peer_is_spread_over_both_workers_and_retransmissions_stay_put(
+    serve, pg_url: str
+) -> None:
+    # In production every MESSAGE comes from the one proxy in front of us (one address
+    # and port); the kernel's SO_REUSEPORT hash alone would hand all of it to one worker.
+    srv: Instance = serve(pg_url, "server.workers=2")
+    await srv.wait_ready(2)
+    (proxy,) = await start_agents(srv.address, 1)
+    try:
+        result = await send_load(
+            [proxy], tag="proxy", count=60, rate=300, to=lambda n: f"sip:user{n % 8}@127.0.0.1"
+        )
+        assert result.with_status(202) == set(range(60))
+        stats = srv.get("/stats")
+        handled = _by_worker(stats, "requests_message")
+        assert len(handled) == 2 and all(n > 0 for n in handled), handled
+        assert stats["stored_messages"] == 60
+
+        # Every request sent three times at once, as a UAC retransmits: each must be
+        # handled once, by one worker (a copy on the other would count as a new request).
+        for n in range(20):
+            data, branch = proxy.build("MESSAGE", "sip:user1@127.0.0.1", body=b"again %d" % n)
+            proxy.send_raw(data)
+            proxy.send_raw(data)
+            assert (await proxy.send_and_wait(data, branch)).status == 202
+        stats = await wait_for(
+            lambda: srv.get("/stats"), lambda s: s["replies_2xx"] >= 80, 5, "202s", srv
+        )
+        assert stats["requests_message"] == 80
+        assert stats["stored_messages"] == 80
+    finally:
+        proxy.close()
+
+
 async def test_a_worker_whose_event_loop_blocks_is_replaced(serve, pg_url: str) -> None:
     srv: Instance = serve(
         pg_url, "server.workers=2", 'server.route="tests.server.routes_blocking:block_when_marked"'

@@ -62,7 +62,7 @@ COLUMNS = (
     "username, domain, contact, received, path, expires, q, callid, cseq, methods, instance, "
     "transport, last_modified"
 )
-_ORDER = "ORDER BY COALESCE(q, 1.0) DESC, last_modified DESC, contact"
+ORDER_BY = "ORDER BY COALESCE(q, 1.0) DESC, last_modified DESC, contact"
 
 
 def location_sql(param: Callable[[int], str]) -> dict[str, str]:
@@ -73,7 +73,7 @@ def location_sql(param: Callable[[int], str]) -> dict[str, str]:
         "select_all": f"SELECT {COLUMNS} FROM location WHERE username = {p(1)} AND domain = {p(2)}",
         "select_live": (
             f"SELECT {COLUMNS} FROM location WHERE username = {p(1)} AND domain = {p(2)} "
-            f"AND expires > {p(3)} {_ORDER}"
+            f"AND expires > {p(3)} {ORDER_BY}"
         ),
         "delete_one": (
             f"DELETE FROM location WHERE username = {p(1)} AND domain = {p(2)} AND contact = {p(3)}"

@@ -41,6 +41,9 @@ from msilo.storage.base import (
     unfold_results,
     validate_message,
 )
+from msilo.storage.coalesce import Coalescer
+from msilo.storage.location import COLUMNS as LOCATION_COLUMNS
+from msilo.storage.location import ORDER_BY as LOCATION_ORDER
 from msilo.storage.location import (
     Binding,
     BindingsOutcome,
@@ -227,6 +230,10 @@ def store_function_ddl(function: str, source: str) -> str:
 LANGUAGE plpgsql VOLATILE AS $msilo${source}$msilo$"""
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo (see ``PostgresStore.open``)."""
+
+
 class PostgresStore(Store):
     """``Store`` on PostgreSQL (``dsn``: ``postgres://user:pass@host:port/db``)."""
 
@@ -255,6 +262,9 @@ class PostgresStore(Store):
         self._application_name = application_name
         self._pool: asyncpg.Pool | None = None
         self._sql = _sql.SiloSql(names)
+        self._lookups: Coalescer[tuple[str, str, int], tuple[Binding, ...]] = Coalescer(
+            self._lookup_many, tuple
+        )
         self.function = names.object_name("store_batch", prefix="msilo_")
         self._build_statements()
 
@@ -262,6 +272,12 @@ class PostgresStore(Store):
 
     def _build_statements(self) -> None:
         self._location = location_sql(lambda n: f"${n}")
+        # Many users' live bindings in one query (each key with its own "now").
+        self._q_lookup_many = (
+            f"SELECT {LOCATION_COLUMNS}, k.n FROM location "
+            "JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS k(u, d, n) "
+            f"ON username = k.u AND domain = k.d WHERE expires > k.n {LOCATION_ORDER}"
+        )
         s = self._sql
         q = _sql.to_pg
         t = s.table
@@ -350,6 +366,11 @@ class PostgresStore(Store):
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
+                # Pooled connections keep no session state (the leader's lock lives on
+                # its own connection), so the default reset -- a round trip to run
+                # "RESET ALL; UNLISTEN *; ..." on every release -- buys nothing; an
+                # open transaction is still rolled back before our no-op runs.
+                reset=_keep_session,
                 min_size=self._min_size,
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
@@ -707,13 +728,23 @@ class PostgresStore(Store):
         return await self._run("register", run)
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
-        """The user's live bindings, best q first."""
-        sql = self._location["select_live"]
+        """The user's live bindings, best q first (concurrent lookups share one query)."""
+        return list(await self._lookups.get((username, domain, now)))
 
-        async def run(conn: Conn) -> list[Binding]:
-            return [binding_from_row(r) for r in await conn.fetch(sql, username, domain, now)]
+    async def _lookup_many(
+        self, keys: list[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], tuple[Binding, ...]]:
+        users, domains, nows = zip(*keys, strict=True)
+        sql = self._q_lookup_many
 
-        return await self._run("lookup", run, idempotent=True)
+        async def run(conn: Conn) -> list[Any]:
+            return list(await conn.fetch(sql, users, domains, nows))
+
+        found: dict[tuple[str, str, int], list[Binding]] = {}
+        # Rows arrive in the query's order (best q first), so each user's list keeps it.
+        for row in await self._run("lookup", run, idempotent=True):
+            found.setdefault((row[0], row[1], row[13]), []).append(binding_from_row(row))
+        return {key: tuple(bindings) for key, bindings in found.items()}
 
     async def delete_expired_bindings(self, now: int) -> int:
         """Delete bindings past their expiry."""

@@ -1,14 +1,16 @@
 """Delivering stored messages: m_dump after a REGISTER, and reminders (D5, D6, D7, D10).
 
 Rows are leased in the database before they are sent, so no row goes out
-twice at once from any worker on any host; a 2xx deletes the row at once, any
-other final response or a timeout releases the lease and counts a failure.
+twice at once from any worker on any host; a 2xx deletes the row at once (the
+DELETE runs while the next message goes out; the dump ends when every delete has
+settled), any other final response or a timeout releases the lease and counts a failure.
 Messages of one user go out one after the other, in arrival order: the next is
 sent when the previous has its final response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -152,6 +154,7 @@ class Deliverer:
         """Deliver the user's stored messages to the contact ``uri`` (D5, D6)."""
         report = DumpReport()
         kept: list[int] = []  # failed rows stay leased until this dump ends, then released
+        deleting: list[asyncio.Task[int]] = []  # deletes of delivered rows still in flight
         remaining = limit
         try:
             while remaining is None or remaining > 0:
@@ -172,16 +175,26 @@ class Deliverer:
                     break
                 if remaining is not None:
                     remaining -= len(rows)
-                stopped = await self._send_rows(rows, uri, target, report, kept)
+                stopped = await self._send_rows(rows, uri, target, report, kept, deleting)
                 if stopped or len(rows) < size:
                     break
         except StorageError as exc:
             # Leases run out by themselves and the leader recovers them (D6).
             log.error("event=dump_aborted aor=%s@%s error=%s", username, domain, exc)
         finally:
+            if deleting:
+                await self._settle(deleting)
             if kept:
                 await self._release(kept, failed=True)
         return report
+
+    async def _settle(self, deleting: list[asyncio.Task[int]]) -> None:
+        """Wait for the deletes of delivered rows; a failed one leaves its row leased."""
+        for outcome in await asyncio.gather(*deleting, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                # The lease runs out and the leader offers the row again: the user may see
+                # it twice, but it is not lost.
+                log.error("event=delete_failed error=%s", outcome)
 
     async def _send_rows(
         self,
@@ -190,11 +203,13 @@ class Deliverer:
         target: Target,
         report: DumpReport,
         kept: list[int],
+        deleting: list[asyncio.Task[int]],
     ) -> bool:
         for index, row in enumerate(rows):
             result = await self.send_row(row, uri, target)
             if result.success:
-                await self.store.delete_delivered([row.mid])
+                # Concurrent dumps' deletes share one DELETE (the store coalesces them).
+                deleting.append(asyncio.ensure_future(self.store.delete_delivered([row.mid])))
                 report.delivered += 1
                 self._count("dumped_messages")
                 log.info(

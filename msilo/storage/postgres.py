@@ -265,6 +265,8 @@ class PostgresStore(Store):
         self._lookups: Coalescer[tuple[str, str, int], tuple[Binding, ...]] = Coalescer(
             self._lookup_many, tuple
         )
+        # Deliveries from every concurrent dump settle in one DELETE per round trip.
+        self._deletes: Coalescer[int, bool] = Coalescer(self._delete_many, bool, max_batch=1024)
         self.function = names.object_name("store_batch", prefix="msilo_")
         self._build_statements()
 
@@ -308,7 +310,7 @@ class PostgresStore(Store):
             f"UPDATE {t} SET lease_until = {{2}}, lease_owner = {{3}} FROM c "
             f"WHERE {t}.{s.mid} = c.{claimed} RETURNING {self._qualified_columns()}"
         )
-        self._q_delete = f"DELETE FROM {t} WHERE {s.mid} = ANY($1::bigint[])"
+        self._q_delete = f"DELETE FROM {t} WHERE {s.mid} = ANY($1::bigint[]) RETURNING {s.mid}"
         self._q_release = (
             f"UPDATE {t} SET lease_until = NULL, lease_owner = NULL, "
             f"attempts = attempts + $2 WHERE {s.mid} = ANY($1::bigint[])"
@@ -673,7 +675,17 @@ class PostgresStore(Store):
         """Delete delivered rows."""
         if not mids:
             return 0
-        return await self._execute("delete delivered", self._q_delete, list(mids))
+        if len(mids) == 1:
+            return int(await self._deletes.get(mids[0]))
+        return len(await self._delete_many(list(mids)))
+
+    async def _delete_many(self, mids: list[int]) -> dict[int, bool]:
+        sql = self._q_delete
+
+        async def run(conn: Conn) -> list[Any]:
+            return list(await conn.fetch(sql, mids))
+
+        return {row[0]: True for row in await self._run("delete delivered", run, idempotent=True)}
 
     async def release_lease(self, mids: Sequence[int], *, failed: bool = True) -> int:
         """Clear leases; ``failed`` counts an attempt."""

@@ -277,3 +277,54 @@ async def test_large_message_to_a_udp_only_phone_falls_back_to_udp(server: Serve
     [got] = await bob.wait_requests(1)
     assert got.request.body == big.encode()
     await _eventually(lambda: _count_is(srv, "bob", 0))
+
+
+async def _refuse_deletes(db_url: str, refuse: bool) -> None:
+    """A real database error on DELETE FROM silo (a trigger), or back to normal."""
+    if db_url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+            conn.execute(
+                "CREATE TRIGGER no_delete BEFORE DELETE ON silo "
+                "BEGIN SELECT RAISE(ABORT, 'deletes refused'); END"
+                if refuse
+                else "DROP TRIGGER no_delete"
+            )
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        if refuse:
+            await conn.execute(
+                "CREATE FUNCTION no_delete() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'deletes refused'; END $$; "
+                "CREATE TRIGGER no_delete BEFORE DELETE ON silo "
+                "FOR EACH ROW EXECUTE FUNCTION no_delete()"
+            )
+        else:
+            await conn.execute("DROP TRIGGER no_delete ON silo; DROP FUNCTION no_delete()")
+    finally:
+        await conn.close()
+
+
+async def test_a_delivered_row_whose_delete_fails_is_kept_not_lost(
+    server: ServerFactory, db_url: str, caplog: object
+) -> None:
+    srv = await server()
+    alice = await srv.agent("alice")
+    bob = await srv.agent("bob")
+    await _store(alice, "sip:bob@127.0.0.1", "one", "two")
+    await _refuse_deletes(db_url, True)
+    assert (await bob.register(600)).status == 200
+    received = await bob.wait_requests(2)
+    assert [body.rsplit(b"] ", 1)[-1] for body in _bodies(received)] == [b"one", b"two"]
+    # The dump ends with both rows still stored (leased): the user may get them again
+    # later, but a message the database did not let go of is never dropped.
+    await asyncio.sleep(0.5)
+    assert await srv.store.count("bob", "127.0.0.1") == 2
+    assert "event=delete_failed" in caplog.text  # type: ignore[attr-defined]
+    await _refuse_deletes(db_url, False)
+    # The worker goes on serving.
+    await _store(alice, "sip:bob2@127.0.0.1", "three")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from storage_helpers import NOW, OWNER, message
 
 from msilo.errors import InvalidRecord
 from msilo.storage import NewMessage, Store, StoreOutcome, StoreResult
+from msilo.storage.postgres import PostgresStore
 
 LEASE = {"lease_owner": "worker-1", "lease_seconds": 40}
 
@@ -190,6 +193,21 @@ async def test_delivered_rows_are_deleted(store: Store) -> None:
     assert await store.delete_delivered(mids[:2]) == 0
     assert await store.delete_delivered([]) == 0
     assert [m.mid for m in await store.list(*OWNER)] == mids[2:]
+
+
+async def test_concurrent_single_deletes_each_count_their_own_row(store: Store) -> None:
+    # Every dump deletes its delivered rows one by one, while other dumps do the same; on
+    # PostgreSQL those deletes share DELETE statements, and each caller must still learn
+    # whether its own row was deleted.
+    results = await store.store_batch([message(body=str(i).encode()) for i in range(30)], 0)
+    mids = [r.mid for r in results if r.mid is not None]
+    gone = mids[:20]
+    await store.delete_delivered(gone[:5])
+    counts = await asyncio.gather(*(store.delete_delivered([mid]) for mid in gone))
+    assert counts == [0] * 5 + [1] * 15
+    assert [m.mid for m in await store.list(*OWNER)] == mids[20:]
+    if isinstance(store, PostgresStore):
+        assert store._deletes.keys == 20 and store._deletes.queries < 10
 
 
 async def test_a_failed_delivery_releases_the_lease_and_counts(store: Store) -> None:

@@ -7,7 +7,7 @@ passes in, so SIP semantics stay out of the storage layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,25 @@ def location_sql(param: Callable[[int], str]) -> dict[str, str]:
         ),
         "delete_expired": f"DELETE FROM location WHERE expires <= {p(1)}",
     }
+
+
+def _rank(b: Binding) -> tuple[float, int, str]:
+    return (-(b.q if b.q is not None else 1.0), -b.last_modified, b.contact)
+
+
+def live_bindings(bindings: Iterable[Binding], now: int) -> tuple[Binding, ...]:
+    """The bindings that have not expired at ``now``, best q first (as ORDER_BY sorts)."""
+    return tuple(sorted((b for b in bindings if b.expires > now), key=_rank))
+
+
+def apply_plan(current: Iterable[Binding], plan: BindingPlan) -> list[Binding]:
+    """The user's bindings once ``plan`` is applied to ``current`` (keyed by contact)."""
+    by_contact = {b.contact: b for b in current}
+    for contact in plan.removes:
+        by_contact.pop(contact, None)
+    for binding in plan.upserts:
+        by_contact[binding.contact] = binding
+    return list(by_contact.values())
 
 
 def binding_row(b: Binding) -> tuple[object, ...]:

@@ -1,7 +1,8 @@
 """Fixtures for the storage tests: every store test runs on SQLite and on PostgreSQL.
 
 Each test gets its own silo table (a random name), so tests never see each other's rows;
-PostgreSQL tables and functions are dropped afterwards.
+PostgreSQL tables and functions are dropped afterwards.  The location table is shared
+(its name is fixed): tests of bindings use the ``user`` fixture, whose rows go at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 from storage_helpers import drop_pg_tables
 
@@ -101,3 +103,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+@pytest.fixture
+async def user(store: Store) -> AsyncIterator[str]:
+    """A user name no other test uses; its (and ``<name>-*``) bindings go afterwards."""
+    name = f"u{uuid.uuid4().hex[:10]}"
+    yield name
+    if isinstance(store, PostgresStore):
+        conn = await asyncpg.connect(store.dsn)
+        try:
+            await conn.execute("DELETE FROM location WHERE username LIKE $1", name + "%")
+        finally:
+            await conn.close()

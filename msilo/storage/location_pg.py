@@ -1,0 +1,89 @@
+"""A REGISTER's change to the location table in two round trips (PostgreSQL).
+
+The registrar's plan is Python (expiry rules, limits, RFC 5626 instances), so it must
+see the user's current bindings before anything is written.  Holding a transaction
+and an advisory lock across that takes six round trips (BEGIN, lock, read, write,
+re-read, COMMIT).  Instead the bindings are read without a lock, each with its row
+version (``xmin``), and the plan is applied by one function call that takes the same
+per-user advisory lock, checks that the versions are still the ones read, and only
+then writes; if another REGISTER for the user got there first it changes nothing
+and the caller reads and plans again.  plpgsql runs every statement of a VOLATILE
+function with a fresh snapshot under READ COMMITTED, so the check sees whatever a
+REGISTER that held the lock before us committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from msilo.storage.location import COLUMNS, Binding, binding_row
+
+FUNCTION = "msilo_location_apply"
+
+# The user's bindings with their row versions ("contact/xmin"), read without a lock.
+SELECT_VERSIONED = (
+    f"SELECT {COLUMNS}, contact || '/' || xmin::text FROM location "
+    "WHERE username = $1 AND domain = $2"
+)
+
+# The advisory-lock key is the one the transactional path uses too, so both serialise
+# against each other (a rolling upgrade runs old and new workers side by side).
+SOURCE = """
+BEGIN
+    PERFORM pg_advisory_xact_lock(
+        hashtextextended('msilo-location:' || p_username || '@' || p_domain, 7));
+    IF ARRAY(SELECT contact || '/' || xmin::text FROM location
+             WHERE username = p_username AND domain = p_domain ORDER BY 1)
+       IS DISTINCT FROM ARRAY(SELECT v FROM unnest(p_versions) AS v ORDER BY 1) THEN
+        RETURN false;
+    END IF;
+    IF cardinality(p_removes) > 0 THEN
+        DELETE FROM location
+        WHERE username = p_username AND domain = p_domain AND contact = ANY(p_removes);
+    END IF;
+    IF cardinality(p_contact) > 0 THEN
+        INSERT INTO location (username, domain, contact, received, path, expires, q,
+                              callid, cseq, methods, instance, transport, last_modified)
+        SELECT p_username, p_domain, u.* FROM unnest(
+            p_contact, p_received, p_path, p_expires, p_q, p_callid, p_cseq, p_methods,
+            p_instance, p_transport, p_last_modified) AS u
+        ON CONFLICT (username, domain, contact) DO UPDATE SET
+            received = excluded.received, path = excluded.path,
+            expires = excluded.expires, q = excluded.q, callid = excluded.callid,
+            cseq = excluded.cseq, methods = excluded.methods,
+            instance = excluded.instance, transport = excluded.transport,
+            last_modified = excluded.last_modified;
+    END IF;
+    RETURN true;
+END
+"""
+
+_PARAMS = (
+    "p_username text, p_domain text, p_versions text[], p_removes text[], "
+    "p_contact text[], p_received text[], p_path text[], p_expires bigint[], p_q real[], "
+    "p_callid text[], p_cseq integer[], p_methods text[], p_instance text[], "
+    "p_transport text[], p_last_modified bigint[]"
+)
+
+DDL = (
+    f"CREATE OR REPLACE FUNCTION {FUNCTION}({_PARAMS}) RETURNS boolean "
+    f"LANGUAGE plpgsql VOLATILE AS $msilo${SOURCE}$msilo$"
+)
+
+CALL = f"SELECT {FUNCTION}({', '.join(f'${i}' for i in range(1, 16))})"
+
+
+def apply_args(
+    username: str,
+    domain: str,
+    versions: Sequence[str],
+    removes: Sequence[str],
+    upserts: Sequence[Binding],
+) -> tuple[object, ...]:
+    """The 15 arguments of :data:`CALL`: upserts column by column (username and domain
+    are the call's own, the first two values of each row)."""
+    columns: list[list[object]] = [[] for _ in range(11)]
+    for binding in upserts:
+        for column, value in zip(columns, binding_row(binding)[2:], strict=True):
+            column.append(value)
+    return (username, domain, list(versions), list(removes), *columns)

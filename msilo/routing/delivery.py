@@ -71,7 +71,7 @@ class DeliverySettings:
     tz: dt.tzinfo = dt.UTC
     outbound_proxy: Target | None = None
     timer_f: float = 32.0
-    chunk: int = 8  # rows claimed per round trip
+    chunk: int = 16  # rows claimed per round trip (a typical mailbox in one claim)
 
     @property
     def lease_seconds(self) -> int:

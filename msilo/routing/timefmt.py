@@ -9,6 +9,7 @@ None = the host's zone), with daylight saving handled by zoneinfo (D7, D10, §10
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import zoneinfo
 
@@ -27,6 +28,7 @@ def zone(name: str | None) -> dt.tzinfo:
     return zoneinfo.ZoneInfo(name)
 
 
+@functools.lru_cache(maxsize=1024)  # a dump renders the same few arrival seconds often
 def ctime(epoch: int, tz: dt.tzinfo) -> str:
     """C ``ctime()`` layout in ``tz``: ``Mon Feb  5 09:03:01 2024`` (day padded with a space)."""
     return dt.datetime.fromtimestamp(epoch, tz).strftime("%a %b %e %H:%M:%S %Y")

@@ -9,6 +9,7 @@ connect) through its ``on_error`` callback.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -112,6 +113,7 @@ def select_transport(target: Target, size: int) -> str:
     return target.transport
 
 
+@functools.lru_cache(maxsize=4096)  # every request we send asks this of its target
 def is_ip(host: str) -> bool:
     """True for an IPv4 or IPv6 literal (brackets allowed)."""
     try:

@@ -1,8 +1,11 @@
 """Group commit: many concurrent store requests, one transaction per flush.
 
-When no flush is running, a request is flushed at once (no added latency when idle); while
-one runs, requests queue up and all of them (up to ``max_batch``) go in the next flush as
-soon as it returns.  Batches therefore grow with the load by themselves, without a timer.
+When fewer than ``max_inflight`` flushes are running, a request is flushed at once (no
+added latency when idle); while they all run, requests queue up and all of them (up to
+``max_batch``) go in the next flush as soon as one returns.  Batches therefore grow with
+the load by themselves, without a timer.  Two flushes in flight by default: one commit's
+WAL flush overlaps the next batch's insert, so a request that arrives during a commit
+does not wait for it to end before its own batch starts.
 
 Every caller awaits its own row's fate, and learns it only after the commit that holds the
 row: a failed flush fails every caller of that batch, so nothing is acknowledged that was not
@@ -34,16 +37,21 @@ class BatchWriter:
         max_messages: int,
         max_batch: int = 512,
         max_queue: int = 10000,
+        max_inflight: int = 2,
         on_flush: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch <= 0:
             raise ValueError("max_batch is expected to be greater than zero")
+        if max_inflight <= 0:
+            raise ValueError("max_inflight is expected to be greater than zero")
         if max_queue <= 0:
             raise ValueError("max_queue is expected to be greater than zero")
         self.store = store
         self.max_messages = max_messages
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_inflight = max_inflight
+        self._inflight: set[asyncio.Task[None]] = set()
         self._on_flush = on_flush  # told the size of every committed batch (statistics)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup: asyncio.Event | None = None
@@ -103,13 +111,21 @@ class BatchWriter:
     async def _run(self) -> None:
         assert self._wakeup is not None
         wakeup = self._wakeup
+        loop = asyncio.get_running_loop()
         while True:
             await wakeup.wait()
             wakeup.clear()
-            while self._queue:
-                await self._flush(self._take())
-            if self._closing:
+            while self._queue and len(self._inflight) < self.max_inflight:
+                task = loop.create_task(self._flush(self._take()))
+                self._inflight.add(task)
+                task.add_done_callback(self._flush_done)
+            if self._closing and not self._queue and not self._inflight:
                 return
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._wakeup is not None:
+            self._wakeup.set()  # a slot is free: what queued meanwhile goes now
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []

@@ -98,6 +98,28 @@ async def test_requests_queue_while_a_flush_runs_then_go_together() -> None:
     await w.close()
 
 
+async def test_a_second_flush_starts_while_the_first_commits_but_no_third() -> None:
+    gated = GatedStore()
+    gated.gate.clear()
+    w = writer(gated, max_inflight=2)
+    first = asyncio.create_task(w.submit(message()))
+    await gated.entered.wait()
+    second = [asyncio.create_task(w.submit(message())) for _ in range(3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert gated.sizes == [1, 3]  # started without waiting for the first to end
+    third = [asyncio.create_task(w.submit(message())) for _ in range(2)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert gated.sizes == [1, 3] and w.pending == 2  # two in flight: these wait
+    gated.gate.set()
+    await asyncio.gather(first, *second, *third)
+    assert gated.sizes == [1, 3, 2]
+    await w.close()
+    with pytest.raises(ValueError):
+        writer(gated, max_inflight=0)
+
+
 async def test_a_full_queue_is_refused_at_once() -> None:
     gated = GatedStore()
     gated.gate.clear()

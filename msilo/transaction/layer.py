@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, fields
@@ -22,7 +21,7 @@ from msilo.errors import ParseError, SipError, TransportError
 from msilo.sip.build import HeaderLine, OutgoingRequest, build_request
 from msilo.sip.message import SipRequest, SipResponse
 from msilo.transaction.client import ClientTransaction
-from msilo.transaction.clock import Clock, DeadlineQueue, TimerValues
+from msilo.transaction.clock import Clock, DeadlineQueue, ExpiringKeys, TimerValues
 from msilo.transaction.server import ServerTransaction, State, server_key
 from msilo.transport.base import RELIABLE, SendFunction, Source, Target, select_transport
 
@@ -94,7 +93,6 @@ class TransactionLayer:
         self._max_pending = max_pending
         self._pending = 0  # server transactions without a final response
         self._server: dict[Hashable, ServerTransaction] = {}
-        self._serials = itertools.count(1)
         self._client: dict[tuple[str, str], ClientTransaction] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         t = self.timers
@@ -103,7 +101,7 @@ class TransactionLayer:
         self._timer_f = DeadlineQueue(self.clock, t.timer_f, self._timeout_client)
         # A handler that never answers would pin its transaction forever; the
         # client gave up at Timer F (64·T1), so twice that is safely too late.
-        self._abandon = DeadlineQueue(
+        self._abandon = ExpiringKeys(
             self.clock, abandon_after or 2 * t.timer_f, self._abandon_server
         )
 
@@ -162,14 +160,13 @@ class TransactionLayer:
             self.stats.acks_dropped += 1
             return
         txn = ServerTransaction(self, key, request, source)
-        txn.serial = next(self._serials)
         self._server[key] = txn
         self.stats.requests += 1
         self._pending += 1
-        # The timer queues hold (key, serial), never the transaction: tuples of strings and
-        # ints are not tracked by the garbage collector, and a completed transaction is freed
-        # as soon as Timer J removes it from the table (instead of 2·Timer F later).
-        self._abandon.push((key, txn.serial))
+        # The timers hold keys, never the transaction: a completed transaction is freed as
+        # soon as Timer J removes it from the table, and the abandon deadline of one that
+        # was answered is forgotten at once (not carried for 2·Timer F).
+        self._abandon.add(key)
         if self._pending > self._max_pending:
             self.stats.rejected_busy += 1
             txn.respond(503, "Service Unavailable", headers=("Retry-After: 5",))
@@ -227,19 +224,18 @@ class TransactionLayer:
 
     def _server_completed(self, txn: ServerTransaction) -> None:
         self._pending -= 1
+        self._abandon.discard(txn.key)
         # §17.2.2: Timer J is 64·T1 for unreliable transports, zero for reliable ones.
         if txn.source.reliable:
             self._remove_server(txn)
         else:
-            self._timer_j.push((txn.key, txn.serial))
+            # Until Timer J fires the key names this transaction: nothing else removes a
+            # completed one, so no later transaction can have taken the key meanwhile.
+            self._timer_j.push(txn.key)
 
-    def _current(self, item: tuple[Hashable, int]) -> ServerTransaction | None:
-        txn = self._server.get(item[0])
-        return txn if txn is not None and txn.serial == item[1] else None
-
-    def _expire_server(self, item: tuple[Hashable, int]) -> None:
-        txn = self._current(item)
-        if txn is not None:
+    def _expire_server(self, key: Hashable) -> None:
+        txn = self._server.get(key)
+        if txn is not None and txn.state is State.COMPLETED:
             self._remove_server(txn)
 
     def _remove_server(self, txn: ServerTransaction) -> None:
@@ -247,8 +243,8 @@ class TransactionLayer:
         if self._server.get(txn.key) is txn:
             del self._server[txn.key]
 
-    def _abandon_server(self, item: tuple[Hashable, int]) -> None:
-        txn = self._current(item)
+    def _abandon_server(self, key: Hashable) -> None:
+        txn = self._server.get(key)
         if txn is None or txn.final:
             return
         self.stats.abandoned += 1

@@ -47,7 +47,10 @@ def server_key(request: SipRequest) -> Hashable:
     assert via is not None  # the layer rejects requests without Via first
     branch = via.branch
     if branch is not None and branch.startswith(MAGIC_COOKIE):
-        return (branch, via.host, via.port, method)
+        # One string, not a tuple of four objects: a completed UDP transaction keeps its
+        # key for Timer J (32 s), tens of thousands of them at a time.  A space occurs in
+        # none of the parts (tokens and a host), so distinct parts give distinct keys.
+        return f"{branch} {via.host} {via.port} {method}"
     to_tag = request.to.tag if request.to is not None and request.method != "ACK" else None
     from_tag = request.from_.tag if request.from_ is not None else None
     cseq = request.cseq
@@ -82,7 +85,6 @@ class ServerTransaction:
         "last_response",
         "method",
         "request",
-        "serial",
         "source",
         "state",
         "status",
@@ -97,7 +99,6 @@ class ServerTransaction:
         self.request: SipRequest | None = request
         self.method = request.method
         self.call_id = request.call_id
-        self.serial = 0  # set by the layer: tells this transaction from a later one with its key
         self.source = source
         self.state = State.TRYING
         self.last_response: bytes | None = None
@@ -210,6 +211,9 @@ class ServerTransaction:
         self._rport = via is None or "rport" in via.params
         self._via_port = (via.port or 5060) if via is not None else 0
         self.request = None
+        # Only for building responses, and no response follows a final one.
+        self._top_via = None
+        self._to_tag = None
 
     def _replay_address(self, source: Source) -> tuple[str, int]:
         addr = source.addr

@@ -139,9 +139,19 @@ def test_rfc2543_requests_match_on_the_fallback_key() -> None:
 
 
 def test_rfc3261_key_is_branch_sent_by_and_method() -> None:
-    request = parse_message_py(make_request(branch="z9hG4bK-k"))
-    assert isinstance(request, SipRequest)
-    assert server_key(request) == ("z9hG4bK-k", "192.0.2.10", 5070, "MESSAGE")
+    def key(data: bytes) -> object:
+        request = parse_message_py(data)
+        assert isinstance(request, SipRequest)
+        return server_key(request)
+
+    base = key(make_request(branch="z9hG4bK-k"))
+    assert base == key(make_request(branch="z9hG4bK-k", call_id="other", cseq=9))
+    assert base != key(make_request(branch="z9hG4bK-k2"))
+    assert base != key(make_request("OPTIONS", branch="z9hG4bK-k"))
+    moved = make_request(branch="z9hG4bK-k").replace(b"192.0.2.10:5070", b"192.0.2.11:5070")
+    assert base != key(moved)
+    ported = make_request(branch="z9hG4bK-k").replace(b"192.0.2.10:5070", b"192.0.2.10:5071")
+    assert base != key(ported)
 
 
 def test_unmatched_ack_is_dropped_without_calling_the_handler() -> None:
@@ -277,6 +287,22 @@ def test_unanswered_transaction_is_abandoned_eventually() -> None:
     assert layer.server_count == 0 and layer.pending == 0
     assert layer.stats.abandoned == 1
     assert handler.calls[0][1].respond(202, "Accepted") is False
+
+
+def test_answered_transactions_leave_no_abandon_deadline_and_go_at_timer_j() -> None:
+    # At thousands of requests a second every byte a completed transaction keeps for
+    # Timer J counts (the soak's worker memory): an answered request must not also
+    # carry its abandon deadline (2·Timer F) around.
+    net = FakeNetwork()
+    handler = RecordingHandler(202, "Accepted")
+    layer = net.make_layer(handler)
+    for n in range(50):
+        net.deliver(make_request(branch=f"z9hG4bK-many-{n}"))
+    assert len(layer._abandon) == 0 and layer.server_count == 50
+    net.clock.advance(31.0)
+    assert layer.server_count == 50  # Timer J (32 s over UDP) has not fired
+    net.clock.advance(1.5)
+    assert layer.server_count == 0 and layer.stats.abandoned == 0
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,13 @@ def dedupe_key(request: SipRequest, owner: str) -> str | None:
 
 
 def new_message(
-    request: SipRequest, owner: str, *, now: int, expire_time: int, snd_time: int = 0
+    request: SipRequest,
+    owner: str,
+    *,
+    now: int,
+    expire_time: int,
+    snd_time: int = 0,
+    unless_online: bool = False,
 ) -> NewMessage:
     """The row to store for ``request`` (D4): full Content-Type, body byte for byte.
 
@@ -105,4 +111,5 @@ def new_message(
         exp_time=start + keep,
         snd_time=snd_time,
         dedupe_key=dedupe_key(request, owner),
+        unless_online=unless_online,
     )

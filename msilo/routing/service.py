@@ -293,7 +293,17 @@ class MsiloService:
 
     async def default_message(self, ctx: RouteContext) -> None:
         """MESSAGE: relay to an online user (registrar mode), else store and answer 202."""
+        snd_time = None
+        header = self.settings.snd_time_hdr
+        if header is not None:
+            snd_time = ctx.request.get_header(header)
         if self.settings.mode == "registrar":
+            # Most MESSAGEs here are for offline users: the store asks the registrar in
+            # its own round trip and stores at once; only an online owner is looked up
+            # and relayed to (lookup and m_store in one database call, not two).
+            outcome = await self.store_and_reply(ctx, snd_time=snd_time, unless_online=True)
+            if outcome is not StoreOutcome.ONLINE:
+                return
             result = await ctx.relay()
             if result is not None and result.success:
                 self.count("relayed_messages")
@@ -303,26 +313,29 @@ class MsiloService:
                 log.info(
                     "event=relay_failed call_id=%s status=%d", ctx.request.call_id, result.status
                 )
-        snd_time = None
-        header = self.settings.snd_time_hdr
-        if header is not None:
-            snd_time = ctx.request.get_header(header)
         await self.store_and_reply(ctx, snd_time=snd_time)
 
     async def store_and_reply(
-        self, ctx: RouteContext, owner: str | None = None, snd_time: int | str | None = None
-    ) -> None:
-        """m_store, then 202 / 486 Mailbox Full / 503 as the outcome says (D9, D12)."""
+        self,
+        ctx: RouteContext,
+        owner: str | None = None,
+        snd_time: int | str | None = None,
+        *,
+        unless_online: bool = False,
+    ) -> StoreOutcome | None:
+        """m_store, then 202 / 486 Mailbox Full / 503 as the outcome says (D9, D12);
+        no answer when the owner is ONLINE (``unless_online``: the caller relays)."""
         try:
-            result = await ctx.m_store(owner, snd_time)
+            result = await self.m_store(ctx, owner, snd_time, True, unless_online=unless_online)
         except QueueFull:
             self.count("store_failures")
             ctx.reply(503, "Service Unavailable", [RETRY_AFTER])
-            return
+            return None
         if result.outcome is StoreOutcome.OVER_QUOTA:
             ctx.reply(486, "Mailbox Full")
-        else:
+        elif result.outcome is not StoreOutcome.ONLINE:
             ctx.reply(202, "Accepted")
+        return result.outcome
 
     # -- script functions ---------------------------------------------------------------
 
@@ -331,16 +344,28 @@ class MsiloService:
         return mstore.owner_of(request, explicit, self.settings.domains, ruri)
 
     async def m_store(
-        self, ctx: RouteContext, owner: str | None, snd_time: int | str | None, notify: bool
+        self,
+        ctx: RouteContext,
+        owner: str | None,
+        snd_time: int | str | None,
+        notify: bool,
+        *,
+        unless_online: bool = False,
     ) -> StoreResult:
-        """Store the request; answer-worthy errors are raised, the row's fate returned."""
+        """Store the request; answer-worthy errors are raised, the row's fate returned
+        (ONLINE, nothing stored, when ``unless_online`` and the owner is registered)."""
         request = ctx.request
         aor = self.owner(request, owner, ctx.ruri)
         now = int(time.time())
         when = self._snd_time(ctx, snd_time)
         try:
             message = mstore.new_message(
-                request, aor, now=now, expire_time=self.settings.expire_time, snd_time=when
+                request,
+                aor,
+                now=now,
+                expire_time=self.settings.expire_time,
+                snd_time=when,
+                unless_online=unless_online,
             )
             result = await self.writer.submit(message)
         except InvalidRecord as exc:
@@ -357,6 +382,8 @@ class MsiloService:
             )
             if notify:
                 self._notify(ctx)
+        elif result.outcome is StoreOutcome.ONLINE:
+            pass  # nothing stored: the caller relays
         elif result.outcome is StoreOutcome.DUPLICATE:
             self.count("duplicates")
             log.info("event=duplicate mid=%s aor=%s call_id=%s", result.mid, aor, request.call_id)

@@ -118,6 +118,9 @@ class NewMessage:
     exp_time: int
     snd_time: int = 0
     dedupe_key: str | None = None
+    # Registrar mode's default route: store only if the owner has no live binding that
+    # takes MESSAGE (else ONLINE, nothing stored) -- the lookup in the store's round trip.
+    unless_online: bool = False
 
 
 class StoreOutcome(enum.Enum):
@@ -126,6 +129,7 @@ class StoreOutcome(enum.Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"
     OVER_QUOTA = "over_quota"
+    ONLINE = "online"  # not stored: ``unless_online`` and the owner is registered
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
@@ -71,7 +72,7 @@ _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('msilo schema', 0)
 _INT64_MAX = 2**63 - 1
 
 # Outcome codes returned by the store function.
-_STORED, _DUPLICATE, _OVER_QUOTA, _CONFLICT = 0, 1, 2, 3
+_STORED, _DUPLICATE, _OVER_QUOTA, _CONFLICT, _ONLINE = 0, 1, 2, 3, 4
 
 # Errors that mean "the server is not reachable right now" rather than "the query is wrong".
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -171,10 +172,18 @@ BEGIN
 
     WITH src AS MATERIALIZED (
         SELECT i.*, nextval({_literal(sequence)}::regclass) AS new_mid,
-               (SELECT x.{s.mid} FROM {t} x WHERE x.dedupe_key = i.k) AS old_mid
+               (SELECT x.{s.mid} FROM {t} x WHERE x.dedupe_key = i.k) AS old_mid,
+               -- "Store unless online": the owner has a live binding that takes MESSAGE
+               -- (the registrar's lookup, in the same round trip as the store).
+               (i.chk AND EXISTS (
+                    SELECT 1 FROM location l
+                    WHERE l.username = i.u AND l.domain = i.d AND l.expires > p_now
+                      AND (l.methods IS NULL
+                           OR 'MESSAGE' = ANY(string_to_array(l.methods, ','))))
+               ) AS online
         FROM unnest(p_username, p_domain, p_src, p_dst, p_body, p_ctype,
-                    p_inc, p_exp, p_snd, p_key)
-             WITH ORDINALITY AS i(u, d, sa, da, body, ctype, inc, exp, snd, k, ord)
+                    p_inc, p_exp, p_snd, p_key, p_unless_online)
+             WITH ORDINALITY AS i(u, d, sa, da, body, ctype, inc, exp, snd, k, chk, ord)
     ),
     counts AS (
         -- Counting stops at p_max: whether the mailbox is full is all that matters, and
@@ -199,13 +208,14 @@ BEGIN
                          dedupe_key)
         SELECT new_mid, u, d, sa, da, body, ctype, inc, exp, snd, k
         FROM ranked
-        WHERE old_mid IS NULL AND (p_max <= 0 OR pos <= p_max)
+        WHERE old_mid IS NULL AND NOT online AND (p_max <= 0 OR pos <= p_max)
         ORDER BY ord
         ON CONFLICT (dedupe_key) DO NOTHING
         RETURNING {s.mid} AS mid
     )
     SELECT array_agg(CASE WHEN ins.mid IS NOT NULL THEN {_STORED}
                           WHEN r.old_mid IS NOT NULL THEN {_DUPLICATE}
+                          WHEN r.online THEN {_ONLINE}
                           WHEN p_max > 0 AND r.pos > p_max THEN {_OVER_QUOTA}
                           ELSE {_CONFLICT} END::smallint ORDER BY r.ord),
            array_agg(coalesce(ins.mid, r.old_mid) ORDER BY r.ord)
@@ -227,12 +237,21 @@ END
 """
 
 
+# The input arguments' types: the function's identity (an older release's function, with
+# fewer arguments, is another overload and is left for workers of that release).
+STORE_FUNCTION_ARGS = (
+    "text[], text[], text[], text[], bytea[], text[], bigint[], bigint[], bigint[], text[], "
+    "bigint, boolean[], bigint"
+)
+
+
 def store_function_ddl(function: str, source: str) -> str:
     """CREATE OR REPLACE FUNCTION around ``store_function_source``."""
     return f"""CREATE OR REPLACE FUNCTION {quote_ident(function)}(
     p_username text[], p_domain text[], p_src text[], p_dst text[], p_body bytea[],
     p_ctype text[], p_inc bigint[], p_exp bigint[], p_snd bigint[], p_key text[],
-    p_max bigint, OUT outcomes smallint[], OUT mids bigint[])
+    p_max bigint, p_unless_online boolean[], p_now bigint,
+    OUT outcomes smallint[], OUT mids bigint[])
 LANGUAGE plpgsql VOLATILE AS $msilo${source}$msilo$"""
 
 
@@ -300,7 +319,7 @@ class PostgresStore(Store):
         self._q_expire = q(s.expire)
         self._q_store = (
             f"SELECT outcomes, mids FROM {quote_ident(self.function)}"
-            f"($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            f"($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         )
         # The lease is taken by the UPDATE; FOR UPDATE SKIP LOCKED makes a concurrent
         # claimer pass over rows another one is leasing instead of waiting for them (and a
@@ -427,7 +446,8 @@ class PostgresStore(Store):
 
     async def _function_source(self, conn: Conn) -> str | None:
         src: str | None = await conn.fetchval(
-            "SELECT prosrc FROM pg_proc WHERE oid = to_regproc($1)", quote_ident(self.function)
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)",
+            f"{quote_ident(self.function)}({STORE_FUNCTION_ARGS})",
         )
         return src
 
@@ -624,6 +644,8 @@ class PostgresStore(Store):
             [m.snd_time for m in batch],
             [m.dedupe_key for m in batch],
             max_messages,
+            [m.unless_online for m in batch],
+            int(time.time()),
         )
         query = self._q_store
 
@@ -639,7 +661,13 @@ class PostgresStore(Store):
             raise StorageError(
                 f"PostgreSQL store returned {len(outcomes)} results for {len(batch)} rows"
             )
-        kinds = (StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.OVER_QUOTA)
+        kinds = (
+            StoreOutcome.STORED,
+            StoreOutcome.DUPLICATE,
+            StoreOutcome.OVER_QUOTA,
+            StoreOutcome.DUPLICATE,  # _CONFLICT never leaves the function
+            StoreOutcome.ONLINE,
+        )
         results = [StoreResult(kinds[o], mid) for o, mid in zip(outcomes, mids, strict=True)]
         return unfold_results(results, slots)
 

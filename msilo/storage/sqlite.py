@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, TypeVar
@@ -87,6 +88,9 @@ def _row(r: Sequence[Any]) -> StoredMessage:
 def _chunks(mids: Sequence[int]) -> list[list[int]]:
     ids = [int(m) for m in mids]
     return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
+
+
+_Q_LIVE_METHODS = "SELECT methods FROM location WHERE username = ? AND domain = ? AND expires > ?"
 
 
 class SQLiteStore(Store):
@@ -354,6 +358,9 @@ class SQLiteStore(Store):
                     results.append(StoreResult(StoreOutcome.DUPLICATE, row[0]))
                     continue
             owner = (m.username, m.domain)
+            if m.unless_online and self._online(conn, owner):
+                results.append(StoreResult(StoreOutcome.ONLINE, None))
+                continue
             if max_messages > 0:
                 n = counts.get(owner)
                 if n is None:
@@ -380,6 +387,14 @@ class SQLiteStore(Store):
             )
             results.append(StoreResult(StoreOutcome.STORED, cur.lastrowid))
         return results
+
+    def _online(self, conn: Conn, owner: tuple[str, str]) -> bool:
+        """The owner has a live binding that takes MESSAGE (``Binding.takes_message``)."""
+        now = int(time.time())
+        for (methods,) in conn.execute(_Q_LIVE_METHODS, (*owner, now)):
+            if methods is None or "MESSAGE" in methods.split(","):
+                return True
+        return False
 
     async def store_batch(
         self, messages: Sequence[NewMessage], max_messages: int

@@ -8,9 +8,12 @@ registering at the same moment must all end up registered: no lost update.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
-from msilo.storage.base import Store
+from storage_helpers import message
+
+from msilo.storage.base import NewMessage, Store, StoreOutcome
 from msilo.storage.location import Binding, BindingPlan
 
 
@@ -74,3 +77,58 @@ async def test_a_plan_error_changes_nothing_and_a_query_writes_nothing(
     query = await store.update_bindings(user, "example.com", lambda cur: BindingPlan(), now=now)
     assert [b.contact for b in query.bindings] == [kept.contact]  # the expired one is not live
     assert query.bindings[0].q == 0.5
+
+
+async def test_store_unless_online_asks_the_registrar_in_the_same_round_trip(
+    store: Store, user: str
+) -> None:
+    now = int(time.time())
+    online, text_less, expired, absent = (f"{user}-{x}" for x in ("on", "inv", "exp", "none"))
+    for name, expires, methods in (
+        (online, now + 600, None),  # methods unknown: assumed to take MESSAGE
+        (text_less, now + 600, ("INVITE", "BYE")),  # registered, but not for MESSAGE
+        (expired, now - 1, None),
+    ):
+        binding = Binding(name, "example.com", f"sip:{name}@192.0.2.1", expires, methods=methods)
+        await store.update_bindings(
+            name,
+            "example.com",
+            lambda cur, b=binding: BindingPlan(upserts=(b,)),  # type: ignore[misc]
+            now=now - 5,
+        )
+    also_online = Binding(
+        online, "example.com", f"sip:{online}@192.0.2.2", now + 600, methods=("MESSAGE",)
+    )
+    await store.update_bindings(
+        online, "example.com", lambda cur: BindingPlan(upserts=(also_online,)), now=now
+    )
+
+    def msg(name: str, key: str, unless_online: bool = True) -> NewMessage:
+        return dataclasses.replace(
+            message(name, "example.com", key=f"{user}-{key}"), unless_online=unless_online
+        )
+
+    # A plain store (custom routes, relay failures) stores whoever is online.
+    first = await store.store_batch([msg(online, "plain", unless_online=False)], 1)
+    results = await store.store_batch(
+        [
+            msg(online, "a"),
+            msg(text_less, "b"),
+            msg(expired, "c"),
+            msg(absent, "d"),
+            msg(online, "plain"),  # a replay of the stored one: still a duplicate
+        ],
+        1,  # max_messages: the online user's stored row must not make "a" over quota
+    )
+    assert first[0].outcome is StoreOutcome.STORED
+    assert [r.outcome for r in results] == [
+        StoreOutcome.ONLINE,
+        StoreOutcome.STORED,
+        StoreOutcome.STORED,
+        StoreOutcome.STORED,
+        StoreOutcome.DUPLICATE,
+    ]
+    assert results[0].mid is None and results[4].mid == first[0].mid
+    assert await store.count(online, "example.com") == 1
+    for name in (text_less, expired, absent):
+        assert await store.count(name, "example.com") == 1

@@ -7,6 +7,12 @@ follows them step by step on a ``const unsigned char*`` cursor over the received
 bytes.  Value types and exceptions are imported from the pure-Python modules, so
 both implementations return identical classes; instances are allocated with the
 type's ``tp_alloc`` and their slots written at offsets read once at import.
+
+The usual forms (a plain request line, known header names, a Via or name-addr whose
+parameters are plain ``name[=value]``, a Content-Type without spaces) are scanned in
+one pass, sixteen bytes at a time where SSE2 allows; anything else is handed to the
+general checks, which accept or reject it exactly as they did before the fast paths
+existed (tests/sip/test_fast_paths.py walks that border).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize
@@ -58,9 +64,13 @@ cdef extern from "Python.h":
     object PyFloat_FromString(object s)
 
 
+from cpython.object cimport PyObject
+
 cdef extern from *:
     """
     #include <structmember.h>
+    #include <stdint.h>
+    #include <string.h>
     /* object.__new__(cls) without the call: what object_new does for a class
        with no __init__ arguments and no abstract methods. */
     static PyObject* msilo_alloc(PyObject* cls) {
@@ -82,10 +92,159 @@ cdef extern from *:
         *slot = v;
         Py_XDECREF(old);
     }
+
+    /* Byte searches sixteen bytes at a time where SSE2 is there (every x86-64): the
+       line and colon searches were a fifth of a parse done a byte (or a memchr call)
+       at a time.  A load never reaches past ``limit``, the end of the buffer. */
+    #if defined(__SSE2__) && defined(__GNUC__)
+    #include <emmintrin.h>
+    #define MSILO_SSE2 1
+    static inline int msilo_eq16(const unsigned char* p, unsigned char c) {
+        return _mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i*)p),
+                                                _mm_set1_epi8((char)c)));
+    }
+    /* Bit k set when p[k] is one of the bytes the parameter scanner stops at: flags
+       as in the P_* enum of _fastparse.pyx (1 "=", 2 ";", 4 ",", 8 DQUOTE "<" SP HTAB). */
+    static inline int msilo_param_mask16(const unsigned char* p, int stop) {
+        __m128i x = _mm_loadu_si128((const __m128i*)p);
+        __m128i m = _mm_setzero_si128();
+        if (stop & 1) m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('=')));
+        if (stop & 2) m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8(';')));
+        if (stop & 4) m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8(',')));
+        if (stop & 8) {
+            m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('"')));
+            m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('<')));
+            m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8(' ')));
+            m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('\t')));
+        }
+        return _mm_movemask_epi8(m);
+    }
+    /* Bit k set when p[k] may not appear in a URI: CTL, SP, DEL, "<", ">", DQUOTE
+       (C_URIBAD of _fastparse.pyx). */
+    static inline int msilo_uribad_mask16(const unsigned char* p) {
+        __m128i x = _mm_loadu_si128((const __m128i*)p);
+        __m128i m = _mm_cmpeq_epi8(_mm_min_epu8(x, _mm_set1_epi8(0x20)), x);
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8(0x7f)));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('<')));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('>')));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('"')));
+        return _mm_movemask_epi8(m);
+    }
+    /* ... and the bytes the Request-URI scan notes: ":", "@", "?" (RQ_MARK). */
+    static inline int msilo_rq_mask16(const unsigned char* p) {
+        __m128i x = _mm_loadu_si128((const __m128i*)p);
+        __m128i m = _mm_cmpeq_epi8(x, _mm_set1_epi8(':'));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('@')));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8('?')));
+        return msilo_uribad_mask16(p) | _mm_movemask_epi8(m);
+    }
+    #define MSILO_HAVE_SSE2 1
+    #define msilo_ctz(m) __builtin_ctz((unsigned)(m))
+    #else
+    #define MSILO_HAVE_SSE2 0
+    static inline int msilo_param_mask16(const unsigned char* p, int stop) { return 0; }
+    static inline int msilo_uribad_mask16(const unsigned char* p) { return 0; }
+    static inline int msilo_rq_mask16(const unsigned char* p) { return 0; }
+    #define msilo_ctz(m) 0
+    #endif
+
+    /* Recently decoded ASCII strs, found by their bytes: a server sees the same few
+       hosts and addresses again and again (Via sent-by, From, To, Request-URI), and a
+       str is immutable, so one object serves them all.  Direct-mapped: a collision
+       only replaces the entry.  The slot's entry is read again after any allocation,
+       so a parse re-entered from a finalizer only costs a miss. */
+    #define MSILO_STR_SLOTS 256
+    #define MSILO_STR_MAX 64
+    static PyObject* msilo_str_cache[MSILO_STR_SLOTS];
+    static inline unsigned msilo_str_slot(const unsigned char* p, Py_ssize_t n) {
+        uint64_t a, m, z, h;
+        /* n >= 8: the first, middle and last eight bytes, which is where addresses differ */
+        memcpy(&a, p, 8);
+        memcpy(&m, p + (n >> 1) - 4, 8);
+        memcpy(&z, p + n - 8, 8);
+        h = (a * 0x9E3779B97F4A7C15ULL) ^ (m * 0xC2B2AE3D27D4EB4FULL)
+            ^ (z * 0x165667B19E3779F9ULL) ^ (uint64_t)n;
+        h ^= h >> 31;
+        h *= 0xBF58476D1CE4E5B9ULL;
+        return (unsigned)(h >> 56) & (MSILO_STR_SLOTS - 1);
+    }
+    /* The cached str equal to p[0:n] (borrowed), or NULL. */
+    static inline PyObject* msilo_str_lookup(unsigned slot, const unsigned char* p, Py_ssize_t n) {
+        PyObject* s = msilo_str_cache[slot];
+        if (s != NULL && PyUnicode_GET_LENGTH(s) == n && memcmp(PyUnicode_DATA(s), p, n) == 0)
+            return s;
+        return NULL;
+    }
+    static inline void msilo_str_store(unsigned slot, PyObject* s) {
+        PyObject* old = msilo_str_cache[slot];
+        Py_INCREF(s);
+        msilo_str_cache[slot] = s;
+        Py_XDECREF(old);
+    }
+
+    /* Index of the first c in b[i:j], or -1; b[i:limit] may be read (j <= limit). */
+    static inline Py_ssize_t msilo_find(const unsigned char* b, Py_ssize_t i, Py_ssize_t j,
+                                        Py_ssize_t limit, unsigned char c) {
+    #ifdef MSILO_SSE2
+        while (i < j && i + 16 <= limit) {
+            int m = msilo_eq16(b + i, c);
+            if (m) {
+                Py_ssize_t r = i + __builtin_ctz((unsigned)m);
+                return r < j ? r : -1;
+            }
+            i += 16;
+        }
+    #endif
+        for (; i < j; i++)
+            if (b[i] == c) return i;
+        return -1;
+    }
+
+    /* The LF ending each line of the head, from ``start`` up to the empty line: the
+       first ``max`` of them go into ``lines`` (their count into *count).  *head_end is
+       the LF before the empty line, *body_start the byte after it; -1 if there is none. */
+    static int msilo_scan_head(const unsigned char* b, Py_ssize_t start, Py_ssize_t n,
+                               Py_ssize_t* lines, int max, int* count,
+                               Py_ssize_t* head_end, Py_ssize_t* body_start) {
+        Py_ssize_t k = start, nl;
+        int c = 0;
+        for (;;) {
+            nl = msilo_find(b, k, n, n, 10);
+            if (nl < 0) return -1;
+            if (c < max) lines[c++] = nl;
+            if (nl + 1 < n && b[nl + 1] == 10) {
+                *head_end = nl;
+                *body_start = nl + 2;
+                break;
+            }
+            if (nl + 2 < n && b[nl + 1] == 13 && b[nl + 2] == 10) {
+                *head_end = nl;
+                *body_start = nl + 3;
+                break;
+            }
+            k = nl + 1;
+        }
+        *count = c;
+        return 0;
+    }
     """
     object msilo_alloc(object cls)
     Py_ssize_t msilo_slot_offset(object descr)
     void msilo_put(object obj, Py_ssize_t off, object v)
+    Py_ssize_t msilo_find(const unsigned char* b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit,
+                          unsigned char c) noexcept nogil
+    const bint MSILO_HAVE_SSE2
+    const Py_ssize_t MSILO_STR_MAX
+    unsigned msilo_str_slot(const unsigned char* p, Py_ssize_t n) noexcept nogil
+    PyObject* msilo_str_lookup(unsigned slot, const unsigned char* p, Py_ssize_t n) noexcept nogil
+    void msilo_str_store(unsigned slot, object s) noexcept
+    bint PyUnicode_IS_ASCII(object o) noexcept
+    int msilo_param_mask16(const unsigned char* p, int stop) noexcept nogil
+    int msilo_uribad_mask16(const unsigned char* p) noexcept nogil
+    int msilo_rq_mask16(const unsigned char* p) noexcept nogil
+    int msilo_ctz(int m) noexcept nogil
+    int msilo_scan_head(const unsigned char* b, Py_ssize_t start, Py_ssize_t n, Py_ssize_t* lines, int max,
+                        int* count, Py_ssize_t* head_end, Py_ssize_t* body_start) noexcept nogil
 
 
 ctypedef const unsigned char* cp
@@ -104,6 +263,19 @@ cdef enum:
 
 cdef unsigned char CT[256]
 cdef unsigned char SEP[256]   # what _next_sep stops at: " < , ;
+
+# What the one-pass parameter scanner (_params_fast) stops at.
+cdef enum:
+    P_EQ = 1        # "="
+    P_SEMI = 2      # ";"
+    P_COMMA = 4     # ","
+    P_ODD = 8       # DQUOTE, "<", SP, HTAB: left to the general scanner
+cdef unsigned char PT[256]
+# What the one-pass Request-URI scan stops at: an invalid byte, or ":" "@" "?".
+cdef enum:
+    RQ_BAD = 1
+    RQ_MARK = 2
+cdef unsigned char RQ[256]
 
 
 cdef void _init_table():
@@ -133,6 +305,17 @@ cdef void _init_table():
         SEP[c] = 0
     for c in b'"<,;':
         SEP[c] = 1
+    for c in range(256):
+        PT[c] = 0
+    PT[61] = P_EQ
+    PT[59] = P_SEMI
+    PT[44] = P_COMMA
+    for c in b'"< \t':
+        PT[c] = P_ODD
+    for c in range(256):
+        RQ[c] = RQ_BAD if CT[c] & C_URIBAD else 0
+    for c in b":@?":
+        RQ[c] = RQ_MARK
 
 
 _init_table()
@@ -255,6 +438,32 @@ cdef inline object _s(cp b, Py_ssize_t i, Py_ssize_t j):
     return text
 
 
+cdef inline object _s_shared(cp b, Py_ssize_t i, Py_ssize_t j):
+    """``_s(b, i, j)``, the same object as the last time these bytes were decoded."""
+    cdef Py_ssize_t n = j - i
+    cdef unsigned slot
+    cdef PyObject* hit
+    if n < 8 or n > MSILO_STR_MAX:
+        return _s(b, i, j)
+    slot = msilo_str_slot(b + i, n)
+    hit = msilo_str_lookup(slot, b + i, n)
+    if hit != NULL:
+        return <object>hit
+    text = _s(b, i, j)
+    if PyUnicode_IS_ASCII(text):
+        msilo_str_store(slot, text)
+    return text
+
+
+cdef inline bint _eq_bytes(cp p, cp q, Py_ssize_t n) noexcept nogil:
+    """p[:n] == q[:n]; for the short strings here a loop beats a call to memcmp."""
+    cdef Py_ssize_t k
+    for k in range(n):
+        if p[k] != q[k]:
+            return False
+    return True
+
+
 @cython.final
 cdef class _Strings:
     """A small table of str objects found by their bytes, so hot values are shared."""
@@ -292,7 +501,7 @@ cdef class _Strings:
             if self.fold:
                 if _ieq(b, i, j, self.chars[idx]):
                     return self.strs[idx]
-            elif memcmp(b + i, self.chars[idx], n) == 0:
+            elif _eq_bytes(b + i, <cp>self.chars[idx], n):
                 return self.strs[idx]
         return None
 
@@ -398,9 +607,24 @@ cdef object _case_s(cp b, Py_ssize_t i, Py_ssize_t j, bint upper):
     return _s(t, 0, j - i)
 
 
-cdef int64_t _number(cp b, Py_ssize_t i, Py_ssize_t j, int64_t limit, bint clamp,
-                     str what) except -2:
+cdef inline int64_t _number(cp b, Py_ssize_t i, Py_ssize_t j, int64_t limit, bint clamp,
+                            str what) except -2:
     """1*DIGIT as an integer; over ``limit`` is clamped or a 400."""
+    cdef int64_t v = 0
+    cdef Py_ssize_t k
+    # up to 9 digits cannot overflow: the usual number in one loop, the rest below
+    if 0 < j - i <= 9:
+        for k in range(i, j):
+            if not (48 <= b[k] <= 57):
+                return _number_general(b, i, j, limit, clamp, what)
+            v = v * 10 + (b[k] - 48)
+        if v <= limit:
+            return v
+    return _number_general(b, i, j, limit, clamp, what)
+
+
+cdef int64_t _number_general(cp b, Py_ssize_t i, Py_ssize_t j, int64_t limit, bint clamp,
+                             str what) except -2:
     cdef Py_ssize_t k
     cdef int64_t v = 0
     if not _all(b, i, j, C_DIGIT):
@@ -592,6 +816,100 @@ cdef int _params_cap(cp b, Py_ssize_t i, Py_ssize_t j, bint via, ParamCap* cap) 
     return 0
 
 
+cdef inline bint _ieq_letters(cp b, Py_ssize_t i, const char* lower, int n) noexcept nogil:
+    """b[i:i+n] equals ``lower``, n lower-case ASCII letters, ignoring case.
+
+    For a letter, "| 0x20" maps only its two cases onto it: no table, no range test.
+    """
+    cdef int k
+    for k in range(n):
+        if (b[i + k] | 0x20) != <unsigned char>lower[k]:
+            return False
+    return True
+
+
+cdef inline int _cap_slot(cp b, Py_ssize_t ns, Py_ssize_t ne, bint via) noexcept nogil:
+    """The ParamCap slot of the parameter named b[ns:ne], or -1 (see _params_cap)."""
+    cdef Py_ssize_t n = ne - ns
+    if via:
+        if n == 6 and _ieq_letters(b, ns, b"branch", 6):
+            return 0
+        if n == 8 and _ieq_letters(b, ns, b"received", 8):
+            return 1
+        if n == 5 and _ieq_letters(b, ns, b"rport", 5):
+            return 2
+    elif n == 3 and _ieq_letters(b, ns, b"tag", 3):
+        return 0
+    return -1
+
+
+cdef inline Py_ssize_t _span_plain(cp b, Py_ssize_t k, Py_ssize_t j, Py_ssize_t limit,
+                                   unsigned char stop) noexcept nogil:
+    """The first byte of b[k:j] in the P_* classes ``stop``, or ``j``."""
+    cdef int m
+    if MSILO_HAVE_SSE2:
+        while k < j and k + 16 <= limit:
+            m = msilo_param_mask16(b + k, stop)
+            if m:
+                k += msilo_ctz(m)
+                return k if k < j else j
+            k += 16
+        if k >= j:
+            return j
+    while k < j and not (PT[b[k]] & stop):
+        k += 1
+    return k
+
+
+cdef Py_ssize_t _params_fast(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit, bint via,
+                             ParamCap* cap) noexcept nogil:
+    """``_params_cap`` in one pass for the usual parameters: ``name[=value]`` of plain
+    bytes or a value that is one quoted string, no whitespace, no "<".
+
+    For a Via the list ends at a "," too; the result is where the list ends (the ","
+    or ``j``), or -1 when the list has anything else: the caller then runs the general
+    scanners, which accept or reject it exactly as before.  ``cap`` is then partly
+    filled and must be reset.
+    """
+    cdef unsigned char stop_value = P_SEMI | P_ODD | (P_COMMA if via else 0)
+    cdef unsigned char stop_name = stop_value | P_EQ
+    cdef Py_ssize_t k = i, ns, vs
+    cdef int slot
+    cdef unsigned char c
+    while True:
+        ns = k
+        k = _span_plain(b, k, j, limit, stop_name)
+        if k == ns:
+            return -1
+        slot = _cap_slot(b, ns, k, via)
+        if k < j and b[k] == 61:
+            k += 1
+            vs = k
+            if k < j and b[k] == 34:
+                # a quoted value must end the parameter (checked below)
+                k = _quoted_end(b, k, j)
+                if k < 0:
+                    return -1
+            else:
+                k = _span_plain(b, k, j, limit, stop_value)
+                if k == vs:
+                    return -1
+            if slot >= 0:
+                cap.s[slot] = vs
+                cap.e[slot] = k
+        elif slot >= 0:
+            cap.s[slot] = -2
+        if k >= j:
+            return j
+        c = b[k]
+        if c == 59:
+            k += 1
+        elif c == 44 and via:
+            return k
+        else:
+            return -1
+
+
 cdef inline object _cap_str(cp b, ParamCap* cap, int slot):
     if cap.s[slot] < 0:
         return None
@@ -635,10 +953,29 @@ cdef struct NameAddrSpan:
     Py_ssize_t ps, pe      # parameters after the first ";"; ps = -1 when none
 
 
-cdef int _scan_name_addr(cp b, Py_ssize_t i, Py_ssize_t j, NameAddrSpan* out) except -1:
+cdef inline Py_ssize_t _uri_end(cp b, Py_ssize_t k, Py_ssize_t j, Py_ssize_t limit) noexcept nogil:
+    """The first byte of b[k:j] a URI may not hold (C_URIBAD), or ``j``."""
+    cdef int m
+    if MSILO_HAVE_SSE2:
+        while k < j and k + 16 <= limit:
+            m = msilo_uribad_mask16(b + k)
+            if m:
+                k += msilo_ctz(m)
+                return k if k < j else j
+            k += 16
+        if k >= j:
+            return j
+    while k < j and not (CT[b[k]] & C_URIBAD):
+        k += 1
+    return k
+
+
+cdef int _scan_name_addr(cp b, Py_ssize_t i, Py_ssize_t j, NameAddrSpan* out,
+                         Py_ssize_t limit=-1) except -1:
     # name-addr = [ display-name ] LAQUOT addr-spec RAQUOT ; addr-spec ends at ";"
     cdef Py_ssize_t lt = -1, end, k, gt, de
     cdef unsigned char c
+    cdef bint checked = False
     out.ds = -1
     out.quoted = False
     out.ps = -1
@@ -670,9 +1007,15 @@ cdef int _scan_name_addr(cp b, Py_ssize_t i, Py_ssize_t j, NameAddrSpan* out) ex
                 out.ds = i
                 out.de = de
     if lt >= 0:
-        gt = _find(b, lt + 1, j, 62)
-        if gt < 0:
-            raise _ParseError("unterminated <")
+        # the URI ends at ">", which is one of its invalid characters: one scan finds
+        # the end and checks the URI (the general path only for its error message)
+        gt = _uri_end(b, lt + 1, j, limit if limit >= 0 else j)
+        if gt < j and b[gt] == 62:
+            checked = gt > lt + 1
+        else:
+            gt = _find(b, lt + 1, j, 62)
+            if gt < 0:
+                raise _ParseError("unterminated <")
         out.us = lt + 1
         out.ue = gt
         k = _lskip(b, gt + 1, j)
@@ -694,7 +1037,8 @@ cdef int _scan_name_addr(cp b, Py_ssize_t i, Py_ssize_t j, NameAddrSpan* out) ex
         out.ue = end
         if _find(b, i, end, 63) >= 0 or _find(b, i, end, 44) >= 0:
             raise _ParseError(f"URI with ? or , must be enclosed in <>: {_s(b, i, end)!r}")
-    _check_uri_chars(b, out.us, out.ue)
+    if not checked:
+        _check_uri_chars(b, out.us, out.ue)
     return 0
 
 
@@ -708,12 +1052,14 @@ cdef inline object _display(cp b, NameAddrSpan* na):
     return _s(b, na.ds, na.de)
 
 
-cdef object _from_to(cp b, Py_ssize_t i, Py_ssize_t j, _Source f, _Source src, int which):
+cdef object _from_to(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit, _Source f, _Source src,
+                     int which):
     cdef NameAddrSpan na
     cdef ParamCap cap
-    _scan_name_addr(b, i, j, &na)
+    _scan_name_addr(b, i, j, &na, limit)
     cap.s[0] = -1
-    if na.ps >= 0:
+    if na.ps >= 0 and _params_fast(b, na.ps, na.pe, limit, False, &cap) < 0:
+        cap.s[0] = -1
         _params_cap(b, na.ps, na.pe, False, &cap)
     obj = msilo_alloc(_NameAddr)
     src.lazy(which, na.ps, na.pe)
@@ -728,7 +1074,7 @@ cdef object _from_to(cp b, Py_ssize_t i, Py_ssize_t j, _Source f, _Source src, i
             and memcmp(b + na.us, f.ru, f.ru_len) == 0:
         uri = f.request_uri      # str is immutable: one object for both is the same value
     else:
-        uri = _s(b, na.us, na.ue)
+        uri = _s_shared(b, na.us, na.ue)
     msilo_put(obj, NA_URI, uri)
     msilo_put(obj, NA_PARAMS, <object>_LAZY_MARKS[which])
     msilo_put(obj, NA_TAG, _cap_str(b, &cap, 0))
@@ -781,6 +1127,7 @@ cdef int _contact_list(cp b, Py_ssize_t i, Py_ssize_t j, list out) except -1:
     # Contact = ("*" / (contact-param *(COMMA contact-param)))
     cdef Py_ssize_t s = i, e, k, e2
     cdef NameAddrSpan na
+    cdef ParamCap unused
     while True:
         e = _next_sep(b, s, j, 44)
         k = _lskip(b, s, e)
@@ -791,7 +1138,7 @@ cdef int _contact_list(cp b, Py_ssize_t i, Py_ssize_t j, list out) except -1:
             out.append(_contact(b, k, e2))
         else:
             _scan_name_addr(b, k, e2, &na)
-            if na.ps >= 0:
+            if na.ps >= 0 and _params_fast(b, na.ps, na.pe, na.pe, False, &unused) < 0:
                 _params(b, na.ps, na.pe, False)
         if e >= j:
             return 0
@@ -828,89 +1175,107 @@ cdef object _contact(cp b, Py_ssize_t i, Py_ssize_t j):
     return obj
 
 
-cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j, _Source src):
-    # via-parm = sent-protocol LWS sent-by *( SEMI via-params ); see the twin
+cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit, _Source src):
+    # via-parm = sent-protocol LWS sent-by *( SEMI via-params ); see the twin.
+    # One pass: sent-protocol and sent-by (which hold no quote, "<", "," or ";" when
+    # they are valid), then the parameters up to the "," that ends this via-parm.
     cdef ParamCap cap
     cdef int64_t rp
-    cdef Py_ssize_t e, rs, re_, semi, he, k, t1s, t1e, t2s, t2e, t3s, t3e, hs, hend, ps
-    e = _next_sep(b, i, j, 44)
-    rs = _lskip(b, i, e)
-    re_ = _rskip(b, rs, e)
-    semi = _find(b, rs, re_, 59)
-    he = _rskip(b, rs, semi if semi >= 0 else re_)
+    cdef Py_ssize_t e, rs, re_, semi, k, t1s, t1e, t2s, t2e, t3s, t3e, hs, hend, ps, pe
+    cdef unsigned char c
+    cdef bint sip20
+    rs = _lskip(b, i, j)
     k = rs
-    t1s = k
-    while k < he and CT[b[k]] & C_TOKEN:
-        k += 1
-    t1e = k
-    if t1e == t1s:
-        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-    k = _lskip(b, k, he)
-    if k >= he or b[k] != 47:
-        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-    k = _lskip(b, k + 1, he)
-    t2s = k
-    while k < he and CT[b[k]] & C_TOKEN:
-        k += 1
-    t2e = k
-    if t2e == t2s:
-        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-    k = _lskip(b, k, he)
-    if k >= he or b[k] != 47:
-        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-    k = _lskip(b, k + 1, he)
+    sip20 = j - k >= 8 and memcmp(b + k, b"SIP/2.0/", 8) == 0
+    if sip20:
+        t1s = k
+        t1e = k + 3
+        t2s = k + 4
+        t2e = k + 7
+        k = _lskip(b, k + 8, j)
+    else:
+        t1s = k
+        while k < j and CT[b[k]] & C_TOKEN:
+            k += 1
+        t1e = k
+        k = _lskip(b, k, j)
+        if t1e == t1s or k >= j or b[k] != 47:
+            raise _ParseError(f"malformed Via {_s(b, rs, _via_end(b, rs, j))!r}")
+        k = _lskip(b, k + 1, j)
+        t2s = k
+        while k < j and CT[b[k]] & C_TOKEN:
+            k += 1
+        t2e = k
+        k = _lskip(b, k, j)
+        if t2e == t2s or k >= j or b[k] != 47:
+            raise _ParseError(f"malformed Via {_s(b, rs, _via_end(b, rs, j))!r}")
+        k = _lskip(b, k + 1, j)
     t3s = k
-    while k < he and CT[b[k]] & C_TOKEN:
+    while k < j and CT[b[k]] & C_TOKEN:
         k += 1
     t3e = k
-    if t3e == t3s or k >= he or not (CT[b[k]] & C_SWS):
-        raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-    k = _lskip(b, k, he)
+    if t3e == t3s or k >= j or not (CT[b[k]] & C_SWS):
+        raise _ParseError(f"malformed Via {_s(b, rs, _via_end(b, rs, j))!r}")
+    k = _lskip(b, k, j)
     hs = k
-    if k < he and b[k] == 91:
-        k = _find(b, k + 1, he, 93)
+    if k < j and b[k] == 91:
+        k = _find(b, k + 1, j, 93)
         if k < 0:
-            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
+            raise _ParseError(f"malformed Via {_s(b, rs, _via_end(b, rs, j))!r}")
         k += 1
+        hend = k
+        if not _valid_host(b, hs, hend):
+            raise _ParseError(f"bad Via host {_s(b, hs, _via_end(b, hs, j))!r}")
     else:
-        while k < he and b[k] != 32 and b[k] != 9 and b[k] != 58 and b[k] != 91 and b[k] != 93:
+        # hostname / IPv4address: the scan keeps only the characters _valid_host allows
+        while k < j and CT[b[k]] & C_HOST:
             k += 1
-        if k == hs:
-            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-    hend = k
+        hend = k
+        if hend == hs:
+            raise _ParseError(f"bad Via host {_s(b, hs, _via_end(b, hs, j))!r}")
+    k = _lskip(b, k, j)
     port = None
-    if k < he:
-        k = _lskip(b, k, he)
-        if k >= he or b[k] != 58:
-            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-        ps = _lskip(b, k + 1, he)
-        if not _all(b, ps, he, C_DIGIT):
-            raise _ParseError(f"malformed Via {_s(b, rs, re_)!r}")
-        port = _port_int(_number(b, ps, he, PORT_MAX, False, "Via port"))
-    if not _valid_host(b, hs, hend):
-        raise _ParseError(f"bad Via host {_s(b, hs, hend)!r}")
+    if k < j and b[k] == 58:
+        ps = _lskip(b, k + 1, j)
+        pe = ps
+        while pe < j and CT[b[pe]] & C_DIGIT:
+            pe += 1
+        if pe == ps:
+            raise _ParseError(f"malformed Via {_s(b, rs, _via_end(b, rs, j))!r}")
+        port = _port_int(_number(b, ps, pe, PORT_MAX, False, "Via port"))
+        k = _lskip(b, pe, j)
+    # what may follow sent-by: the parameters, the next via-parm, or nothing
     cap.s[0] = cap.s[1] = cap.s[2] = -1
-    if semi >= 0:
-        _params_cap(b, semi + 1, re_, True, &cap)
+    semi = -1
+    if k >= j:
+        re_ = _rskip(b, rs, j)
+    else:
+        c = b[k]
+        if c == 44:
+            re_ = _rskip(b, rs, k)
+        elif c != 59:
+            raise _ParseError(f"malformed Via {_s(b, rs, _via_end(b, rs, j))!r}")
+        else:
+            semi = k
+            re_ = _params_fast(b, semi + 1, j, limit, True, &cap)
+            if re_ < 0:
+                # quoted strings, "<...>" or whitespace: the general scanners
+                e = _next_sep(b, rs, j, 44)
+                re_ = _rskip(b, rs, e)
+                cap.s[0] = cap.s[1] = cap.s[2] = -1
+                _params_cap(b, semi + 1, re_, True, &cap)
     obj = msilo_alloc(_Via)
     src.lazy(0, semi + 1 if semi >= 0 else -1, re_)
     src.lz_ds[0] = rs
     src.lz_de[0] = re_
-    if t1e - t1s == 3 and _ieq(b, t1s, t1e, b"sip") and t2e - t2s == 3 and b[t2s] == 50 \
-            and b[t2s + 1] == 46 and b[t2s + 2] == 48:
+    if sip20 or t1e - t1s == 3 and _ieq(b, t1s, t1e, b"sip") and t2e - t2s == 3 \
+            and b[t2s] == 50 and b[t2s + 1] == 46 and b[t2s + 2] == 48:
         protocol = S_SIP20
     else:
         protocol = _case_s(b, t1s, t1e, True) + "/" + _s(b, t2s, t2e)
     msilo_put(obj, V_PROTOCOL, protocol)
-    transport = None
-    for k in range(len(_TRANSPORTS)):
-        if _ieq(b, t3s, t3e, <bytes>_TRANSPORTS_LOWER[k]):
-            transport = _TRANSPORTS[k]
-            break
-    if transport is None:
-        transport = _case_s(b, t3s, t3e, True)
-    msilo_put(obj, V_TRANSPORT, transport)
-    msilo_put(obj, V_HOST, _s(b, hs, hend))
+    msilo_put(obj, V_TRANSPORT, _transport(b, t3s, t3e))
+    msilo_put(obj, V_HOST, _s_shared(b, hs, hend))
     msilo_put(obj, V_PORT, port)
     msilo_put(obj, V_PARAMS, _PENDING)
     msilo_put(obj, V_BRANCH, _cap_str(b, &cap, 0))
@@ -927,6 +1292,25 @@ cdef object _via(cp b, Py_ssize_t i, Py_ssize_t j, _Source src):
     return obj
 
 
+cdef Py_ssize_t _via_end(cp b, Py_ssize_t i, Py_ssize_t j):
+    """Where the via-parm at ``i`` ends, for an error message (never raises)."""
+    cdef Py_ssize_t k = i
+    while k < j and b[k] != 44:
+        k += 1
+    return k
+
+
+cdef object _transport(cp b, Py_ssize_t i, Py_ssize_t j):
+    """The transport token upper-cased, the usual ones shared."""
+    cdef Py_ssize_t k
+    if j - i == 3 and b[i] == 85 and b[i + 1] == 68 and b[i + 2] == 80:
+        return _TRANSPORTS[0]   # "UDP", as sent by nearly everyone
+    for k in range(len(_TRANSPORTS)):
+        if _ieq(b, i, j, <bytes>_TRANSPORTS_LOWER[k]):
+            return _TRANSPORTS[k]
+    return _case_s(b, i, j, True)
+
+
 cdef object _cseq(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
     # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method
     cdef Py_ssize_t k = i, ms
@@ -936,9 +1320,12 @@ cdef object _cseq(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
     if k >= j or not _all(b, ms, j, C_TOKEN):
         raise _ParseError(f"malformed CSeq {_s(b, i, j)!r}")
     number = _number(b, i, k, CSEQ_MAX, False, "CSeq number")
-    method = _METHODS.find(b, ms, j)
-    if method is None:
-        method = _s(b, ms, j)
+    if f.method is not None and j - ms == f.rm_len and _eq_bytes(b + ms, f.rm, f.rm_len):
+        method = f.method       # the usual CSeq: the request's own method
+    else:
+        method = _METHODS.find(b, ms, j)
+        if method is None:
+            method = _s(b, ms, j)
     f.cseq_method = method
     obj = msilo_alloc(_CSeq)
     msilo_put(obj, CS_NUMBER, number)
@@ -949,7 +1336,22 @@ cdef object _cseq(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
 cdef int _scan_content_type(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t* spans) except -1:
     # media-type = m-type SLASH m-subtype *(SEMI m-parameter)
     # spans: type start/end, subtype start/end, parameters start (-1 when none)
-    cdef Py_ssize_t semi, he, slash
+    cdef Py_ssize_t semi, he, slash, k = i, t
+    # the usual "type/subtype[;...]" without spaces in one scan
+    while k < j and CT[b[k]] & C_TOKEN:
+        k += 1
+    if k > i and k < j and b[k] == 47:
+        t = k + 1
+        k = t
+        while k < j and CT[b[k]] & C_TOKEN:
+            k += 1
+        if k > t and (k == j or b[k] == 59):
+            spans[0] = i
+            spans[1] = t - 1
+            spans[2] = t
+            spans[3] = k
+            spans[4] = k + 1 if k < j else -1
+            return 0
     semi = _find(b, i, j, 59)
     he = semi if semi >= 0 else j
     slash = _find(b, i, he, 47)
@@ -965,10 +1367,11 @@ cdef int _scan_content_type(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t* spans)
     return 0
 
 
-cdef int _check_content_type(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
+cdef int _check_content_type(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit) except -1:
     cdef Py_ssize_t spans[5]
+    cdef ParamCap unused
     _scan_content_type(b, i, j, spans)
-    if spans[4] >= 0:
+    if spans[4] >= 0 and _params_fast(b, spans[4], j, limit, False, &unused) < 0:
         _params(b, spans[4], j, False)
     return 0
 
@@ -1037,10 +1440,17 @@ cdef tuple _KNOWN = (
 )
 
 DEF MAX_KNOWN = 96
+DEF NAME_WORDS = 3              # known names are at most 24 bytes
 cdef int _n_known = 0
 cdef int _known_id[MAX_KNOWN]
 cdef Py_ssize_t _known_len[MAX_KNOWN]
 cdef const char* _known_chars[MAX_KNOWN]
+# A known name as words: its bytes, 0x20 where it has a letter (so "| fold" matches
+# either case of that letter and nothing else), and 0xff over its length.  A match
+# is exact, so a known name needs no token check: it is one.
+cdef uint64_t _known_word[MAX_KNOWN][NAME_WORDS]
+cdef uint64_t _known_fold[MAX_KNOWN][NAME_WORDS]
+cdef uint64_t _known_mask[MAX_KNOWN][NAME_WORDS]
 cdef list _known_strs = []
 cdef list _known_bytes = []     # keeps _known_chars alive
 cdef int _compact_idx[256]
@@ -1057,22 +1467,39 @@ cdef inline int _bucket(Py_ssize_t n, unsigned char last) noexcept nogil:
 
 cdef int _known_index(str name, int hid) except -1:
     global _n_known
-    cdef int idx
+    cdef int idx, k
+    cdef unsigned char word[8 * NAME_WORDS]
+    cdef unsigned char fold[8 * NAME_WORDS]
+    cdef unsigned char mask[8 * NAME_WORDS]
     for idx in range(_n_known):
         if _known_strs[idx] == name:
             return idx
-    if _n_known >= MAX_KNOWN:
+    encoded = name.encode("ascii")
+    if _n_known >= MAX_KNOWN or len(encoded) > 8 * NAME_WORDS:
         return -1
     idx = _n_known
-    encoded = name.encode("ascii")
     _known_bytes.append(encoded)
     _known_strs.append(name)
     _known_chars[idx] = PyBytes_AS_STRING(encoded)
     _known_len[idx] = len(encoded)
     _known_id[idx] = hid
+    for k in range(8 * NAME_WORDS):
+        word[k] = encoded[k] if k < len(encoded) else 0
+        fold[k] = 0x20 if 97 <= word[k] <= 122 else 0
+        mask[k] = 0xff if k < len(encoded) else 0
+    memcpy(_known_word[idx], word, sizeof(word))
+    memcpy(_known_fold[idx], fold, sizeof(fold))
+    memcpy(_known_mask[idx], mask, sizeof(mask))
+    # appended: the names listed first (the common ones) are compared first
     h = _bucket(len(encoded), (<bytes>encoded)[len(encoded) - 1] | 0x20)
-    _bucket_next[idx] = _bucket_head[h]
-    _bucket_head[h] = idx
+    _bucket_next[idx] = -1
+    if _bucket_head[h] < 0:
+        _bucket_head[h] = idx
+    else:
+        k = _bucket_head[h]
+        while _bucket_next[k] >= 0:
+            k = _bucket_next[k]
+        _bucket_next[k] = idx
     _n_known += 1
     return idx
 
@@ -1102,36 +1529,48 @@ cdef void _init_names() except *:
 _init_names()
 
 
-cdef inline int _lookup_name(cp b, Py_ssize_t i, Py_ssize_t j) noexcept:
-    """Index of the known canonical name b[i:j] (case-insensitive, compact forms), or -1."""
-    cdef Py_ssize_t n = j - i, k
+cdef inline bint _is_known(cp b, Py_ssize_t i, Py_ssize_t n, Py_ssize_t limit,
+                           int idx) noexcept nogil:
+    """b[i:i+n] is the known name ``idx`` (any case); b[i:limit] may be read."""
+    cdef uint64_t w, diff = 0
+    cdef Py_ssize_t k
+    cdef unsigned char c, t
+    if i + 8 * NAME_WORDS <= limit:
+        # unrolled: the masks are zero past the name, so a whole word costs nothing extra
+        memcpy(&w, b + i, 8)
+        diff = ((w | _known_fold[idx][0]) ^ _known_word[idx][0]) & _known_mask[idx][0]
+        if n > 8:
+            memcpy(&w, b + i + 8, 8)
+            diff |= ((w | _known_fold[idx][1]) ^ _known_word[idx][1]) & _known_mask[idx][1]
+            if n > 16:
+                memcpy(&w, b + i + 16, 8)
+                diff |= ((w | _known_fold[idx][2]) ^ _known_word[idx][2]) & _known_mask[idx][2]
+        return diff == 0
+    for k in range(n):
+        t = <unsigned char>_known_chars[idx][k]
+        c = b[i + k]
+        if 97 <= t <= 122:
+            c |= 0x20
+        if c != t:
+            return False
+    return True
+
+
+cdef inline int _lookup_name(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit) noexcept nogil:
+    """Index of the known canonical name b[i:j] (case-insensitive, compact forms), or -1.
+
+    b[i:j] need not be a token: a match proves it is one.
+    """
+    cdef Py_ssize_t n = j - i
     cdef int idx
-    cdef unsigned char diff
-    cdef uint64_t w1, w2, wdiff
-    cdef const char* t
     if n == 1:
         return _compact_idx[b[i]]
+    if n > 8 * NAME_WORDS:
+        return -1
     idx = _bucket_head[_bucket(n, b[j - 1] | 0x20)]
     while idx >= 0:
-        if _known_len[idx] == n:
-            t = _known_chars[idx]
-            # header names are validated tokens: "| 0x20" folds only A-Z among them
-            # (and "_", which no known name contains); no branch per byte
-            # eight bytes at a time (known names are lower-case letters, digits-free,
-            # and "-": each has 0x20 set, so "| 0x20" leaves them unchanged)
-            wdiff = 0
-            k = 0
-            while k + 8 <= n:
-                memcpy(&w1, b + i + k, 8)
-                memcpy(&w2, t + k, 8)
-                wdiff |= (w1 | 0x2020202020202020ULL) ^ w2
-                k += 8
-            diff = 0
-            while k < n:
-                diff |= (b[i + k] | 0x20) ^ <unsigned char>t[k]
-                k += 1
-            if diff == 0 and wdiff == 0:
-                return idx
+        if _known_len[idx] == n and _is_known(b, i, n, limit, idx):
+            return idx
         idx = _bucket_next[idx]
     return -1
 
@@ -1149,26 +1588,82 @@ cdef int _check_version(cp b, Py_ssize_t i, Py_ssize_t j) except -1:
     raise _ParseError(f"bad SIP version {_s(b, i, j)!r}")
 
 
-cdef object _request_line(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
+cdef inline Py_ssize_t _rq_next(cp b, Py_ssize_t k, Py_ssize_t j, Py_ssize_t limit) noexcept nogil:
+    """The first byte of b[k:j] that is not a plain URI byte (RQ), or ``j``."""
+    cdef int m
+    if MSILO_HAVE_SSE2:
+        while k < j and k + 16 <= limit:
+            m = msilo_rq_mask16(b + k)
+            if m:
+                k += msilo_ctz(m)
+                return k if k < j else j
+            k += 16
+        if k >= j:
+            return j
+    while k < j and not RQ[b[k]]:
+        k += 1
+    return k
+
+
+cdef object _request_line(cp b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t limit, _Source f):
     # Request-Line = Method SP Request-URI SP SIP-Version CRLF
-    cdef Py_ssize_t sp1, sp2, colon, at, start
-    sp1 = _find(b, i, j, 32)
-    sp2 = _find(b, sp1 + 1, j, 32) if sp1 >= 0 else -1
-    if sp2 < 0 or _find(b, sp2 + 1, j, 32) >= 0 or sp1 == i or sp2 == sp1 + 1 \
-            or sp2 + 1 == j:
-        raise _ParseError(f"malformed request line {_s(b, i, j)!r}")
-    if not _all(b, i, sp1, C_TOKEN):
-        raise _ParseError(f"bad method {_s(b, i, sp1)!r}")
-    _check_version(b, sp2 + 1, j)
-    _check_uri_chars(b, sp1 + 1, sp2)
-    colon = _find(b, sp1 + 1, sp2, 58)
+    cdef Py_ssize_t sp1, sp2, colon = -1, at = -1, lastq = -1, start, k
+    cdef unsigned char c
+    # the usual line in one pass: a token, SP, a URI of valid bytes (noting its first
+    # ":", the first "@" after it and the last "?"), SP, exactly "SIP/2.0"; anything
+    # else takes the general checks below, one at a time
+    k = i
+    while k < j and CT[b[k]] & C_TOKEN:
+        k += 1
+    sp1 = k
+    sp2 = -1
+    if sp1 > i and k < j and b[k] == 32:
+        k += 1
+        while True:
+            k = _rq_next(b, k, j, limit)
+            if k >= j:
+                break
+            c = b[k]
+            if RQ[c] == RQ_BAD:
+                break
+            if c == 58:
+                if colon < 0:
+                    colon = k
+            elif c == 64:
+                if at < 0 and colon >= 0:
+                    at = k
+            else:
+                lastq = k
+            k += 1
+        if k > sp1 + 1 and k < j and b[k] == 32 and j - k == 8 \
+                and memcmp(b + k + 1, b"SIP/2.0", 7) == 0:
+            sp2 = k
+    if sp2 < 0:
+        sp1 = _find(b, i, j, 32)
+        sp2 = _find(b, sp1 + 1, j, 32) if sp1 >= 0 else -1
+        if sp2 < 0 or _find(b, sp2 + 1, j, 32) >= 0 or sp1 == i or sp2 == sp1 + 1 \
+                or sp2 + 1 == j:
+            raise _ParseError(f"malformed request line {_s(b, i, j)!r}")
+        if not _all(b, i, sp1, C_TOKEN):
+            raise _ParseError(f"bad method {_s(b, i, sp1)!r}")
+        _check_version(b, sp2 + 1, j)
+        _check_uri_chars(b, sp1 + 1, sp2)
+        colon = _find(b, sp1 + 1, sp2, 58)
+        at = _find(b, colon + 1, sp2, 64) if colon >= 0 else -1
+        lastq = -1
+        k = sp2 - 1
+        while k > sp1:
+            if b[k] == 63:
+                lastq = k
+                break
+            k -= 1
     if colon < 0 or not (CT[b[sp1 + 1]] & C_ALPHA) or not _all(b, sp1 + 1, colon, C_SCHEME):
         raise _ParseError(f"bad Request-URI {_s(b, sp1 + 1, sp2)!r}")
-    if _ieq(b, sp1 + 1, colon, b"sip") or _ieq(b, sp1 + 1, colon, b"sips"):
+    if colon - sp1 == 4 and _ieq_letters(b, sp1 + 1, b"sip", 3) \
+            or colon - sp1 == 5 and _ieq_letters(b, sp1 + 1, b"sips", 4):
         # §19.1.1: no headers in a Request-URI; the user part may hold "?"
-        at = _find(b, colon + 1, sp2, 64)
         start = at + 1 if at >= 0 else colon + 1
-        if _find(b, start, sp2, 63) >= 0:
+        if lastq >= start:
             raise _ParseError(f"headers in Request-URI {_s(b, sp1 + 1, sp2)!r}")
     elif not _ieq(b, sp1 + 1, colon, b"tel"):
         raise UnsupportedURIScheme(
@@ -1178,9 +1673,11 @@ cdef object _request_line(cp b, Py_ssize_t i, Py_ssize_t j, _Source f):
     if method is None:
         method = _s(b, i, sp1)
     f.method = method
-    f.request_uri = _s(b, sp1 + 1, sp2)
+    f.request_uri = _s_shared(b, sp1 + 1, sp2)
     f.ru = b + sp1 + 1
     f.ru_len = sp2 - sp1 - 1
+    f.rm = b + i
+    f.rm_len = sp1 - i
     msilo_put(msg, RQ_METHOD, method)
     msilo_put(msg, RQ_URI, f.request_uri)
     msilo_put(msg, RQ_VERSION, S_SIP20 if b[sp2 + 1] == 83 and b[sp2 + 2] == 73 and b[sp2 + 3] == 80
@@ -1212,6 +1709,7 @@ cdef object _status_line(cp b, Py_ssize_t i, Py_ssize_t j):
 # per parse instead of two).  Via, From and To point back at the _Source (their lazy
 # fields), so that link is made only at the end of a successful parse, after the
 # _Source has dropped them: no reference cycle, even when the parse fails half-way.
+# The other fields (strs, ints, the CSeq) point nowhere and are left to the _Source.
 
 
 # --- deferred fields ---------------------------------------------------------------------
@@ -1262,6 +1760,8 @@ cdef class _Source:
     cdef object method, cseq_method, request_uri
     cdef cp ru                      # the Request-URI bytes, to share its str with To
     cdef Py_ssize_t ru_len
+    cdef cp rm                      # the method bytes, to share its str with CSeq
+    cdef Py_ssize_t rm_len
     # Via, From and To (0, 1, 2), built on first read of their deferred fields: where
     # their parameters are and in which buffer
     cdef Py_ssize_t lz_s[3]
@@ -1282,21 +1782,20 @@ cdef class _Source:
         if self.spans != self.inline_spans:
             PyMem_Free(self.spans)
 
-    cdef HeaderSpan* add(self) except NULL:
+    cdef int grow(self) except -1:
+        """Double the room for spans (past INLINE_SPANS headers: rare)."""
         cdef HeaderSpan* grown
-        if self.count == self.cap:
-            if self.spans == self.inline_spans:
-                grown = <HeaderSpan*>PyMem_Malloc(2 * self.cap * sizeof(HeaderSpan))
-                if grown != NULL:
-                    memcpy(grown, self.spans, self.cap * sizeof(HeaderSpan))
-            else:
-                grown = <HeaderSpan*>PyMem_Realloc(self.spans, 2 * self.cap * sizeof(HeaderSpan))
-            if grown == NULL:
-                raise MemoryError()
-            self.spans = grown
-            self.cap *= 2
-        self.count += 1
-        return &self.spans[self.count - 1]
+        if self.spans == self.inline_spans:
+            grown = <HeaderSpan*>PyMem_Malloc(2 * self.cap * sizeof(HeaderSpan))
+            if grown != NULL:
+                memcpy(grown, self.spans, self.cap * sizeof(HeaderSpan))
+        else:
+            grown = <HeaderSpan*>PyMem_Realloc(self.spans, 2 * self.cap * sizeof(HeaderSpan))
+        if grown == NULL:
+            raise MemoryError()
+        self.spans = grown
+        self.cap *= 2
+        return 0
 
     cdef inline void lazy(self, int which, Py_ssize_t ps, Py_ssize_t pe) noexcept:
         """Record where the parameters of Via, From or To (the current header) are."""
@@ -1395,23 +1894,24 @@ cdef class _Source:
         return tuple(out)
 
 
-cdef int _typed(_Source f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t j) except -1:
+cdef int _typed(_Source f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t j,
+                Py_ssize_t limit) except -1:
     """Parse (or, for a deferred field, check) one typed header value b[i:j]."""
     if hid == H_VIA:
         if f.via is None:
-            f.via = _via(b, i, j, src)
+            f.via = _via(b, i, j, limit, src)
     elif hid == H_FROM:
         if f.from_ is not None:
             raise _ParseError("more than one From header")
-        f.from_ = _from_to(b, i, j, f, src, 1)
+        f.from_ = _from_to(b, i, j, limit, f, src, 1)
     elif hid == H_TO:
         if f.to is not None:
             raise _ParseError("more than one To header")
-        f.to = _from_to(b, i, j, f, src, 2)
+        f.to = _from_to(b, i, j, limit, f, src, 2)
     elif hid == H_CALL_ID:
         if f.call_id is not None:
             raise _ParseError("more than one Call-ID header")
-        if i >= j or _any(b, i, j, C_SWS):
+        if i >= j or msilo_find(b, i, j, limit, 32) >= 0 or msilo_find(b, i, j, limit, 9) >= 0:
             raise _ParseError(f"bad Call-ID {_s(b, i, j)!r}")
         f.call_id = _s(b, i, j)
     elif hid == H_CSEQ:
@@ -1433,7 +1933,7 @@ cdef int _typed(_Source f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t 
     elif hid == H_CONTENT_TYPE:
         if src.ctype >= 0:
             raise _ParseError("more than one Content-Type header")
-        _check_content_type(b, i, j)
+        _check_content_type(b, i, j, limit)
         src.ctype = src.count - 1
     elif hid == H_CONTACT:
         # Contact = ("*" / (contact-param *(COMMA contact-param)))
@@ -1455,29 +1955,50 @@ cdef int _typed(_Source f, _Source src, int hid, cp b, Py_ssize_t i, Py_ssize_t 
     return 0
 
 
-cdef int _finish(_Source src, _Source f, int idx, Py_ssize_t ns, Py_ssize_t ne, cp b,
-                 Py_ssize_t vs, Py_ssize_t ve, object folded) except -1:
-    """Record one complete header line (value b[vs:ve], or ``folded``) and type it."""
-    cdef HeaderSpan* h = src.add()
-    cdef cp vb = b
+cdef inline int _finish(_Source src, int idx, Py_ssize_t ns, Py_ssize_t ne, cp b,
+                        Py_ssize_t vs, Py_ssize_t ve, Py_ssize_t limit) except -1:
+    """Record one complete header line (value b[vs:ve]) and type it."""
+    cdef HeaderSpan* h
+    if src.count == src.cap:
+        src.grow()
+    h = &src.spans[src.count]
+    src.count += 1
     h.idx = idx
     h.ns = ns
     h.ne = ne
-    if folded is None:
-        h.fold = -1
-    else:
-        folded = bytes(folded)
-        if src.folded is None:
-            src.folded = []
-        h.fold = len(src.folded)
-        src.folded.append(folded)
-        vb = <cp>PyBytes_AS_STRING(folded)
-        vs = 0
-        ve = PyBytes_GET_SIZE(folded)
-    h.vs = _lskip(vb, vs, ve)
-    h.ve = _rskip(vb, h.vs, ve)
+    h.fold = -1
+    while vs < ve and (b[vs] == 32 or b[vs] == 9):
+        vs += 1
+    while ve > vs and (b[ve - 1] == 32 or b[ve - 1] == 9):
+        ve -= 1
+    h.vs = vs
+    h.ve = ve
     if idx >= 0 and _known_id[idx] != H_OTHER:
-        _typed(f, src, _known_id[idx], vb, h.vs, h.ve)
+        _typed(src, src, _known_id[idx], b, vs, ve, limit)
+    return 0
+
+
+cdef int _finish_folded(_Source src, int idx, Py_ssize_t ns, Py_ssize_t ne,
+                        object folded) except -1:
+    """Record one folded header line (its unfolded value in ``folded``) and type it."""
+    cdef bytes value = bytes(folded)
+    cdef HeaderSpan* h
+    cdef cp vb = <cp>PyBytes_AS_STRING(value)
+    if src.folded is None:
+        src.folded = []
+    if src.count == src.cap:
+        src.grow()
+    h = &src.spans[src.count]
+    src.count += 1
+    h.idx = idx
+    h.ns = ns
+    h.ne = ne
+    h.fold = len(src.folded)
+    src.folded.append(value)
+    h.vs = _lskip(vb, 0, PyBytes_GET_SIZE(value))
+    h.ve = _rskip(vb, h.vs, PyBytes_GET_SIZE(value))
+    if idx >= 0 and _known_id[idx] != H_OTHER:
+        _typed(src, src, _known_id[idx], vb, h.vs, h.ve, PyBytes_GET_SIZE(value))
     return 0
 
 
@@ -1518,23 +2039,8 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
         raise _ParseError("empty message")
     # the first empty line ends the head; the line ends found on the way are kept
     # for the header loop below (the first MAX_LINES of them) instead of searched again
-    k = start
-    while True:
-        nl = _find(b, k, n, 10)
-        if nl < 0:
-            raise _ParseError("no empty line after the headers")
-        if nlines < MAX_LINES:
-            lines[nlines] = nl
-            nlines += 1
-        if nl + 1 < n and b[nl + 1] == 10:
-            head_end = nl
-            body_start = nl + 2
-            break
-        if nl + 2 < n and b[nl + 1] == 13 and b[nl + 2] == 10:
-            head_end = nl
-            body_start = nl + 3
-            break
-        k = nl + 1
+    if msilo_scan_head(b, start, n, lines, MAX_LINES, &nlines, &head_end, &body_start) < 0:
+        raise _ParseError("no empty line after the headers")
     # start line (lines[0] is its end, or head_end when there is no header)
     le = lines[0]
     li = 1
@@ -1544,11 +2050,11 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
     src = _Source.__new__(_Source)
     f = src
     src.buf = buf
-    if le - start >= 4 and _ieq(b, start, start + 4, b"sip/"):
+    if le - start >= 4 and _ieq_letters(b, start, b"sip", 3) and b[start + 3] == 47:
         msg = _status_line(b, start, le)
         is_request = False
     else:
-        msg = _request_line(b, start, le, f)
+        msg = _request_line(b, start, le, n, f)
         is_request = True
     # header lines; a folded value is rebuilt in a bytearray (rare)
     while ls <= head_end:
@@ -1556,7 +2062,7 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
             nl = lines[li]
             li += 1
         else:
-            nl = _find(b, ls, head_end, 10)
+            nl = msilo_find(b, ls, head_end, n, 10)
             if nl < 0:
                 nl = head_end
         le = nl
@@ -1579,23 +2085,23 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
             folded += b[fs:fe2]
         else:
             if named:
-                _finish(src, f, idx, ns, ne, b, vs, ve, folded)
-                folded = None
-            # field-name = token, then HCOLON: one scan in the usual case, and the
-            # general checks (and their error messages) only when that fails
-            fe = ls
-            while fe < le and CT[b[fe]] & C_TOKEN:
-                fe += 1
-            colon = _lskip(b, fe, le)
-            if fe == ls or colon >= le or b[colon] != 58:
-                colon = _find(b, ls, le, 58)
-                if colon < 0:
-                    raise _ParseError(
-                        f"header line without a colon: {_s(b, ls, min(le, ls + 40))!r}")
-                fe = _rskip(b, ls, colon)
-                if not _all(b, ls, fe, C_TOKEN):
-                    raise _ParseError(f"bad header name {_s(b, ls, min(fe, ls + 40))!r}")
-            idx = _lookup_name(b, ls, fe)
+                if folded is None:
+                    _finish(src, idx, ns, ne, b, vs, ve, n)
+                else:
+                    _finish_folded(src, idx, ns, ne, folded)
+                    folded = None
+            # field-name = token, then HCOLON: the name is what precedes the first
+            # colon; a known name is a token, so only another one is checked
+            colon = msilo_find(b, ls, le, n, 58)
+            if colon < 0:
+                raise _ParseError(
+                    f"header line without a colon: {_s(b, ls, min(le, ls + 40))!r}")
+            fe = colon
+            while fe > ls and (b[fe - 1] == 32 or b[fe - 1] == 9):
+                fe -= 1
+            idx = _lookup_name(b, ls, fe, n)
+            if idx < 0 and not _all(b, ls, fe, C_TOKEN):
+                raise _ParseError(f"bad header name {_s(b, ls, min(fe, ls + 40))!r}")
             named = True
             ns = ls
             ne = fe
@@ -1605,7 +2111,10 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
             break
         ls = nl + 1
     if named:
-        _finish(src, f, idx, ns, ne, b, vs, ve, folded)
+        if folded is None:
+            _finish(src, idx, ns, ne, b, vs, ve, n)
+        else:
+            _finish_folded(src, idx, ns, ne, folded)
     # §8.2.2 / §16.3: To, From, Call-ID, CSeq and Via are mandatory
     if f.to is None:
         raise _ParseError("missing To header")
@@ -1646,9 +2155,7 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
     msilo_put(f.via, V_SOURCE, src)
     msilo_put(f.from_, NA_SOURCE, src)
     msilo_put(f.to, NA_SOURCE, src)
-    f.via = f.from_ = f.to = f.cseq = f.call_id = None
-    f.max_forwards = f.expires = f.content_length = None
-    f.method = f.cseq_method = f.request_uri = None
+    f.via = f.from_ = f.to = None
     return msg
 
 

@@ -1859,6 +1859,22 @@ cdef class _Source:
             out.append((name, _s(self.base(h), h.vs, h.ve)))
         return out
 
+    def response_headers(self):
+        """(name, value) of every Via, From, To, Call-ID and CSeq, in order: what a
+        response copies (RFC 3261 §8.2.6.2), without building the other headers."""
+        cdef list out = []
+        cdef HeaderSpan* h
+        cdef int k, hid
+        for k in range(self.count):
+            h = &self.spans[k]
+            if h.idx < 0:
+                continue  # not a known name, so none of these five
+            hid = _known_id[h.idx]
+            if (hid == H_VIA or hid == H_FROM or hid == H_TO or hid == H_CALL_ID
+                    or hid == H_CSEQ):
+                out.append((_known_strs[h.idx], _s(self.base(h), h.vs, h.ve)))
+        return out
+
     def content_type(self):
         cdef HeaderSpan* h
         if self.ctype < 0:

@@ -163,7 +163,7 @@ def build_response(
     to = request.to
     add_tag = status > 100 and to is not None and to.tag is None
     replace_via = top_via is not None
-    for name, value in request.headers:
+    for name, value in request.response_headers():
         prefix = get(name)
         if prefix is None:
             continue

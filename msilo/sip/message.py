@@ -12,7 +12,7 @@ except the body, which stays ``bytes``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 
 class _Value:
@@ -237,6 +237,10 @@ class Contact(_Value):
     params: dict[str, str | None]
 
 
+# The headers a response copies from its request (RFC 3261 §8.2.6.2).
+RESPONSE_COPIED: Final = frozenset({"via", "from", "to", "call-id", "cseq"})
+
+
 class SipMessage(_Value):
     """Fields common to requests and responses.
 
@@ -346,6 +350,14 @@ class SipMessage(_Value):
     @allow.setter
     def allow(self, value: tuple[str, ...] | None) -> None:
         self._allow = value
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """Every Via, From, To, Call-ID and CSeq in order: what a response copies
+        (RFC 3261 §8.2.6.2).  Unlike ``headers`` it builds none of the others."""
+        value = self._headers
+        if value is PENDING:
+            return self._source.response_headers()  # type: ignore[no-any-return]
+        return [(name, v) for name, v in value if name in RESPONSE_COPIED]
 
     def get_header(self, name: str) -> str | None:
         """First value of a header (case-insensitive; compact forms accepted), or None."""

@@ -39,9 +39,11 @@ class _Channel:
 
 
 def _pause_ms(count: int, retire: bool, rounds: int = 5) -> tuple[float, int]:
-    original = ServerTransaction._retire
+    original = ServerTransaction._retire, ServerTransaction.replay_state
     if not retire:
+        # As before: the whole transaction (and its parsed request) waits out Timer J.
         ServerTransaction._retire = lambda self: None  # type: ignore[method-assign]
+        ServerTransaction.replay_state = lambda self: self  # type: ignore[method-assign,assignment,return-value]
     try:
         layer = TransactionLayer(
             lambda request, txn: txn.respond(202, "Accepted"),
@@ -65,7 +67,7 @@ def _pause_ms(count: int, retire: bool, rounds: int = 5) -> tuple[float, int]:
         layer.close()
         return statistics.median(pauses), tracked
     finally:
-        ServerTransaction._retire = original  # type: ignore[method-assign]
+        ServerTransaction._retire, ServerTransaction.replay_state = original  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -79,7 +81,7 @@ def main() -> None:
     retired, retired_objects = _pause_ms(count, retire=True)
     print(f"{count} completed transactions ({args.rate}/s x {args.timer_j:g} s of Timer J)")
     print(f"  parsed request kept : full GC {kept:6.1f} ms, {kept_objects} tracked objects")
-    print(f"  retired             : full GC {retired:6.1f} ms, {retired_objects} tracked objects")
+    print(f"  replay tuple only   : full GC {retired:6.1f} ms, {retired_objects} tracked objects")
     print(f"  ratio               : {kept / retired:.1f}x shorter pauses")
 
 

@@ -22,7 +22,13 @@ from msilo.sip.build import HeaderLine, OutgoingRequest, build_request
 from msilo.sip.message import SipRequest, SipResponse
 from msilo.transaction.client import ClientTransaction
 from msilo.transaction.clock import Clock, DeadlineQueue, ExpiringKeys, TimerValues
-from msilo.transaction.server import ServerTransaction, State, server_key
+from msilo.transaction.server import (
+    Replay,
+    ServerTransaction,
+    State,
+    replay_address,
+    server_key,
+)
 from msilo.transport.base import RELIABLE, SendFunction, Source, Target, select_transport
 
 log = logging.getLogger("msilo.txn")
@@ -92,7 +98,10 @@ class TransactionLayer:
         self._sent_by = sent_by
         self._max_pending = max_pending
         self._pending = 0  # server transactions without a final response
-        self._server: dict[Hashable, ServerTransaction] = {}
+        # A completed UDP transaction waits out Timer J as a plain (response, rport,
+        # via port) tuple: of strings and ints, so the garbage collector stops tracking
+        # it (tens of thousands at a time; full collections walked every one of them).
+        self._server: dict[Hashable, ServerTransaction | Replay] = {}
         self._client: dict[tuple[str, str], ClientTransaction] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         t = self.timers
@@ -150,9 +159,12 @@ class TransactionLayer:
         if request.cseq.method != request.method:
             raise ParseError("CSeq method does not match the request method")
         key = server_key(request)
-        txn = self._server.get(key)
-        if txn is not None:
-            txn.absorb(source)
+        entry = self._server.get(key)
+        if entry is not None:
+            if isinstance(entry, tuple):
+                self._replay(entry, source)
+            else:
+                entry.absorb(source)
             return
         if request.method == "ACK":
             # An ACK is never answered (§17.1.1.3); one that matches no INVITE
@@ -229,14 +241,27 @@ class TransactionLayer:
         if txn.source.reliable:
             self._remove_server(txn)
         else:
-            # Until Timer J fires the key names this transaction: nothing else removes a
-            # completed one, so no later transaction can have taken the key meanwhile.
+            # Until Timer J fires the key names this replay: nothing else removes one, so
+            # no later transaction can have taken the key meanwhile.
+            if self._server.get(txn.key) is txn and txn.last_response is not None:
+                self._server[txn.key] = txn.replay_state()
             self._timer_j.push(txn.key)
 
+    def _replay(self, entry: Replay, source: Source) -> None:
+        """A retransmission of a completed request: send the final response again."""
+        self.stats.responses_replayed += 1
+        data, rport, via_port = entry
+        try:
+            source.channel.reply(data, replay_address(source.addr, rport, via_port), None)
+        except OSError as exc:
+            log.info("event=replay_failed peer=%r error=%r", source, exc)
+
     def _expire_server(self, key: Hashable) -> None:
-        txn = self._server.get(key)
-        if txn is not None and txn.state is State.COMPLETED:
-            self._remove_server(txn)
+        entry = self._server.get(key)
+        if isinstance(entry, tuple):
+            del self._server[key]
+        elif entry is not None and entry.state is State.COMPLETED:
+            self._remove_server(entry)
 
     def _remove_server(self, txn: ServerTransaction) -> None:
         txn.state = State.TERMINATED
@@ -245,7 +270,7 @@ class TransactionLayer:
 
     def _abandon_server(self, key: Hashable) -> None:
         txn = self._server.get(key)
-        if txn is None or txn.final:
+        if txn is None or isinstance(txn, tuple) or txn.final:
             return
         self.stats.abandoned += 1
         self._pending -= 1

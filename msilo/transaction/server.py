@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Hashable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from msilo.sip.build import MAGIC_COOKIE, HeaderLine, annotate_via, build_response, new_tag
 from msilo.sip.message import SipRequest
@@ -64,6 +64,18 @@ def server_key(request: SipRequest) -> Hashable:
         method,
         via.raw,
     )
+
+
+# (final response, Via asked for rport, Via sent-by port): a completed UDP transaction.
+Replay = tuple[bytes, bool, int]
+
+
+def replay_address(addr: tuple[Any, ...], rport: bool, via_port: int) -> tuple[str, int]:
+    """Where a replayed response goes: RFC 3261 §18.2.2 with RFC 3581 §4 -- the source
+    address, with the source port only when the Via asked for ``rport``."""
+    if rport or via_port == addr[1]:
+        return (str(addr[0]), int(addr[1]))
+    return (str(addr[0]), via_port)
 
 
 class ServerTransaction:
@@ -180,19 +192,23 @@ class ServerTransaction:
         return True
 
     def absorb(self, source: Source) -> None:
-        """Handle a retransmission of our request: replay the last response, if any."""
+        """Handle a retransmission of our request: replay the last response, if any.
+
+        (Once a UDP transaction is complete the layer replays from ``replay_state``.)"""
         layer = self._layer
-        if self.last_response is None:
+        if self.last_response is None or self.request is None:
             layer.stats.retransmissions_absorbed += 1
             return
         layer.stats.responses_replayed += 1
         try:
-            if self.request is not None:
-                source.reply(self.last_response, self.request.via)
-            else:
-                source.channel.reply(self.last_response, self._replay_address(source), None)
+            source.reply(self.last_response, self.request.via)
         except OSError as exc:
             log.info("event=replay_failed peer=%r error=%r", source, exc)
+
+    def replay_state(self) -> Replay:
+        """What answering a retransmission needs once complete: see :func:`replay_address`."""
+        assert self.last_response is not None
+        return (self.last_response, self._rport, self._via_port)
 
     def _retire(self) -> None:
         """Keep only what replaying the final response needs through Timer J.
@@ -214,12 +230,6 @@ class ServerTransaction:
         # Only for building responses, and no response follows a final one.
         self._top_via = None
         self._to_tag = None
-
-    def _replay_address(self, source: Source) -> tuple[str, int]:
-        addr = source.addr
-        if self._rport or self._via_port == addr[1]:
-            return (str(addr[0]), int(addr[1]))
-        return (str(addr[0]), self._via_port)
 
     def __repr__(self) -> str:
         return f"ServerTransaction({self.method} call_id={self.call_id} state={self.state.value})"

@@ -101,7 +101,7 @@ def test_timer_j_keeps_the_transaction_64_t1_over_udp_then_removes_it() -> None:
     assert len(handler.calls) == 1 and layer.server_count == 1
     net.clock.advance(0.1)
     assert layer.server_count == 0
-    assert handler.calls[0][1].state is State.TERMINATED
+    assert handler.calls[0][1].final  # the layer, not the object, waited out Timer J
     net.deliver(request)  # past Timer J: a new request as far as we can tell
     assert len(handler.calls) == 2
 

@@ -235,7 +235,10 @@ class Worker:
         route = load_route(config.server.route) if config.server.route else None
         settings = service_settings(config)
         self.writer = BatchWriter(
-            self.store, max_messages=config.msilo.max_messages, on_flush=self._flushed
+            self.store,
+            max_messages=config.msilo.max_messages,
+            max_inflight=self.store.write_concurrency,
+            on_flush=self._flushed,
         )
         self.writer.start()
         self.transports = Transports(

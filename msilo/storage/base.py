@@ -235,6 +235,9 @@ class Store(abc.ABC):
     """
 
     names: SiloNames
+    #: How many ``store_batch`` calls are worth running at once (the batch writer's
+    #: flushes in flight): one for a single-writer database.
+    write_concurrency: int = 1
 
     @abc.abstractmethod
     async def open(self) -> None:

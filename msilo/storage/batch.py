@@ -3,11 +3,11 @@
 When fewer than ``max_inflight`` flushes are running, a request is flushed at once (no
 added latency when idle); while they all run, requests queue up and all of them (up to
 ``max_batch``) go in the next flush as soon as one returns.  Batches therefore grow with
-the load by themselves, without a timer.  Up to eight flushes in flight by default (a
-worker's pool size): a request that arrives while commits wait for their WAL flush starts
-its own at once, and PostgreSQL's group commit flushes concurrent commits together --
-measured at 2,000 MESSAGE/s on the 2-core VM, p50/p99 8.4/27.5 ms with two in flight,
-4.5/16.5 ms with eight.
+the load by themselves, without a timer.  With PostgreSQL, up to a pool's worth of
+flushes run at once (eight by default; SQLite, a single writer, takes one at a time): a
+request that arrives while commits wait for their WAL flush starts its own at once, and
+PostgreSQL's group commit flushes concurrent commits together -- measured at 2,000
+MESSAGE/s on the 2-core VM, p50/p99 8.4/27.5 ms with two in flight, 4.5/16.5 ms with eight.
 
 Every caller awaits its own row's fate, and learns it only after the commit that holds the
 row: a failed flush fails every caller of that batch, so nothing is acknowledged that was not

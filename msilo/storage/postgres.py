@@ -286,6 +286,9 @@ class PostgresStore(Store):
         self._where = _where(dsn)
         self._min_size = min_size
         self._max_size = max_size
+        # Concurrent commits share PostgreSQL's WAL flushes (group commit): one flush per
+        # pooled connection.
+        self.write_concurrency = max_size
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._application_name = application_name

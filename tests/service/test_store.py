@@ -235,7 +235,9 @@ async def test_silo_mode_accepts_only_trusted_proxies(server: ServerFactory) -> 
 async def test_a_full_batch_queue_is_answered_503_with_retry_after(server: ServerFactory) -> None:
     srv = await server(SILO)
     assert srv.worker.writer is not None
-    srv.worker.writer.max_queue = 2  # tiny, so that a stalled database fills it at once
+    # Tiny, so that a stalled database fills it at once: one flush in flight, two waiting.
+    srv.worker.writer.max_queue = 2
+    srv.worker.writer.max_inflight = 1
     senders = [await srv.agent(f"s{i}") for i in range(6)]
     table = srv.config.msilo.db_table
     url = srv.config.msilo.db_url

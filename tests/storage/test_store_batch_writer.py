@@ -14,6 +14,7 @@ from storage_helpers import OWNER, message
 from msilo.errors import DatabaseUnavailable, InvalidRecord, QueueFull, StorageError
 from msilo.storage import BatchWriter, NewMessage, Store, StoreOutcome, StoreResult
 from msilo.storage.postgres import PostgresStore
+from msilo.storage.sqlite import SQLiteStore
 
 
 class GatedStore:
@@ -299,3 +300,10 @@ async def test_idle_connections_killed_by_the_server_do_not_fail_the_next_flush(
         assert all(r.outcome is StoreOutcome.STORED for r in await asyncio.gather(*keyed))
     assert await store.count(*OWNER) == 50
     await w.close()
+
+
+async def test_flushes_in_flight_follow_what_the_database_can_take(store: Store) -> None:
+    # PostgreSQL commits a pool's worth of flushes at once (group commit shares their WAL
+    # flush); SQLite has one writer, so a second flush would only wait for the first.
+    expected = 1 if isinstance(store, SQLiteStore) else 8
+    assert store.write_concurrency == expected

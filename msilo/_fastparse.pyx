@@ -710,6 +710,29 @@ cdef str _unquote_str(str text):
     return text
 
 
+cdef inline Py_ssize_t _param_value(cp b, Py_ssize_t ns, Py_ssize_t ne, Py_ssize_t eq,
+                                    Py_ssize_t e, Py_ssize_t* end) except -2:
+    """The value of the parameter named b[ns:ne] with "=" at ``eq``, ending by ``e``:
+    its start, its end in ``*end``; an empty value, a bad quoted string or a token
+    value with SP, HTAB or DQUOTE is a ParseError."""
+    cdef Py_ssize_t vs = _lskip(b, eq + 1, e)
+    cdef Py_ssize_t ve = _rskip(b, vs, e)
+    cdef Py_ssize_t k
+    cdef unsigned char c
+    if vs >= ve:
+        raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r} has an empty value")
+    if b[vs] == 34:
+        if _quoted_end(b, vs, ve) != ve:
+            raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r}: bad quoted string")
+    else:
+        for k in range(vs, ve):
+            c = b[k]
+            if c == 32 or c == 9 or c == 34:
+                raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r}: bad value")
+    end[0] = ve
+    return vs
+
+
 cdef dict _params(cp b, Py_ssize_t i, Py_ssize_t j, bint build=True):
     """``generic-param *( SEMI generic-param )`` over b[i:j]; see the twin.
 
@@ -717,8 +740,7 @@ cdef dict _params(cp b, Py_ssize_t i, Py_ssize_t j, bint build=True):
     result is None: what a deferred header needs at parse time.
     """
     cdef dict params = {} if build else None
-    cdef Py_ssize_t s = i, e, eq, ns, ne, vs, ve, k
-    cdef unsigned char c
+    cdef Py_ssize_t s = i, e, eq, ns, ne, vs, ve
     cdef object name = None
     while True:
         e = _next_sep(b, s, j, 59)
@@ -736,19 +758,7 @@ cdef dict _params(cp b, Py_ssize_t i, Py_ssize_t j, bint build=True):
             if build:
                 PyDict_SetItem(params, name, None)
         else:
-            vs = _lskip(b, eq + 1, e)
-            ve = _rskip(b, vs, e)
-            if vs >= ve:
-                raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r} has an empty value")
-            if b[vs] == 34:
-                if _quoted_end(b, vs, ve) != ve:
-                    raise _ParseError(
-                        f"parameter {_case_s(b, ns, ne, False)!r}: bad quoted string")
-            else:
-                for k in range(vs, ve):
-                    c = b[k]
-                    if c == 32 or c == 9 or c == 34:
-                        raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r}: bad value")
+            vs = _param_value(b, ns, ne, eq, e, &ve)
             if build:
                 PyDict_SetItem(params, name, _s(b, vs, ve))
         if e >= j:
@@ -769,9 +779,8 @@ cdef int _params_cap(cp b, Py_ssize_t i, Py_ssize_t j, bint via, ParamCap* cap) 
 
     Name-addr (``via`` false): tag in slot 0.  Via: branch, received, rport in 0, 1, 2.
     """
-    cdef Py_ssize_t s = i, e, eq, ns, ne, vs, ve, k
+    cdef Py_ssize_t s = i, e, eq, ns, ne, vs, ve
     cdef int slot
-    cdef unsigned char c
     while True:
         e = _next_sep(b, s, j, 59)
         eq = _find(b, s, e, 61)
@@ -794,19 +803,7 @@ cdef int _params_cap(cp b, Py_ssize_t i, Py_ssize_t j, bint via, ParamCap* cap) 
             if slot >= 0:
                 cap.s[slot] = -2
         else:
-            vs = _lskip(b, eq + 1, e)
-            ve = _rskip(b, vs, e)
-            if vs >= ve:
-                raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r} has an empty value")
-            if b[vs] == 34:
-                if _quoted_end(b, vs, ve) != ve:
-                    raise _ParseError(
-                        f"parameter {_case_s(b, ns, ne, False)!r}: bad quoted string")
-            else:
-                for k in range(vs, ve):
-                    c = b[k]
-                    if c == 32 or c == 9 or c == 34:
-                        raise _ParseError(f"parameter {_case_s(b, ns, ne, False)!r}: bad value")
+            vs = _param_value(b, ns, ne, eq, e, &ve)
             if slot >= 0:
                 cap.s[slot] = vs
                 cap.e[slot] = ve

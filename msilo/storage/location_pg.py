@@ -58,6 +58,12 @@ BEGIN
 END
 """
 
+# The input arguments' types: the function's identity.
+FUNCTION_ARGS = (
+    "text, text, text[], text[], text[], text[], text[], bigint[], real[], text[], integer[], "
+    "text[], text[], text[], bigint[]"
+)
+
 _PARAMS = (
     "p_username text, p_domain text, p_versions text[], p_removes text[], "
     "p_contact text[], p_received text[], p_path text[], p_expires bigint[], p_q real[], "

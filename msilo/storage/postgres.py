@@ -255,6 +255,25 @@ def store_function_ddl(function: str, source: str) -> str:
 LANGUAGE plpgsql VOLATILE AS $msilo${source}$msilo$"""
 
 
+async def _function_source(conn: Conn, function: str, args: str) -> str | None:
+    """The body of ``function(args)`` (``function`` quoted as needed), or None if absent."""
+    src: str | None = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)", f"{function}({args})"
+    )
+    return src
+
+
+async def _ensure_source(
+    conn: Conn, function: str, args: str, source: str, ddl: str, actions: list[str]
+) -> None:
+    """Create ``function`` or replace it when its body is not ``source``."""
+    current = await _function_source(conn, function, args)
+    if current != source:
+        await conn.execute(ddl)
+        verb = "created" if current is None else "updated"
+        actions.append(f"{verb} function {function.strip(chr(34))}")
+
+
 async def _fetchval(query: str, args: Sequence[Any], conn: Conn) -> Any:
     return await conn.fetchval(query, *args)
 
@@ -476,7 +495,7 @@ class PostgresStore(Store):
             await self._version(conn, table),
             fold_case=False,
         )
-        if await self._function_source(conn) is None:
+        if await _function_source(conn, quote_ident(self.function), STORE_FUNCTION_ARGS) is None:
             raise SchemaError(
                 f"function {self.function} (stores batches into {table!r}) is missing: "
                 f"run `msilo db upgrade`"
@@ -502,13 +521,14 @@ class PostgresStore(Store):
                 actions.append(f"created table {table}")
             if await self._ensure_version_row(conn, table, version):
                 actions.append(f"set version of {table} to {version}")
-        current = await conn.fetchval(
-            "SELECT prosrc FROM pg_proc WHERE oid = to_regproc($1)", location_pg.FUNCTION
+        await _ensure_source(
+            conn,
+            location_pg.FUNCTION,
+            location_pg.FUNCTION_ARGS,
+            location_pg.SOURCE,
+            location_pg.DDL,
+            actions,
         )
-        if current != location_pg.SOURCE:
-            await conn.execute(location_pg.DDL)
-            verb = "created" if current is None else "updated"
-            actions.append(f"{verb} function {location_pg.FUNCTION}")
         # Checked first: CREATE ... IF NOT EXISTS would still take locks on every start.
         if await self._columns(conn, subscriber.NONCE_TABLE) is None:
             for stmt in subscriber.nonce_table_ddl():
@@ -525,11 +545,14 @@ class PostgresStore(Store):
 
     async def _ensure_function(self, conn: Conn, actions: list[str]) -> None:
         source = store_function_source(self._sql, await self._sequence(conn))
-        current = await self._function_source(conn)
-        if current != source:
-            await conn.execute(store_function_ddl(self.function, source))
-            verb = "created" if current is None else "updated"
-            actions.append(f"{verb} function {self.function}")
+        await _ensure_source(
+            conn,
+            quote_ident(self.function),
+            STORE_FUNCTION_ARGS,
+            source,
+            store_function_ddl(self.function, source),
+            actions,
+        )
 
     async def _create(self, conn: Conn) -> list[str]:
         actions: list[str] = []

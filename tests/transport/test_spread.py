@@ -115,3 +115,20 @@ def test_the_program_always_returns_an_index_below_the_group_size(groups: int) -
     insns = program(groups)
     assert len(insns) < 4096  # BPF_MAXINSNS
     assert insns[-2] == (0x04 | 0x90, 0, 0, groups)  # A %= groups, then return A
+
+
+def test_a_refused_program_is_logged_and_the_kernel_hash_stays(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The kernel refuses the program on a socket outside a reuseport group (as an old or
+    # locked-down kernel would on any): one warning, no exception, datagrams still flow.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        assert spread_by_content(sock, 2) is False
+        assert "event=spread_unavailable" in caplog.text
+        _send(sock.getsockname()[1], [_request(1)])
+        sock.settimeout(2)
+        assert sock.recv(65535) == _request(1)
+    finally:
+        sock.close()

@@ -131,8 +131,12 @@ def split_aor(text: str) -> tuple[str, str]:
     return user, domain.lower()
 
 
-def open_configured_store(config: Config) -> Store:
-    """The storage backend the configuration names (not yet opened)."""
+def open_configured_store(config: Config, *, serving: bool = False) -> Store:
+    """The storage backend the configuration names (not yet opened).
+
+    ``serving``: for a process of ``msilo serve``, whose PostgreSQL pool is opened whole
+    and warmed at start (``PostgresStore(warm=True)``); a command gets a lazy pool.
+    """
     from msilo.storage import open_store
     from msilo.storage.base import SiloNames
 
@@ -150,7 +154,14 @@ def open_configured_store(config: Config) -> Store:
         inc_time=m.sc_inc_time,
         snd_time=m.sc_snd_time,
     )
-    return open_store(m.db_url, names)
+    postgres = m.db_url.startswith(("postgres://", "postgresql://"))
+    serving_options = {"warm": True} if serving and postgres else {}
+    return open_store(m.db_url, names, **serving_options)
+
+
+def open_serving_store(config: Config) -> Store:
+    """``open_configured_store`` for a serving process (picklable for spawned children)."""
+    return open_configured_store(config, serving=True)
 
 
 async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -> int:
@@ -261,7 +272,7 @@ async def _cmd_serve(config: Config, overrides: Sequence[str] = ()) -> int:
 
     # The loop running this coroutine stays idle: the supervisor's main loop is synchronous
     # and its children are spawned (fork + exec), so they inherit none of it.
-    supervisor = Supervisor(config, store_factory=open_configured_store, reload=reload)
+    supervisor = Supervisor(config, store_factory=open_serving_store, reload=reload)
     return supervisor.run()
 
 

@@ -40,7 +40,7 @@ def open_store(db_url: str, names: SiloNames = DEFAULT_NAMES, **options: Any) ->
     ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` → ``SQLiteStore``
     (options: ``busy_timeout``, ``synchronous``); ``postgres://`` or ``postgresql://`` →
     ``PostgresStore`` (options: ``min_size``, ``max_size``, ``command_timeout``,
-    ``connect_timeout``, ``application_name``).
+    ``connect_timeout``, ``application_name``, ``warm``).
     """
     if not isinstance(db_url, str):
         raise ValueError(f"db_url is expected to be a string, got {type(db_url).__name__}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from msilo.storage._sql import GENERIC_PLANS
 from msilo.storage.location import COLUMNS, Binding, binding_row
 
 FUNCTION = "msilo_location_apply"
@@ -73,7 +74,7 @@ _PARAMS = (
 
 DDL = (
     f"CREATE OR REPLACE FUNCTION {FUNCTION}({_PARAMS}) RETURNS boolean "
-    f"LANGUAGE plpgsql VOLATILE AS $msilo${SOURCE}$msilo$"
+    f"LANGUAGE plpgsql VOLATILE SET {GENERIC_PLANS} AS $msilo${SOURCE}$msilo$"
 )
 
 CALL = f"SELECT {FUNCTION}({', '.join(f'${i}' for i in range(1, 16))})"

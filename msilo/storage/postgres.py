@@ -29,6 +29,7 @@ import asyncpg
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
 from msilo.storage import _sql, location_pg, subscriber
+from msilo.storage._sql import GENERIC_PLANS, GENERIC_PLANS_SETTING
 from msilo.storage.base import (
     DEFAULT_NAMES,
     SILO_VERSION,
@@ -252,7 +253,7 @@ def store_function_ddl(function: str, source: str) -> str:
     p_ctype text[], p_inc bigint[], p_exp bigint[], p_snd bigint[], p_key text[],
     p_max bigint, p_unless_online boolean[], p_now bigint,
     OUT outcomes smallint[], OUT mids bigint[])
-LANGUAGE plpgsql VOLATILE AS $msilo${source}$msilo$"""
+LANGUAGE plpgsql VOLATILE SET {GENERIC_PLANS} AS $msilo${source}$msilo$"""
 
 
 async def _function_source(conn: Conn, function: str, args: str) -> str | None:
@@ -266,9 +267,12 @@ async def _function_source(conn: Conn, function: str, args: str) -> str | None:
 async def _ensure_source(
     conn: Conn, function: str, args: str, source: str, ddl: str, actions: list[str]
 ) -> None:
-    """Create ``function`` or replace it when its body is not ``source``."""
-    current = await _function_source(conn, function, args)
-    if current != source:
+    """Create ``function`` or replace it when its body or its settings are not ours."""
+    current = await conn.fetchrow(
+        "SELECT prosrc, proconfig FROM pg_proc WHERE oid = to_regprocedure($1)",
+        f"{function}({args})",
+    )
+    if current is None or current[0] != source or current[1] != [GENERIC_PLANS_SETTING]:
         await conn.execute(ddl)
         verb = "created" if current is None else "updated"
         actions.append(f"{verb} function {function.strip(chr(34))}")
@@ -280,6 +284,26 @@ async def _fetchval(query: str, args: Sequence[Any], conn: Conn) -> Any:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset hook: nothing to undo (see ``PostgresStore.open``)."""
+
+
+class _RollBack(Exception):
+    """Ends the warm-up transaction (see ``PostgresStore._ready``)."""
+
+
+# A row no MESSAGE can address (the domain "invalid." is reserved, RFC 2606), stored and rolled
+# back on every new connection of a warm pool.
+_WARMUP_ROW = NewMessage(
+    username="msilo-warm-up",
+    domain="invalid.",
+    src_addr="sip:msilo-warm-up@invalid.",
+    dst_addr="sip:msilo-warm-up@invalid.",
+    body=b"warm-up",
+    ctype="text/plain",
+    inc_time=0,
+    exp_time=1,
+    dedupe_key="msilo-warm-up",
+    unless_online=True,
+)
 
 
 class PostgresStore(Store):
@@ -295,7 +319,11 @@ class PostgresStore(Store):
         command_timeout: float | None = 60.0,
         connect_timeout: float = 10.0,
         application_name: str = "msilo",
+        warm: bool = False,
     ) -> None:
+        """``warm``: for a serving process -- the pool opens ``max_size`` connections at
+        ``open()`` and keeps them, and each new one runs the hot statements once before its
+        first use (see ``_ready``)."""
         if max_size <= 0:
             raise ValueError("max_size is expected to be greater than zero")
         if not 0 <= min_size <= max_size:
@@ -303,8 +331,9 @@ class PostgresStore(Store):
         self.dsn = dsn
         self.names = names
         self._where = _where(dsn)
-        self._min_size = min_size
+        self._min_size = max_size if warm else min_size
         self._max_size = max_size
+        self.warm = warm
         # Concurrent commits share PostgreSQL's WAL flushes (group commit): one flush per
         # pooled connection.
         self.write_concurrency = max_size
@@ -424,8 +453,12 @@ class PostgresStore(Store):
                 # "RESET ALL; UNLISTEN *; ..." on every release -- buys nothing; an
                 # open transaction is still rolled back before our no-op runs.
                 reset=_keep_session,
+                init=self._ready if self.warm else None,
                 min_size=self._min_size,
                 max_size=self._max_size,
+                # A warm pool's connections stay through quiet hours: a connection closed
+                # when idle would pay its warm-up again on the first message after them.
+                max_inactive_connection_lifetime=0 if self.warm else 300.0,
                 command_timeout=self._command_timeout,
                 timeout=self._connect_timeout,
                 server_settings={"application_name": self._application_name},
@@ -434,6 +467,32 @@ class PostgresStore(Store):
             raise DatabaseUnavailable(
                 f"cannot connect to PostgreSQL at {self._where}: {exc}"
             ) from exc
+
+    async def _ready(self, conn: Conn) -> None:
+        """Run the hot statements once on a new connection, in a transaction rolled back.
+
+        A new PostgreSQL backend plans the store function's statements and loads the silo's
+        and the location table's catalog entries on first use: about 30 ms here.  A worker
+        starting under load opened eight connections on the first burst and paid it eight
+        times over on two cores -- a 200 ms stall and retransmissions.  Done here, the cost
+        is paid at start-up (and on a reconnect) instead, and asyncpg's statement cache then
+        holds the prepared statements.  A failure leaves the connection usable: the real
+        statement will report what is wrong.
+        """
+        now = int(time.time())
+        try:
+            async with conn.transaction():
+                await conn.fetchrow(self._q_store, *self._store_args([_WARMUP_ROW], 1, now))
+                await conn.fetch(self._q_lookup_many, [_WARMUP_ROW.username], ["invalid."], [now])
+                await conn.fetch(
+                    self._q_claim, _WARMUP_ROW.username, "invalid.", now, 1, now, "warm-up"
+                )
+                await conn.fetch(self._q_delete, [])
+                raise _RollBack
+        except _RollBack:
+            pass
+        except asyncpg.PostgresError as exc:
+            log.warning("event=db_warm_up_failed where=%s error=%r", self._where, str(exc))
 
     async def close(self) -> None:
         """Close the pool, waiting for queries in flight (bounded, then terminate)."""
@@ -465,13 +524,6 @@ class PostgresStore(Store):
             return None
         v = await conn.fetchval("SELECT table_version FROM version WHERE table_name = $1", table)
         return None if v is None else int(v)
-
-    async def _function_source(self, conn: Conn) -> str | None:
-        src: str | None = await conn.fetchval(
-            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)",
-            f"{quote_ident(self.function)}({STORE_FUNCTION_ARGS})",
-        )
-        return src
 
     async def _sequence(self, conn: Conn) -> str:
         seq: str | None = await conn.fetchval(
@@ -658,21 +710,7 @@ class PostgresStore(Store):
         for m in messages:
             validate_message(m)
         batch, slots = fold_repeated_keys(messages)
-        args = (
-            [m.username for m in batch],
-            [m.domain for m in batch],
-            [m.src_addr for m in batch],
-            [m.dst_addr for m in batch],
-            [bytes(m.body) if m.body else None for m in batch],  # OpenSIPS: NULL for no body
-            [m.ctype for m in batch],
-            [m.inc_time for m in batch],
-            [m.exp_time for m in batch],
-            [m.snd_time for m in batch],
-            [m.dedupe_key for m in batch],
-            max_messages,
-            [m.unless_online for m in batch],
-            int(time.time()),
-        )
+        args = self._store_args(batch, max_messages, int(time.time()))
         query = self._q_store
 
         async def run(conn: Conn) -> tuple[list[int], list[int | None]]:
@@ -696,6 +734,25 @@ class PostgresStore(Store):
         )
         results = [StoreResult(kinds[o], mid) for o, mid in zip(outcomes, mids, strict=True)]
         return unfold_results(results, slots)
+
+    @staticmethod
+    def _store_args(batch: Sequence[NewMessage], max_messages: int, now: int) -> tuple[Any, ...]:
+        """The store function's arguments: one array per column, then the quota and now."""
+        return (
+            [m.username for m in batch],
+            [m.domain for m in batch],
+            [m.src_addr for m in batch],
+            [m.dst_addr for m in batch],
+            [bytes(m.body) if m.body else None for m in batch],  # OpenSIPS: NULL for no body
+            [m.ctype for m in batch],
+            [m.inc_time for m in batch],
+            [m.exp_time for m in batch],
+            [m.snd_time for m in batch],
+            [m.dedupe_key for m in batch],
+            max_messages,
+            [m.unless_online for m in batch],
+            now,
+        )
 
     # --- delivery ---------------------------------------------------------------------------
 

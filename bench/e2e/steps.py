@@ -29,8 +29,16 @@ class Options:
     sipp_grace: float  # seconds sipp may run past its nominal duration
 
 
+# sipp's own socket buffers (64 KB by default): when sipp stalls for a few ms at 4,000/s,
+# the answers overflow them and the kernel drops them on sipp's side (seen as drops on
+# sipp's port in /proc/net/udp), and the retransmission then fails the step of whichever
+# server is measured. The load generator must not be what is measured.
+SIPP_BUFFER = 4 * 1024 * 1024
+
+
 def _common(stat: Path, short: Path | None) -> list[str]:
-    argv = ["-nostdin", "-trace_stat", "-stf", stat.name, "-fd", "1"]
+    argv = ["-nostdin", "-buff_size", str(SIPP_BUFFER), "-trace_stat", "-stf", stat.name]
+    argv += ["-fd", "1"]
     if short is not None:
         argv += ["-trace_shortmsg", "-shortmessage_file", short.name]
     return argv

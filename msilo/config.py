@@ -360,7 +360,7 @@ class MsiloConfig:
     outbound_proxy: str | None = field(
         default=None,
         metadata=_doc(
-            "next hop for every request msilo sends (notifications, dumps, reminders)",
+            "next hop for every request msilo sends (notifications, dumps, reminders, relays)",
             _sip_uri(False),
         ),
     )

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from msilo.errors import ParseError, StorageError
-from msilo.routing.delivery import Deliverer
+from msilo.routing.delivery import Deliverer, Hop
 from msilo.sip.parser import parse_uri
 from msilo.storage.base import Store, StoredMessage
 from msilo.storage.location import Binding
@@ -22,7 +22,7 @@ from msilo.transport.base import Target
 log = logging.getLogger("msilo.leader")
 
 Lookup = Callable[[str, str], Awaitable[list[Binding]]]
-TargetFor = Callable[[Binding], Target]
+HopFor = Callable[[Binding], Hop]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class TimerCycles:
         *,
         count: Callable[[str, int], None],
         lookup: Lookup,
-        target_for: TargetFor,
+        hop_for: HopFor,
         purge_bindings: Callable[[int], Awaitable[int]] | None = None,
     ) -> None:
         self.store = store
@@ -61,7 +61,7 @@ class TimerCycles:
         self.settings = settings
         self._count = count
         self._lookup = lookup
-        self._target_for = target_for
+        self._hop_for = hop_for
         self._purge_bindings = purge_bindings
         self._cycle = 0
 
@@ -128,20 +128,26 @@ class TimerCycles:
 
     async def _remind(self, row: StoredMessage, reminder: str) -> None:
         aor_uri = f"sip:{row.username}@{row.domain}"
-        targets: list[tuple[str, Target]] = []
+        targets: list[tuple[str, Hop]] = []
         if self.settings.mode == "registrar":
             for binding in await self._lookup(row.username, row.domain):
-                targets.append((binding.contact, self._target_for(binding)))
+                targets.append((binding.contact, self._hop_for(binding)))
         else:
-            targets.append((aor_uri, Target.from_uri(parse_uri(aor_uri))))
+            targets.append((aor_uri, Hop(Target.from_uri(parse_uri(aor_uri)))))
         delivered = False
         if targets:
             results = await asyncio.gather(
                 *(
                     self.deliverer.send_row(
-                        row, uri, target, reminder=True, from_=reminder, to=aor_uri
+                        row,
+                        uri,
+                        hop.target,
+                        reminder=True,
+                        from_=reminder,
+                        to=aor_uri,
+                        route=hop.route,
                     )
-                    for uri, target in targets
+                    for uri, hop in targets
                 )
             )
             delivered = any(r.success for r in results)

@@ -16,11 +16,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from msilo.errors import StorageError
+from msilo.errors import ParseError, StorageError
 from msilo.routing.timefmt import date_prefix, has_date_prefix
+from msilo.sip.parser import parse_uri, route_uris
 from msilo.storage.base import Store, StoredMessage
+from msilo.storage.location import Binding
 from msilo.transaction.client import ClientResult
 from msilo.transport.base import Target
 
@@ -135,11 +137,16 @@ class Deliverer:
         reminder: bool = False,
         from_: str | None = None,
         to: str | None = None,
+        route: Sequence[str] = (),
     ) -> ClientResult:
-        """Send one stored row to ``uri`` via ``target`` and return the final outcome."""
+        """Send one stored row to ``uri`` via ``target`` and return the final outcome.
+
+        ``route`` is the contact's Route set (its registered Path, RFC 3327).
+        """
         return await self.requester.send_message(
             uri,
             self.next_hop(target),
+            route=tuple(route),
             from_=from_ or row.src_addr,
             to=to or row.dst_addr,
             body=delivery_body(row, self.settings, reminder=reminder),
@@ -149,9 +156,19 @@ class Deliverer:
         )
 
     async def dump(
-        self, username: str, domain: str, uri: str, target: Target, *, limit: int | None = None
+        self,
+        username: str,
+        domain: str,
+        uri: str,
+        target: Target,
+        *,
+        limit: int | None = None,
+        route: Sequence[str] = (),
     ) -> DumpReport:
-        """Deliver the user's stored messages to the contact ``uri`` (D5, D6)."""
+        """Deliver the user's stored messages to the contact ``uri`` (D5, D6).
+
+        ``route`` is the contact's Route set (the REGISTER's Path, RFC 3327).
+        """
         report = DumpReport()
         kept: list[int] = []  # failed rows stay leased until this dump ends, then released
         deleting: list[asyncio.Task[int]] = []  # deletes of delivered rows still in flight
@@ -175,7 +192,9 @@ class Deliverer:
                     break
                 if remaining is not None:
                     remaining -= len(rows)
-                stopped = await self._send_rows(rows, uri, target, report, kept, deleting)
+                stopped = await self._send_rows(
+                    rows, Hop(target, tuple(route)), uri, report, kept, deleting
+                )
                 if stopped or len(rows) < size:
                     break
         except StorageError as exc:
@@ -199,14 +218,14 @@ class Deliverer:
     async def _send_rows(
         self,
         rows: list[StoredMessage],
+        hop: Hop,
         uri: str,
-        target: Target,
         report: DumpReport,
         kept: list[int],
         deleting: list[asyncio.Task[int]],
     ) -> bool:
         for index, row in enumerate(rows):
-            result = await self.send_row(row, uri, target)
+            result = await self.send_row(row, uri, hop.target, route=hop.route)
             if result.success:
                 # Concurrent dumps' deletes share one DELETE (the store coalesces them).
                 deleting.append(asyncio.ensure_future(self.store.delete_delivered([row.mid])))
@@ -248,6 +267,54 @@ class Deliverer:
             log.error("event=lease_release_failed mids=%s error=%s", mids, exc)
 
 
+class Hop(NamedTuple):
+    """How a request reaches a contact: the next hop and the Route set it carries."""
+
+    target: Target
+    route: tuple[str, ...] = ()
+
+
+def path_route(path: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The Route set a Path gives (RFC 3327 §5.3), topmost first; () for none.
+
+    A Path that does not parse (a row written by another registrar) is logged and
+    ignored: the contact may still be reachable directly, and a delivery must not fail
+    on it.
+    """
+    if not path:
+        return ()
+    try:
+        return tuple(route_uris([path] if isinstance(path, str) else path))
+    except ParseError as exc:
+        log.warning("event=bad_path path=%r error=%s", path, exc)
+        return ()
+
+
+def route_hop(route: Sequence[str], fallback: Target) -> Hop:
+    """The hop for a contact behind ``route``: its first URI (loose routing), else ``fallback``.
+
+    With a Path the edge proxy that added it reaches the device (and handles its NAT), so
+    the request goes there and not to the contact or the address the REGISTER came from.
+    """
+    if not route:
+        return Hop(fallback)
+    try:
+        return Hop(Target.from_uri(parse_uri(route[0])), tuple(route))
+    except ParseError as exc:
+        log.warning("event=bad_path route=%r error=%s", route[0], exc)
+        return Hop(fallback)
+
+
+def binding_hop(binding: Binding) -> Hop:
+    """How to reach a registered contact: its Path, its TCP/TLS connection, or its URI."""
+    direct: Target | None = None
+    if binding.transport in ("tcp", "tls"):
+        direct = received_target(binding.received)
+    if direct is None:
+        direct = Target.from_uri(parse_uri(binding.contact))
+    return route_hop(path_route(binding.path), direct)
+
+
 def received_target(received: str | None) -> Target | None:
     """The ``transport:ip:port`` a binding came from, as a Target."""
     if not received:
@@ -269,9 +336,13 @@ __all__ = [
     "Deliverer",
     "DeliverySettings",
     "DumpReport",
+    "Hop",
     "Requester",
+    "binding_hop",
     "delivery_body",
     "format_received",
     "is_text_plain",
+    "path_route",
     "received_target",
+    "route_hop",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from msilo.errors import SipError
 from msilo.sip.message import Contact, SipRequest
+from msilo.sip.parser import route_uris
 from msilo.storage.location import Binding, BindingPlan, PlanFunction
 
 
@@ -64,6 +65,25 @@ def requested_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[Req
     return result
 
 
+def path_lines(request: SipRequest) -> list[tuple[str, str]]:
+    """The REGISTER's Path values for its 200, when the UA said it supports Path.
+
+    RFC 3327 §5.3: the registrar returns the stored path to a UA that sent
+    ``Supported: path`` (so it learns its route), and to no other.
+    """
+    path_values = request.get_headers("path")
+    if not path_values:
+        return []
+    supported = {
+        token.strip().lower()
+        for value in request.get_headers("supported")
+        for token in value.split(",")
+    }
+    if "path" not in supported:
+        return []
+    return [("Path", value) for value in path_values]
+
+
 def plan_register(
     request: SipRequest,
     wanted: list[RequestedBinding],
@@ -79,6 +99,8 @@ def plan_register(
     cseq = request.cseq.number if request.cseq is not None else 0
     allow = request.allow
     path_values = request.get_headers("path")
+    # A Path that does not parse is the REGISTER's fault (400), not a delivery's later.
+    route_uris(path_values)
     path = ", ".join(path_values) if path_values else None
 
     def out_of_order(binding: Binding) -> bool:

@@ -36,8 +36,10 @@ from msilo.routing.delivery import (
     Deliverer,
     DumpReport,
     Requester,
+    binding_hop,
     format_received,
-    received_target,
+    path_route,
+    route_hop,
 )
 from msilo.routing.notify import NotifySettings, notification_for
 from msilo.routing.policy import ALLOW, check_request, check_source
@@ -49,6 +51,7 @@ from msilo.routing.registrar import (
     RequestedBinding,
     contact_lines,
     dump_target,
+    path_lines,
     plan_register,
     requested_bindings,
 )
@@ -285,7 +288,8 @@ class MsiloService:
             bindings = await self.save_bindings(request, txn, wanted)
             if bindings is None:
                 return False
-            self.reply(txn, 200, "OK", contact_lines(bindings, int(time.time())))
+            lines = contact_lines(bindings, int(time.time())) + path_lines(request)
+            self.reply(txn, 200, "OK", lines)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
@@ -456,10 +460,13 @@ class MsiloService:
         user, host = mstore.split_owner(aor)
         if source.transport in RELIABLE and self.settings.mode == "registrar":
             # Deliver over the connection the device registered on (NAT, RFC 5626).
-            target = Target(source.ip, source.port, source.transport, True)
+            direct = Target(source.ip, source.port, source.transport, True)
         else:
-            target = Target.from_uri(parse_uri(contact.uri))
-        report = await self.deliverer.dump(user, host, contact.uri, target, limit=limit)
+            direct = Target.from_uri(parse_uri(contact.uri))
+        hop = route_hop(path_route(request.get_headers("path")), direct)
+        report = await self.deliverer.dump(
+            user, host, contact.uri, hop.target, limit=limit, route=hop.route
+        )
         if report.delivered or report.failed:
             log.info(
                 "event=dump_done aor=%s delivered=%d failed=%d released=%d",
@@ -509,11 +516,13 @@ class MsiloService:
         """Fork ``request`` to every binding statefully; first 2xx wins (D: relay)."""
         assert request.from_ is not None and request.to is not None and request.cseq is not None
         max_forwards = (request.max_forwards if request.max_forwards is not None else 70) - 1
+        hops = [binding_hop(b) for b in bindings]
         branches = [
             asyncio.ensure_future(
                 self.requester.send_message(
                     b.contact,
-                    binding_target(b),
+                    self.settings.outbound_proxy or hop.target,
+                    route=hop.route,
                     from_=_name_addr(request.from_.display, request.from_.uri),
                     to=_name_addr(request.to.display, request.to.uri),
                     body=request.body,
@@ -524,7 +533,7 @@ class MsiloService:
                     max_forwards=max(max_forwards, 0),
                 )
             )
-            for b in bindings
+            for b, hop in zip(bindings, hops, strict=True)
         ]
         best: ClientResult | None = None
         for next_done in asyncio.as_completed(branches):
@@ -561,15 +570,6 @@ def _better_failure(a: ClientResult, b: ClientResult) -> bool:
     if a.local != b.local:
         return not a.local
     return a.status < b.status
-
-
-def binding_target(binding: Binding) -> Target:
-    """Next hop to reach a binding: its TCP/TLS connection when it registered over one."""
-    if binding.transport in ("tcp", "tls"):
-        target = received_target(binding.received)
-        if target is not None:
-            return target
-    return Target.from_uri(parse_uri(binding.contact))
 
 
 def _silo_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[RequestedBinding]:

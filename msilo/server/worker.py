@@ -21,7 +21,7 @@ from msilo.errors import ConfigError, ParseError
 from msilo.leader.cycles import CycleSettings, TimerCycles
 from msilo.leader.election import LeaderElection, leader_election_for
 from msilo.log import redact_url
-from msilo.routing.delivery import Deliverer, DeliverySettings
+from msilo.routing.delivery import Deliverer, DeliverySettings, binding_hop
 from msilo.routing.notify import NotifySettings
 from msilo.routing.policy import trusted_networks
 from msilo.routing.registrar import RegistrarPolicy
@@ -29,7 +29,6 @@ from msilo.routing.service import (
     AuthSettings,
     MsiloService,
     ServiceSettings,
-    binding_target,
     load_route,
 )
 from msilo.routing.templates import compile_template
@@ -330,7 +329,7 @@ class Worker:
             ),
             count=self.count,
             lookup=self.service_lookup,
-            target_for=binding_target,
+            hop_for=binding_hop,
             purge_bindings=getattr(self.store, "delete_expired_bindings", None),
         )
         self.election = leader_election_for(m.db_url)

@@ -24,6 +24,7 @@ Rules both implementations follow (the contract, beyond the grammar):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from msilo.errors import (
     IncompleteURI,
@@ -44,7 +45,7 @@ from msilo.sip.message import (
     Via,
 )
 
-__all__ = ["MAX_MESSAGE_SIZE", "normalize_aor", "parse_message", "parse_uri"]
+__all__ = ["MAX_MESSAGE_SIZE", "normalize_aor", "parse_message", "parse_uri", "route_uris"]
 
 # Default size limit (RFC 3261 §18.1.1 only bounds UDP by the path MTU; 64 KiB is the
 # largest datagram, and a stream message larger than that is abuse, not mail).
@@ -406,6 +407,27 @@ def _parse_name_addr(text: str, cls: type[NameAddr] | type[Contact]) -> NameAddr
     value.uri = uri
     value.params = params
     return value
+
+
+def route_uris(values: Iterable[str]) -> list[str]:
+    """The URIs of Path, Route or Record-Route values, topmost first (RFC 3261 §20.34).
+
+    Each value may hold several comma-separated ``name-addr``s (RFC 3327 §4); every one
+    must be ``<uri>`` with a SIP or SIPS URI, else ``ParseError`` (a 400).
+    """
+    uris: list[str] = []
+    for value in values:
+        for part in _split(value, ","):
+            text = part.strip(_SWS)
+            if "<" not in text:  # name-addr only: an addr-spec would swallow the params
+                raise ParseError(f"route value {text!r} is not <uri>")
+            entry = _parse_name_addr(text, NameAddr)
+            scheme = entry.uri.partition(":")[0].lower()
+            if scheme not in ("sip", "sips"):
+                raise ParseError(f"route URI {entry.uri!r} is not a SIP URI")
+            parse_uri(entry.uri)
+            uris.append(entry.uri)
+    return uris
 
 
 def _parse_from_to(text: str) -> NameAddr:

@@ -19,6 +19,9 @@ NO_EXTENSIONS = os.environ.get("MSILO_NO_EXTENSIONS", "") not in ("", "0")
 parse_message_py = _parse_py.parse_message
 parse_uri_py = _parse_py.parse_uri
 normalize_aor_py = _parse_py.normalize_aor
+# Path/Route values are read once per REGISTER or delivery, never per MESSAGE: one
+# implementation serves both selections.
+route_uris = _parse_py.route_uris
 
 parse_message = parse_message_py
 parse_uri = parse_uri_py
@@ -41,4 +44,4 @@ else:
         normalize_aor = normalize_aor_c
         IMPLEMENTATION = "C"
 
-__all__ = ["IMPLEMENTATION", "normalize_aor", "parse_message", "parse_uri"]
+__all__ = ["IMPLEMENTATION", "normalize_aor", "parse_message", "parse_uri", "route_uris"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 
 from msilo.errors import ParseError, StorageError
 from msilo.routing.timefmt import date_prefix, has_date_prefix
+from msilo.sip.message import SipURI
 from msilo.sip.parser import parse_uri, route_uris
 from msilo.storage.base import Store, StoredMessage
 from msilo.storage.location import Binding
@@ -306,13 +308,44 @@ def route_hop(route: Sequence[str], fallback: Target) -> Hop:
 
 
 def binding_hop(binding: Binding) -> Hop:
-    """How to reach a registered contact: its Path, its TCP/TLS connection, or its URI."""
-    direct: Target | None = None
-    if binding.transport in ("tcp", "tls"):
-        direct = received_target(binding.received)
-    if direct is None:
-        direct = Target.from_uri(parse_uri(binding.contact))
+    """How to reach a registered contact: its Path, its TCP/TLS connection, or its URI
+    (the address its REGISTER came from when the contact is behind NAT)."""
+    received = received_target(binding.received)
+    if binding.transport in ("tcp", "tls") and received is not None:
+        direct = received
+    else:
+        direct = direct_target(parse_uri(binding.contact), received)
     return route_hop(path_route(binding.path), direct)
+
+
+# What a device behind NAT puts in its Contact: RFC 1918, RFC 6598 (carrier-grade NAT) and
+# RFC 4193 (unique local) addresses, which nobody outside its own network can reach.
+_NAT_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def direct_target(contact: SipURI, source: Target | None) -> Target:
+    """The contact's own address; over UDP, ``source`` when the contact is behind NAT.
+
+    A UDP contact naming a private address other than the one its REGISTER came from is
+    behind NAT: only the mapping that REGISTER opened reaches it, so the request goes to
+    the REGISTER's source address and port (Part A Q4 "honour received", as a proxy's
+    ``fix_nated_register`` does). A contact on our own network, or one that registered
+    from its own address, is reached directly.
+    """
+    target = Target.from_uri(contact)
+    if source is None or target.transport != "UDP" or source.transport != "UDP":
+        return target
+    try:
+        named = ipaddress.ip_address(target.host)
+        seen = ipaddress.ip_address(source.host)
+    except ValueError:
+        return target  # a host name: nothing to compare
+    if named != seen and any(named in net for net in _NAT_NETWORKS):
+        return Target(source.host, source.port, "UDP", True)
+    return target
 
 
 def received_target(received: str | None) -> Target | None:
@@ -340,6 +373,7 @@ __all__ = [
     "Requester",
     "binding_hop",
     "delivery_body",
+    "direct_target",
     "format_received",
     "is_text_plain",
     "path_route",

@@ -37,6 +37,7 @@ from msilo.routing.delivery import (
     DumpReport,
     Requester,
     binding_hop,
+    direct_target,
     format_received,
     path_route,
     route_hop,
@@ -458,11 +459,15 @@ class MsiloService:
         else:
             return None
         user, host = mstore.split_owner(aor)
-        if source.transport in RELIABLE and self.settings.mode == "registrar":
-            # Deliver over the connection the device registered on (NAT, RFC 5626).
-            direct = Target(source.ip, source.port, source.transport, True)
-        else:
+        registered_from = Target(source.ip, source.port, source.transport, True)
+        if self.settings.mode != "registrar":
+            # Behind a proxy the REGISTER came from the proxy, not from the device.
             direct = Target.from_uri(parse_uri(contact.uri))
+        elif source.transport in RELIABLE:
+            # Deliver over the connection the device registered on (NAT, RFC 5626).
+            direct = registered_from
+        else:
+            direct = direct_target(parse_uri(contact.uri), registered_from)
         hop = route_hop(path_route(request.get_headers("path")), direct)
         report = await self.deliverer.dump(
             user, host, contact.uri, hop.target, limit=limit, route=hop.route

@@ -21,9 +21,16 @@ class SipError(MsiloError):
 
     status: int = 500
     reason: str = "Server Internal Error"
+    #: Header lines the answer must carry (e.g. Unsupported for a 420).
+    headers: tuple[tuple[str, str], ...] = ()
 
     def __init__(
-        self, detail: str = "", *, status: int | None = None, reason: str | None = None
+        self,
+        detail: str = "",
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail
@@ -31,6 +38,8 @@ class SipError(MsiloError):
             self.status = status
         if reason is not None:
             self.reason = reason
+        if headers:
+            self.headers = headers
 
 
 class ParseError(SipError):

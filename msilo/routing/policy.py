@@ -1,6 +1,7 @@
 """Request policy applied before any route: the checks of the admin guide's sample script.
 
 Max-Forwards exhausted → 483; a method we do not serve → 405 with Allow; a
+Require naming an extension we do not implement → 420 with Unsupported; a
 MESSAGE whose Request-URI has no user → 484; a domain we do not serve → 403;
 in silo mode, a source outside ``server.trusted`` → 403.
 """
@@ -16,6 +17,8 @@ from msilo.sip.parser import parse_uri
 
 METHODS = ("REGISTER", "MESSAGE", "OPTIONS")
 ALLOW = "Allow: " + ", ".join(METHODS)
+#: Option tags (RFC 3261 §19.2) of the extensions we implement: Path (RFC 3327).
+SUPPORTED = frozenset({"path"})
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -25,6 +28,28 @@ class MethodNotAllowed(SipError):
 
     status = 405
     reason = "Method Not Allowed"
+
+
+class BadExtension(SipError):
+    """A Require names an extension we do not implement (RFC 3261 §8.2.2.3)."""
+
+    status = 420
+    reason = "Bad Extension"
+
+
+def check_require(request: SipRequest) -> None:
+    """Raise 420 listing in Unsupported every option tag of Require we do not implement."""
+    required = [
+        tag.strip()
+        for value in request.get_headers("require")
+        for tag in value.split(",")
+        if tag.strip()
+    ]
+    unknown = [tag for tag in required if tag.lower() not in SUPPORTED]
+    if unknown:
+        raise BadExtension(
+            f"unsupported extensions {unknown}", headers=(("Unsupported", ", ".join(unknown)),)
+        )
 
 
 def trusted_networks(items: Sequence[str]) -> tuple[Network, ...]:
@@ -50,6 +75,7 @@ def check_request(request: SipRequest, domains: Collection[str]) -> SipURI | Non
     method = request.method
     if method not in METHODS:
         raise MethodNotAllowed(method)
+    check_require(request)
     # RFC 3261 §11.2: an OPTIONS is answered by the element it reaches, whatever Max-Forwards.
     if request.max_forwards is not None and request.max_forwards <= 0 and method != "OPTIONS":
         raise TooManyHops()

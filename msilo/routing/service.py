@@ -229,6 +229,7 @@ class MsiloService:
             )
         except SipError as exc:
             headers = [_allow()] if exc.status == 405 else []
+            headers.extend(exc.headers)
             if exc.status >= 500 and exc.status != 513:
                 headers.append(RETRY_AFTER)
             self.reply(txn, exc.status, exc.reason, headers)

@@ -147,6 +147,12 @@ async def test_request_policy(server: ServerFactory) -> None:
     assert options.allow == ("REGISTER", "MESSAGE", "OPTIONS")
     subscribe = await ua.request("SUBSCRIBE", "sip:bob@127.0.0.1", content_type=None)
     assert subscribe.status == 405 and subscribe.allow is not None
+    # RFC 3261 §8.2.2.3: an extension we do not implement is refused and named; Path is ours.
+    required = ["Require: 100rel, path", "Require: timer"]
+    bad = await ua.request("MESSAGE", "sip:bob@127.0.0.1", body=b"x", headers=required)
+    assert bad.status == 420 and bad.get_headers("unsupported") == ["100rel, timer"]
+    path_only = await ua.request("OPTIONS", "sip:127.0.0.1", headers=["Require: path"])
+    assert path_only.status == 200
     data, branch = ua.build("MESSAGE", "sip:bob@127.0.0.1", body=b"x")
     hops = await ua.send_and_wait(data.replace(b"Max-Forwards: 70", b"Max-Forwards: 0"), branch)
     assert hops.status == 483

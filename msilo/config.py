@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from msilo.errors import ConfigError
+from msilo.transport.dns import parse_nameserver
 
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # RFC 3261 §7.3: header = field-name ":" value CRLF, field-name is a token.
@@ -164,6 +165,20 @@ def _networks(key: str, value: Any) -> tuple[str, ...]:
     return items
 
 
+def _nameservers(key: str, value: Any) -> tuple[str, ...]:
+    items = _str_list(key, value)
+    for item in items:
+        try:
+            parse_nameserver(item)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: {item!r} is not a DNS server address (e.g. 10.0.0.2 or 127.0.0.1:5353)"
+            ) from None
+    if len({parse_nameserver(item)[1] for item in items}) > 1:
+        raise ConfigError(f"{key}: every DNS server must use the same port")
+    return items
+
+
 def _route(key: str, value: Any) -> str:
     text = _str(key, value)
     if text and not ROUTE.match(text):
@@ -302,6 +317,14 @@ class ServerConfig:
     trusted: tuple[str, ...] = field(
         default=(),
         metadata=_doc("silo mode: addresses/networks allowed to send (empty = anyone)", _networks),
+    )
+    dns: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "DNS servers (ip or ip:port) for SRV and A/AAAA lookups of next hops named by host"
+            " name (empty = the system's resolv.conf and hosts)",
+            _nameservers,
+        ),
     )
 
     @property

@@ -42,6 +42,7 @@ from msilo.transaction.client import ClientResult, ClientTransaction
 from msilo.transaction.clock import TimerValues
 from msilo.transaction.layer import TransactionLayer
 from msilo.transport.base import Target
+from msilo.transport.dns import Resolver
 from msilo.transport.manager import Transports
 from msilo.transport.tls import client_context, server_context
 
@@ -245,6 +246,7 @@ class Worker:
             idle_timeout=limits.idle_timeout,
             max_connections=limits.max_connections,
             advertise=config.server.advertise.split(":")[0] or None,
+            resolver=Resolver(config.server.dns),
         )
         self.layer = TransactionLayer(
             self._handle, self.transports.send, sent_by=self.transports.sent_by, timers=self.timers

@@ -79,20 +79,23 @@ class Target(NamedTuple):
     transport: str = UDP
     # The URI named its transport (``;transport=udp``): never switch it (§18.1.1).
     explicit: bool = False
+    # A host name without a port: locate it with SRV records first (RFC 3263 §4.2).
+    srv: bool = False
 
     @classmethod
     def from_uri(cls, uri: SipURI) -> Target:
-        """The next hop for a parsed SIP URI (no RFC 3263 SRV/NAPTR: A/AAAA only).
+        """The next hop for a parsed SIP URI (RFC 3263: SRV, then A/AAAA; no NAPTR).
 
         ``maddr`` overrides the host (RFC 3261 §19.1.1); sips means TLS.
         """
         params = uri.params
         transport = params.get("transport")
-        host = params.get("maddr") or uri.host
+        host = (params.get("maddr") or uri.host).strip("[]")
         port = uri.port or DEFAULT_PORTS.get(uri.scheme, 5060)
+        srv = uri.port is None and not is_ip(host)
         if transport:
-            return cls(host.strip("[]"), port, transport.upper(), True)
-        return cls(host.strip("[]"), port, "TLS" if uri.scheme == "sips" else UDP, False)
+            return cls(host, port, transport.upper(), True, srv)
+        return cls(host, port, "TLS" if uri.scheme == "sips" else UDP, False, srv)
 
 
 ErrorCallback = Callable[[BaseException], None]

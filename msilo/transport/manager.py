@@ -24,6 +24,7 @@ from msilo.transport.base import (
     Target,
     is_ip,
 )
+from msilo.transport.dns import Resolver
 from msilo.transport.sockets import (
     bind_client_udp,
     bind_tcp,
@@ -55,8 +56,10 @@ class Transports:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = 0,
         advertise: str | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self._on_message = on_message
+        self.resolver = resolver or Resolver()
         self.max_message = max_message
         self.advertise = advertise
         self.pool = ConnectionPool(
@@ -202,8 +205,9 @@ class Transports:
         """Send a request to ``target``; the transaction layer's send function.
 
         Raises :class:`TransportError` or OSError when sending cannot start;
-        later failures (DNS, TCP connect) go to ``on_error``.  Hosts are
-        resolved with A/AAAA only (no RFC 3263 NAPTR/SRV).
+        later failures (DNS, TCP connect) go to ``on_error``.  Host names are
+        located with SRV, then A/AAAA (:mod:`msilo.transport.dns`); over TCP/TLS a
+        refused connection moves on to the next address found.
         """
         host = target.host.strip("[]")
         if not is_ip(host):
@@ -213,6 +217,12 @@ class Transports:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
+        self._send_to_ip(data, target._replace(host=host), on_error)
+
+    def _send_to_ip(
+        self, data: bytes, target: Target, on_error: ErrorCallback, server_name: str | None = None
+    ) -> None:
+        host = target.host
         if target.transport == UDP:
             endpoint = self._udp_for(family_of(host))
             if endpoint is None:
@@ -221,26 +231,42 @@ class Transports:
         elif target.transport == TCP:
             self.pool.send(data, host, target.port, on_error)
         elif target.transport == TLS and self.tls_pool is not None:
-            self.tls_pool.send(data, host, target.port, on_error)
+            self.tls_pool.send(data, host, target.port, on_error, server_name=server_name)
         else:
             raise TransportError(f"transport {target.transport} is not supported")
 
     async def _resolve_and_send(self, data: bytes, target: Target, on_error: ErrorCallback) -> None:
-        loop = asyncio.get_running_loop()
-        kind = socket.SOCK_DGRAM if target.transport == UDP else socket.SOCK_STREAM
         try:
-            infos = await loop.getaddrinfo(target.host, target.port, type=kind)
-        except OSError as exc:
-            on_error(TransportError(f"cannot resolve {target.host}: {exc}"))
-            return
-        if not infos:
-            on_error(TransportError(f"cannot resolve {target.host}"))
-            return
-        ip = str(infos[0][4][0])
-        try:
-            self.send(data, target._replace(host=ip), on_error)
-        except (OSError, TransportError) as exc:
+            addresses = await self.resolver.locate(target)
+        except TransportError as exc:
             on_error(exc)
+            return
+        self._send_to_first(data, target, addresses, on_error)
+
+    def _send_to_first(
+        self, data: bytes, target: Target, addresses: list[tuple[str, int]], on_error: ErrorCallback
+    ) -> None:
+        """Send to ``addresses[0]``; a connection that fails moves on to the next."""
+        ip, port = addresses[0]
+        rest = addresses[1:]
+
+        def failed(exc: BaseException) -> None:
+            if rest and target.transport != UDP:
+                log.info(
+                    "event=next_address host=%s failed=%s:%d error=%s", target.host, ip, port, exc
+                )
+                self._send_to_first(data, target, rest, on_error)
+            else:
+                on_error(exc)
+
+        try:
+            # The certificate must name the host we were asked for (RFC 5922 §4), not the
+            # SRV target or the address.
+            self._send_to_ip(
+                data, target._replace(host=ip, port=port, srv=False), failed, target.host
+            )
+        except (OSError, TransportError) as exc:
+            failed(exc)
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -211,10 +211,20 @@ class ConnectionPool:
         if self._by_peer and not self._closed:
             self._arm_sweeper()
 
-    def send(self, data: bytes, host: str, port: int, on_error: ErrorCallback) -> None:
+    def send(
+        self,
+        data: bytes,
+        host: str,
+        port: int,
+        on_error: ErrorCallback,
+        *,
+        server_name: str | None = None,
+    ) -> None:
         """Send over the connection to ``host:port`` (an IP), opening one if needed.
 
-        Connection failures are reported to ``on_error`` as :class:`TransportError`.
+        Over TLS the peer's certificate must name ``server_name`` (the host name the
+        address was looked up for, RFC 5922), else ``host``.  Connection failures are
+        reported to ``on_error`` as :class:`TransportError`.
         """
         key = (host, port)
         conn = self._by_peer.get(key)
@@ -228,11 +238,11 @@ class ConnectionPool:
             waiting.append((data, on_error))
             return
         self._connecting[key] = [(data, on_error)]
-        task = asyncio.get_running_loop().create_task(self._connect(key))
+        task = asyncio.get_running_loop().create_task(self._connect(key, server_name or host))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, key: tuple[str, int]) -> None:
+    async def _connect(self, key: tuple[str, int], server_name: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -241,7 +251,7 @@ class ConnectionPool:
                     key[0],
                     key[1],
                     ssl=self.client_ssl,
-                    server_hostname=key[0] if self.client_ssl is not None else None,
+                    server_hostname=server_name if self.client_ssl is not None else None,
                 )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             waiting = self._connecting.pop(key, [])

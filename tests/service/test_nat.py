@@ -65,7 +65,11 @@ SOURCE = Target("203.0.113.9", 40123, "UDP", True)
         ),
         # Public address, host name, loopback, TCP contact: the contact itself.
         ("sip:bob@198.51.100.4:5080", SOURCE, Target("198.51.100.4", 5080, "UDP", False)),
-        ("sip:bob@phone.example.com", SOURCE, Target("phone.example.com", 5060, "UDP", False)),
+        (
+            "sip:bob@phone.example.com",
+            SOURCE,
+            Target("phone.example.com", 5060, "UDP", False, srv=True),
+        ),
         ("sip:bob@127.0.0.1:5099", SOURCE, Target("127.0.0.1", 5099, "UDP", False)),
         (
             "sip:bob@192.168.1.20;transport=tcp",

@@ -20,6 +20,7 @@ from typing import Any
 from msilo.errors import ConfigError
 from msilo.transport.dns import parse_nameserver
 
+MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")  # RFC 6838 §4.2
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # RFC 3261 §7.3: header = field-name ":" value CRLF, field-name is a token.
 HEADER_LINE = re.compile(r"^[!%'*+\-.0-9A-Z^_`a-z|~]+[ \t]*:[^\r\n]*\r\n$")
@@ -177,6 +178,14 @@ def _nameservers(key: str, value: Any) -> tuple[str, ...]:
     if len({parse_nameserver(item)[1] for item in items}) > 1:
         raise ConfigError(f"{key}: every DNS server must use the same port")
     return items
+
+
+def _media_types(key: str, value: Any) -> tuple[str, ...]:
+    items = _str_list(key, value)
+    for item in items:
+        if not MEDIA_TYPE.match(item):
+            raise ConfigError(f"{key}: {item!r} is not a type/subtype media type")
+    return tuple(item.lower() for item in items)
 
 
 def _route(key: str, value: Any) -> str:
@@ -439,6 +448,14 @@ class MsiloConfig:
         metadata=_doc(
             "default route: request header carrying a `YYYYMMDDHHMMSS` send time (unset = off)",
             _opt_str,
+        ),
+    )
+    transient_types: tuple[str, ...] = field(
+        default=("application/im-iscomposing+xml",),
+        metadata=_doc(
+            "default route: media types relayed to an online user but never stored (an offline"
+            " user's sender gets 480), e.g. typing indications; [] = store everything",
+            _media_types,
         ),
     )
     timezone: str | None = field(

@@ -82,6 +82,7 @@ class ServiceSettings:
     expire_time: int = 259200
     snd_time_hdr: str | None = None
     snd_time_avp: str | None = None  # AVP name, e.g. "snd_time" for $avp(snd_time)
+    transient_types: frozenset[str] = frozenset()  # relayed, never stored (lower-case)
     tz: dt.tzinfo = dt.UTC
     registrar: RegistrarPolicy = field(default_factory=RegistrarPolicy)
     notify: NotifySettings | None = None
@@ -299,6 +300,9 @@ class MsiloService:
 
     async def default_message(self, ctx: RouteContext) -> None:
         """MESSAGE: relay to an online user (registrar mode), else store and answer 202."""
+        if self._transient(ctx.request):
+            await self._relay_transient(ctx)
+            return
         snd_time = None
         header = self.settings.snd_time_hdr
         if header is not None:
@@ -320,6 +324,30 @@ class MsiloService:
                     "event=relay_failed call_id=%s status=%d", ctx.request.call_id, result.status
                 )
         await self.store_and_reply(ctx, snd_time=snd_time)
+
+    def _transient(self, request: SipRequest) -> bool:
+        ctype = request.content_type
+        if ctype is None or not self.settings.transient_types:
+            return False
+        media = ctype.raw.split(";", 1)[0].strip().lower()
+        return media in self.settings.transient_types
+
+    async def _relay_transient(self, ctx: RouteContext) -> None:
+        """A typing indication or the like: to an online user now, or not at all.
+
+        Delivered when the user comes back, hours later, it would only say something
+        false ("alice is typing"), so it is never stored (field research #15).
+        """
+        result = await ctx.relay() if self.settings.mode == "registrar" else None
+        if result is not None and result.success:
+            self.count("relayed_messages")
+            ctx.reply(result.status, result.reason)
+            return
+        self.count("transient_not_stored")
+        if result is not None and not result.local:
+            ctx.reply(result.status, result.reason)  # the device's own refusal
+        else:
+            ctx.reply(480, "Temporarily Unavailable")
 
     async def store_and_reply(
         self,

@@ -41,6 +41,7 @@ SERVER_COUNTERS: dict[str, str] = {
     "batch_flushes": "batch-writer commits",
     "batch_rows": "rows written by batch-writer commits",
     "relayed_messages": "MESSAGEs relayed to an online user (2xx from a branch)",
+    "transient_not_stored": "MESSAGEs of a transient type (msilo.transient_types) not stored",
     "notifications_sent": "offline notifications sent to senders",
     "leases_recovered": "delivery leases recovered after their deadline",
     "expired_messages": "stored messages deleted because they expired",

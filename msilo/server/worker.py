@@ -139,6 +139,7 @@ def service_settings(config: Config) -> ServiceSettings:
         expire_time=m.expire_time,
         snd_time_hdr=m.snd_time_hdr,
         snd_time_avp=avp,
+        transient_types=frozenset(m.transient_types),
         tz=zone(m.timezone),
         registrar=RegistrarPolicy(r.default_expires, r.min_expires, r.max_expires),
         notify=notify,

@@ -113,7 +113,10 @@ class Resolver:
             if servers is not None:
                 found: list[Address] = []
                 for name, port in servers:
-                    found.extend((ip, port) for ip in await self._addresses(name, target))
+                    try:
+                        found.extend((ip, port) for ip in await self._addresses(name, target))
+                    except TransportError as exc:  # the next target may resolve
+                        log.warning("event=srv_target_unresolved target=%s error=%s", name, exc)
                 if not found:
                     raise TransportError(f"no address for the SRV targets of {target.host}")
                 return found

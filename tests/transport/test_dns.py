@@ -60,6 +60,7 @@ async def test_srv_records_lead_to_the_server(server: MiniServer) -> None:
 async def test_over_tcp_a_refused_srv_target_moves_on_to_the_next(server: MiniServer) -> None:
     dead = free_port()  # nothing listens there: the connection is refused
     srv = [
+        ("_sip._tcp.svc.test", "gone.example", dead, 5, 0),  # its lookup fails: skipped
         ("_sip._tcp.svc.test", "first.svc.test", dead, 10, 0),
         ("_sip._tcp.svc.test", "second.svc.test", server.port, 20, 0),
         ("_sip._udp.svc.test", "first.svc.test", dead, 10, 0),  # not this transport's

@@ -378,6 +378,14 @@ class MsiloConfig:
             _template,
         ),
     )
+    expired_message: str | None = field(
+        default=None,
+        metadata=_doc(
+            "body of a notice from `from_address` to the sender of a message that expired"
+            " undelivered ($tu = its recipient, $fu = the sender); unset = no notice",
+            _template,
+        ),
+    )
     content_type_hdr: str | None = field(
         default=None,
         metadata=_doc(
@@ -572,10 +580,11 @@ class Config:
 
     def _check_cross_keys(self) -> None:
         m = self.msilo
-        if m.offline_message is not None and m.content_type_hdr is None:
-            raise ConfigError(
-                "msilo.content_type_hdr: must be set when msilo.offline_message is set"
-            )
+        for key in ("offline_message", "expired_message"):
+            if getattr(m, key) is not None and m.content_type_hdr is None:
+                raise ConfigError(f"msilo.content_type_hdr: must be set when msilo.{key} is set")
+        if m.expired_message is not None and m.from_address is None:
+            raise ConfigError("msilo.from_address: must be set when msilo.expired_message is set")
         r = self.registrar
         if not r.min_expires <= r.default_expires <= r.max_expires:
             raise ConfigError(

@@ -75,6 +75,14 @@ def test_flags_accept_0_1_and_true_false() -> None:
         (["msilo.use_contact=2"], "msilo.use_contact: must be 0/1 or true/false"),
         (['msilo.offline_message="off"'], "msilo.content_type_hdr: must be set when"),
         (
+            ['msilo.expired_message="gone"', 'msilo.from_address="sip:r@x"'],
+            "msilo.content_type_hdr: must be set when msilo.expired_message is set",
+        ),
+        (
+            ['msilo.expired_message="gone"', 'msilo.content_type_hdr="Content-Type: a/b\\r\\n"'],
+            "msilo.from_address: must be set when msilo.expired_message is set",
+        ),
+        (
             [
                 'msilo.offline_message="$zz is off"',
                 'msilo.content_type_hdr="Content-Type: a/b\\r\\n"',

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from msilo.errors import ParseError, StorageError
 from msilo.routing.delivery import Deliverer, Hop
+from msilo.routing.notify import ExpirySettings, expiry_notice, send_notification
 from msilo.sip.parser import parse_uri
 from msilo.storage.base import Store, StoredMessage
 from msilo.storage.location import Binding
@@ -55,6 +56,7 @@ class TimerCycles:
         lookup: Lookup,
         hop_for: HopFor,
         purge_bindings: Callable[[int], Awaitable[int]] | None = None,
+        expiry: ExpirySettings | None = None,
     ) -> None:
         self.store = store
         self.deliverer = deliverer
@@ -63,6 +65,7 @@ class TimerCycles:
         self._lookup = lookup
         self._hop_for = hop_for
         self._purge_bindings = purge_bindings
+        self._expiry = expiry  # tell senders about messages that expired undelivered
         self._cycle = 0
 
     async def run(self) -> None:
@@ -99,7 +102,13 @@ class TimerCycles:
     async def expire_once(self, now: int | None = None) -> int:
         """Delete the messages whose lifetime is over (and stale bindings and nonces)."""
         now = int(time.time()) if now is None else now
-        expired = await self.store.delete_expired(now)
+        if self._expiry is None:
+            expired = await self.store.delete_expired(now)
+        else:
+            rows = await self.store.take_expired(now)
+            expired = len(rows)
+            for row in rows:
+                self._tell_sender(row, self._expiry)
         if expired:
             self._count("expired_messages", expired)
             log.info("event=expired count=%d", expired)
@@ -108,6 +117,15 @@ class TimerCycles:
         # Digest nonce-counts of nonces that can no longer be used (D14).
         await self.store.delete_expired_nonces(now)
         return expired
+
+    def _tell_sender(self, row: StoredMessage, settings: ExpirySettings) -> None:
+        note = expiry_notice(row, settings)
+        if note is None:
+            return
+        outbound = self.deliverer.settings.outbound_proxy
+        if send_notification(self.deliverer.requester, note, outbound):
+            self._count("expiry_notices_sent", 1)
+            log.info("event=expiry_notice mid=%d to=%s", row.mid, note.uri)
 
     async def reminders_once(self) -> int:
         """Send the due reminders, each row on its own (D10, §10 Q11); returns how many."""

@@ -8,13 +8,19 @@ a message that is itself one of our notifications (marked ``X-Msilo: notify``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from msilo.errors import ParseError
+from msilo.routing.delivery import Requester
 from msilo.routing.templates import Template
 from msilo.sip.message import SipRequest
-from msilo.sip.parser import normalize_aor
+from msilo.sip.parser import normalize_aor, parse_uri
+from msilo.storage.base import StoredMessage
+from msilo.transport.base import Target
+
+log = logging.getLogger("msilo.notify")
 
 MARK_HEADER = "X-Msilo"
 MARK_NOTIFY = "notify"
@@ -77,14 +83,28 @@ def notification_for(
         first = request.contacts[0].uri
         if first[:4].lower() == "sip:" or first[:5].lower() == "sips:":
             uri = first
-    content_type = None
-    if settings.content_type_hdr is not None:
-        content_type = _header_value(settings.content_type_hdr.expand(values))[1] or None
     headers: list[tuple[str, str]] = [(MARK_HEADER, MARK_NOTIFY)]
     if settings.contact_hdr is not None:
         name, value = _header_value(settings.contact_hdr.expand(values))
         if value:
             headers.append((name, value))
+    return _notification(
+        uri, sender, from_address, body, settings.content_type_hdr, values, headers
+    )
+
+
+def _notification(
+    uri: str,
+    sender: str,
+    from_address: str,
+    body: str,
+    content_type_hdr: Template | None,
+    values: Mapping[str, str],
+    headers: list[tuple[str, str]],
+) -> Notification:
+    content_type = None
+    if content_type_hdr is not None:
+        content_type = _header_value(content_type_hdr.expand(values))[1] or None
     return Notification(
         uri=uri,
         to=sender,
@@ -93,3 +113,71 @@ def notification_for(
         content_type=content_type,
         headers=tuple(headers),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ExpirySettings:
+    """The compiled templates of the notice about a message that expired undelivered."""
+
+    from_address: Template
+    message: Template
+    content_type_hdr: Template | None = None
+
+
+def row_values(row: StoredMessage) -> dict[str, str]:
+    """Pseudo-variable values for a stored row: ``$f*`` its sender, ``$t*``/``$r*`` its
+    recipient (the owner), ``$rm`` MESSAGE; what only a live request has is empty."""
+    values = {
+        "fu": row.src_addr,
+        "tu": row.dst_addr,
+        "ru": f"sip:{row.username}@{row.domain}",
+        "ou": f"sip:{row.username}@{row.domain}",
+        "rU": row.username,
+        "rd": row.domain,
+        "rm": "MESSAGE",
+    }
+    for prefix, uri in (("f", row.src_addr), ("t", row.dst_addr)):
+        try:
+            parsed = parse_uri(uri)
+        except ParseError:
+            continue
+        values[f"{prefix}U"] = parsed.user or ""
+        values[f"{prefix}d"] = parsed.host
+    return values
+
+
+def expiry_notice(row: StoredMessage, settings: ExpirySettings) -> Notification | None:
+    """The notice to the sender of ``row``, which expired undelivered; None when none is due
+    (no sender address, or the row is itself one of our own notices)."""
+    values = row_values(row)
+    from_address = settings.from_address.expand(values).strip()
+    body = settings.message.expand(values)
+    sender = row.src_addr
+    if not sender or not from_address or not body or _same_aor(sender, from_address):
+        return None
+    headers = [(MARK_HEADER, MARK_NOTIFY)]
+    return _notification(
+        sender, sender, from_address, body, settings.content_type_hdr, values, headers
+    )
+
+
+def send_notification(
+    requester: Requester, note: Notification, outbound_proxy: Target | None
+) -> bool:
+    """Send ``note`` without waiting for its answer (through ``outbound_proxy`` when set);
+    False, logged, when it cannot even start."""
+    try:
+        target = outbound_proxy or Target.from_uri(parse_uri(note.uri))
+        requester.start_message(
+            note.uri,
+            target,
+            from_=note.from_,
+            to=note.to,
+            body=note.body,
+            content_type=note.content_type,
+            headers=note.headers,
+        )
+    except (ParseError, OSError) as exc:
+        log.warning("event=notify_failed to=%s error=%s", note.uri, exc)
+        return False
+    return True

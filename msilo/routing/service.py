@@ -42,7 +42,7 @@ from msilo.routing.delivery import (
     path_route,
     route_hop,
 )
-from msilo.routing.notify import NotifySettings, notification_for
+from msilo.routing.notify import NotifySettings, notification_for, send_notification
 from msilo.routing.policy import ALLOW, check_request, check_source
 from msilo.routing.pv import pv_values
 from msilo.routing.ratelimit import RateLimiter
@@ -449,22 +449,9 @@ class MsiloService:
         note = notification_for(ctx.request, values, settings)
         if note is None:
             return
-        try:
-            target = self.settings.outbound_proxy or Target.from_uri(parse_uri(note.uri))
-            self.requester.start_message(
-                note.uri,
-                target,
-                from_=note.from_,
-                to=note.to,
-                body=note.body,
-                content_type=note.content_type,
-                headers=note.headers,
-            )
-        except (ParseError, OSError) as exc:
-            log.warning("event=notify_failed to=%s error=%s", note.uri, exc)
-            return
-        self.count("notifications_sent")
-        log.debug("event=notified to=%s", note.uri)
+        if send_notification(self.requester, note, self.settings.outbound_proxy):
+            self.count("notifications_sent")
+            log.debug("event=notified to=%s", note.uri)
 
     async def m_dump(
         self, ctx: RouteContext, owner: str | None, limit: int | None

@@ -45,6 +45,7 @@ SERVER_COUNTERS: dict[str, str] = {
     "notifications_sent": "offline notifications sent to senders",
     "leases_recovered": "delivery leases recovered after their deadline",
     "expired_messages": "stored messages deleted because they expired",
+    "expiry_notices_sent": "notices sent to senders whose message expired undelivered",
 }
 
 COUNTERS: dict[str, str] = {**MSILO_COUNTERS, **SERVER_COUNTERS}

@@ -22,7 +22,7 @@ from msilo.leader.cycles import CycleSettings, TimerCycles
 from msilo.leader.election import LeaderElection, leader_election_for
 from msilo.log import redact_url
 from msilo.routing.delivery import Deliverer, DeliverySettings, binding_hop
-from msilo.routing.notify import NotifySettings
+from msilo.routing.notify import ExpirySettings, NotifySettings
 from msilo.routing.policy import trusted_networks
 from msilo.routing.registrar import RegistrarPolicy
 from msilo.routing.service import (
@@ -147,6 +147,18 @@ def service_settings(config: Config) -> ServiceSettings:
         rate=config.limits.rate,
         burst=config.limits.burst,
         auth=auth_settings(config),
+    )
+
+
+def expiry_settings(config: Config) -> ExpirySettings | None:
+    """The notice about messages that expired undelivered, or None when it is off."""
+    m = config.msilo
+    if m.expired_message is None or m.from_address is None:
+        return None
+    return ExpirySettings(
+        from_address=compile_template(m.from_address),
+        message=compile_template(m.expired_message),
+        content_type_hdr=compile_template(m.content_type_hdr) if m.content_type_hdr else None,
     )
 
 
@@ -334,6 +346,7 @@ class Worker:
             lookup=self.service_lookup,
             hop_for=binding_hop,
             purge_bindings=getattr(self.store, "delete_expired_bindings", None),
+            expiry=expiry_settings(self.config),
         )
         self.election = leader_election_for(m.db_url)
 

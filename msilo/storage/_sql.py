@@ -71,6 +71,7 @@ class SiloSql:
             f"WHERE lease_until IS NOT NULL AND lease_until <= {{0}}"
         )
         self.expire = f"DELETE FROM {t} WHERE {self.exp_time} <= {{0}}"
+        self.take_expired = f"{self.expire} RETURNING {self.columns}"
         # Ordinary rows deliverable now (spec §4.4, plus D6/Q20: never an expired one).
         self.dump_filter = (
             f"{self.username} = {{0}} AND {self.domain} = {{1}} AND {self.snd_time} = 0 "

@@ -308,6 +308,10 @@ class Store(abc.ABC):
         """Delete rows with ``exp_time <= now``."""
 
     @abc.abstractmethod
+    async def take_expired(self, now: int) -> list[StoredMessage]:
+        """Delete rows with ``exp_time <= now`` and return them (to tell their senders)."""
+
+    @abc.abstractmethod
     async def claim_due_reminders(
         self, *, now: int, lease_owner: str, lease_seconds: int, limit: int
     ) -> list[StoredMessage]:

@@ -368,6 +368,7 @@ class PostgresStore(Store):
         self._q_purge = q(s.purge)
         self._q_recover = q(s.recover)
         self._q_expire = q(s.expire)
+        self._q_take_expired = q(s.take_expired)
         self._q_store = (
             f"SELECT outcomes, mids FROM {quote_ident(self.function)}"
             f"($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
@@ -834,6 +835,12 @@ class PostgresStore(Store):
     async def delete_expired(self, now: int) -> int:
         """Delete expired rows."""
         return await self._execute("delete expired", self._q_expire, now)
+
+    async def take_expired(self, now: int) -> list[StoredMessage]:
+        """Delete expired rows and return them."""
+        rows = await self._fetch("take expired", self._q_take_expired, now)
+        rows.sort(key=lambda m: (m.inc_time, m.mid))
+        return rows
 
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""

@@ -131,6 +131,7 @@ class SQLiteStore(Store):
         self._q_purge = q(s.purge)
         self._q_recover = q(s.recover)
         self._q_expire = q(s.expire)
+        self._q_take_expired = q(s.take_expired)
         self._q_insert = q(
             f"INSERT INTO {t} ({s.username}, {s.domain}, {s.src_addr}, {s.dst_addr}, {s.body}, "
             f"{s.ctype}, {s.inc_time}, {s.exp_time}, {s.snd_time}, dedupe_key) "
@@ -507,6 +508,16 @@ class SQLiteStore(Store):
     async def delete_expired(self, now: int) -> int:
         """Delete expired rows."""
         return await self._exec("delete expired", self._q_expire, (now,))
+
+    async def take_expired(self, now: int) -> list[StoredMessage]:
+        """Delete expired rows and return them."""
+
+        def run(conn: Conn) -> list[StoredMessage]:
+            return [_row(r) for r in conn.execute(self._q_take_expired, (now,))]
+
+        rows = await self._call("take expired", lambda c: self._write(c, run))
+        rows.sort(key=lambda m: (m.inc_time, m.mid))
+        return rows
 
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""

@@ -9,6 +9,7 @@ import zoneinfo
 
 from msilo.storage.base import NewMessage
 from tests.service.conftest import ServerFactory
+from tests.service.sipua import UserAgent
 from tests.service.test_dump import _count_is, _eventually
 
 NOTIFY = (
@@ -232,3 +233,40 @@ async def test_management_http_reports_the_counters(server: ServerFactory) -> No
     health = await reader.read()
     writer.close()
     assert health.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in health
+
+
+async def test_sender_is_told_when_a_message_expires_undelivered(server: ServerFactory) -> None:
+    proxy = await UserAgent(("127.0.0.1", 9), user="proxy").start()
+    try:
+        srv = await server(
+            "msilo.check_time=1", "msilo.clean_period=1",
+            'msilo.from_address="sip:registrar@$rd"',
+            'msilo.expired_message="Your message to $tU was not delivered: it expired."',
+            'msilo.content_type_hdr="Content-Type: text/plain; charset=UTF-8\\r\\n"',
+            f'msilo.outbound_proxy="sip:127.0.0.1:{proxy.port}"',
+        )  # fmt: skip
+        now = int(time.time())
+        await srv.store.store_batch(
+            [NewMessage("bob", "127.0.0.1", "sip:alice@127.0.0.1", "sip:bob@127.0.0.1", b"old",
+                        "text/plain", now - 100, now - 1),
+             # One of our own notices, expired too: never noticed in turn (loop guard).
+             NewMessage("bob", "127.0.0.1", "sip:registrar@127.0.0.1", "sip:bob@127.0.0.1",
+                        b"notice", "text/plain", now - 100, now - 1)],
+            0,
+        )  # fmt: skip
+        [got] = await proxy.wait_requests(1, timeout=6)
+        request = got.request
+        assert request.uri == "sip:alice@127.0.0.1"
+        assert request.to is not None and request.to.uri == "sip:alice@127.0.0.1"
+        assert request.from_ is not None and request.from_.uri == "sip:registrar@127.0.0.1"
+        assert request.body == b"Your message to bob was not delivered: it expired."
+        assert request.content_type is not None
+        assert request.content_type.raw == "text/plain; charset=UTF-8"
+        assert request.get_header("X-Msilo") == "notify"
+        await _eventually(lambda: _count_is(srv, "bob", 0))
+        await _eventually(lambda: _stat_is(srv, "expiry_notices_sent", 1), timeout=5)
+        await asyncio.sleep(0.3)
+        assert len(proxy.received) == 1
+        assert srv.stats()["expired_messages"] == 2
+    finally:
+        proxy.close()

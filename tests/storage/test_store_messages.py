@@ -241,6 +241,24 @@ async def test_expired_rows_are_deleted(store: Store) -> None:
     assert [m.exp_time for m in await store.list(*OWNER)] == [NOW + 1]
 
 
+async def test_expired_rows_are_taken_with_what_their_senders_need(store: Store) -> None:
+    await store.store_batch(
+        [
+            message(body=b"b", exp_time=NOW, src="sip:carol@example.org"),
+            message(body=b"a", exp_time=NOW - 1, src="sip:bob@example.org"),
+            message(body=b"kept", exp_time=NOW + 1),
+        ],
+        0,
+    )
+    taken = await store.take_expired(NOW)
+    assert [(m.body, m.src_addr, m.dst_addr) for m in taken] == [
+        (b"b", "sip:carol@example.org", "sip:alice@example.com"),
+        (b"a", "sip:bob@example.org", "sip:alice@example.com"),
+    ]  # arrival order (same inc_time: by id)
+    assert [m.body for m in await store.list(*OWNER)] == [b"kept"]
+    assert await store.take_expired(NOW) == []
+
+
 # --- reminders ----------------------------------------------------------------------------------
 
 

@@ -25,6 +25,9 @@ log = logging.getLogger("msilo.leader")
 Lookup = Callable[[str, str], Awaitable[list[Binding]]]
 HopFor = Callable[[Binding], Hop]
 
+# Expired rows taken (and their senders told) per round trip when expiry notices are on.
+EXPIRY_BATCH = 500
+
 
 @dataclass(frozen=True, slots=True)
 class CycleSettings:
@@ -105,10 +108,14 @@ class TimerCycles:
         if self._expiry is None:
             expired = await self.store.delete_expired(now)
         else:
-            rows = await self.store.take_expired(now)
-            expired = len(rows)
-            for row in rows:
-                self._tell_sender(row, self._expiry)
+            expired = 0
+            while True:
+                rows = await self.store.take_expired(now, EXPIRY_BATCH)
+                expired += len(rows)
+                for row in rows:
+                    self._tell_sender(row, self._expiry)
+                if len(rows) < EXPIRY_BATCH:
+                    break
         if expired:
             self._count("expired_messages", expired)
             log.info("event=expired count=%d", expired)

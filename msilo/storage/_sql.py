@@ -71,7 +71,12 @@ class SiloSql:
             f"WHERE lease_until IS NOT NULL AND lease_until <= {{0}}"
         )
         self.expire = f"DELETE FROM {t} WHERE {self.exp_time} <= {{0}}"
-        self.take_expired = f"{self.expire} RETURNING {self.columns}"
+        # A bounded batch: a mass expiry must not pull every body into memory at once.
+        self.take_expired = (
+            f"DELETE FROM {t} WHERE {self.mid} IN (SELECT {self.mid} FROM {t} "
+            f"WHERE {self.exp_time} <= {{0}} ORDER BY {self.mid} LIMIT {{1}}) "
+            f"RETURNING {self.columns}"
+        )
         # Ordinary rows deliverable now (spec §4.4, plus D6/Q20: never an expired one).
         self.dump_filter = (
             f"{self.username} = {{0}} AND {self.domain} = {{1}} AND {self.snd_time} = 0 "

@@ -308,8 +308,9 @@ class Store(abc.ABC):
         """Delete rows with ``exp_time <= now``."""
 
     @abc.abstractmethod
-    async def take_expired(self, now: int) -> list[StoredMessage]:
-        """Delete rows with ``exp_time <= now`` and return them (to tell their senders)."""
+    async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:
+        """Delete up to ``limit`` rows with ``exp_time <= now`` and return them (to tell
+        their senders), oldest ids first; call again until fewer than ``limit`` come back."""
 
     @abc.abstractmethod
     async def claim_due_reminders(

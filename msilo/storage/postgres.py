@@ -836,10 +836,10 @@ class PostgresStore(Store):
         """Delete expired rows."""
         return await self._execute("delete expired", self._q_expire, now)
 
-    async def take_expired(self, now: int) -> list[StoredMessage]:
-        """Delete expired rows and return them."""
-        rows = await self._fetch("take expired", self._q_take_expired, now)
-        rows.sort(key=lambda m: (m.inc_time, m.mid))
+    async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:
+        """Delete up to ``limit`` expired rows and return them."""
+        rows = await self._fetch("take expired", self._q_take_expired, now, limit)
+        rows.sort(key=lambda m: m.mid)
         return rows
 
     async def purge(self, username: str, domain: str) -> int:

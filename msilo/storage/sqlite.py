@@ -509,14 +509,14 @@ class SQLiteStore(Store):
         """Delete expired rows."""
         return await self._exec("delete expired", self._q_expire, (now,))
 
-    async def take_expired(self, now: int) -> list[StoredMessage]:
-        """Delete expired rows and return them."""
+    async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:
+        """Delete up to ``limit`` expired rows and return them."""
 
         def run(conn: Conn) -> list[StoredMessage]:
-            return [_row(r) for r in conn.execute(self._q_take_expired, (now,))]
+            return [_row(r) for r in conn.execute(self._q_take_expired, (now, limit))]
 
         rows = await self._call("take expired", lambda c: self._write(c, run))
-        rows.sort(key=lambda m: (m.inc_time, m.mid))
+        rows.sort(key=lambda m: m.mid)
         return rows
 
     async def purge(self, username: str, domain: str) -> int:

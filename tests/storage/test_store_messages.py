@@ -250,13 +250,14 @@ async def test_expired_rows_are_taken_with_what_their_senders_need(store: Store)
         ],
         0,
     )
-    taken = await store.take_expired(NOW)
-    assert [(m.body, m.src_addr, m.dst_addr) for m in taken] == [
+    first = await store.take_expired(NOW, 1)  # one batch of one
+    rest = await store.take_expired(NOW, 10)
+    assert [(m.body, m.src_addr, m.dst_addr) for m in first + rest] == [
         (b"b", "sip:carol@example.org", "sip:alice@example.com"),
         (b"a", "sip:bob@example.org", "sip:alice@example.com"),
-    ]  # arrival order (same inc_time: by id)
+    ]  # in id order across batches
     assert [m.body for m in await store.list(*OWNER)] == [b"kept"]
-    assert await store.take_expired(NOW) == []
+    assert await store.take_expired(NOW, 10) == []
 
 
 # --- reminders ----------------------------------------------------------------------------------

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 import zoneinfo
 
+import pytest
+
+from msilo.leader import cycles
 from msilo.storage.base import NewMessage
 from tests.service.conftest import ServerFactory
 from tests.service.sipua import UserAgent
@@ -235,7 +239,11 @@ async def test_management_http_reports_the_counters(server: ServerFactory) -> No
     assert health.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in health
 
 
-async def test_sender_is_told_when_a_message_expires_undelivered(server: ServerFactory) -> None:
+async def test_sender_is_told_when_a_message_expires_undelivered(
+    server: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cycles, "EXPIRY_BATCH", 1)  # both rows, one batch each
+    caplog.set_level(logging.INFO, logger="msilo.leader")
     proxy = await UserAgent(("127.0.0.1", 9), user="proxy").start()
     try:
         srv = await server(
@@ -268,5 +276,6 @@ async def test_sender_is_told_when_a_message_expires_undelivered(server: ServerF
         await asyncio.sleep(0.3)
         assert len(proxy.received) == 1
         assert srv.stats()["expired_messages"] == 2
+        assert "event=expired count=2" in caplog.text  # one cycle took both batches
     finally:
         proxy.close()

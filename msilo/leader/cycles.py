@@ -107,23 +107,30 @@ class TimerCycles:
         now = int(time.time()) if now is None else now
         if self._expiry is None:
             expired = await self.store.delete_expired(now)
+            if expired:
+                self._count("expired_messages", expired)
         else:
-            expired = 0
-            while True:
-                rows = await self.store.take_expired(now, EXPIRY_BATCH)
-                expired += len(rows)
-                for row in rows:
-                    self._tell_sender(row, self._expiry)
-                if len(rows) < EXPIRY_BATCH:
-                    break
+            expired = await self._expire_and_tell(now, self._expiry)
         if expired:
-            self._count("expired_messages", expired)
             log.info("event=expired count=%d", expired)
         if self._purge_bindings is not None:
             await self._purge_bindings(now)
         # Digest nonce-counts of nonces that can no longer be used (D14).
         await self.store.delete_expired_nonces(now)
         return expired
+
+    async def _expire_and_tell(self, now: int, settings: ExpirySettings) -> int:
+        """Take expired rows a batch at a time and tell each sender; rows taken."""
+        taken = 0
+        while True:
+            rows = await self.store.take_expired(now, EXPIRY_BATCH)
+            taken += len(rows)
+            if rows:  # counted per batch: a later batch's failure does not hide these
+                self._count("expired_messages", len(rows))
+            for row in rows:
+                self._tell_sender(row, settings)
+            if len(rows) < EXPIRY_BATCH:
+                return taken
 
     def _tell_sender(self, row: StoredMessage, settings: ExpirySettings) -> None:
         note = expiry_notice(row, settings)

@@ -168,14 +168,15 @@ def _networks(key: str, value: Any) -> tuple[str, ...]:
 
 def _nameservers(key: str, value: Any) -> tuple[str, ...]:
     items = _str_list(key, value)
+    ports: set[int] = set()
     for item in items:
         try:
-            parse_nameserver(item)
+            ports.add(parse_nameserver(item)[1])
         except ValueError:
             raise ConfigError(
                 f"{key}: {item!r} is not a DNS server address (e.g. 10.0.0.2 or 127.0.0.1:5353)"
             ) from None
-    if len({parse_nameserver(item)[1] for item in items}) > 1:
+    if len(ports) > 1:
         raise ConfigError(f"{key}: every DNS server must use the same port")
     return items
 

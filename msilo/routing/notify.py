@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from msilo.errors import ParseError
 from msilo.routing.delivery import Requester
+from msilo.routing.pv import row_pv_values
 from msilo.routing.templates import Template
 from msilo.sip.message import SipRequest
 from msilo.sip.parser import normalize_aor, parse_uri
@@ -124,32 +125,10 @@ class ExpirySettings:
     content_type_hdr: Template | None = None
 
 
-def row_values(row: StoredMessage) -> dict[str, str]:
-    """Pseudo-variable values for a stored row: ``$f*`` its sender, ``$t*``/``$r*`` its
-    recipient (the owner), ``$rm`` MESSAGE; what only a live request has is empty."""
-    values = {
-        "fu": row.src_addr,
-        "tu": row.dst_addr,
-        "ru": f"sip:{row.username}@{row.domain}",
-        "ou": f"sip:{row.username}@{row.domain}",
-        "rU": row.username,
-        "rd": row.domain,
-        "rm": "MESSAGE",
-    }
-    for prefix, uri in (("f", row.src_addr), ("t", row.dst_addr)):
-        try:
-            parsed = parse_uri(uri)
-        except ParseError:
-            continue
-        values[f"{prefix}U"] = parsed.user or ""
-        values[f"{prefix}d"] = parsed.host
-    return values
-
-
 def expiry_notice(row: StoredMessage, settings: ExpirySettings) -> Notification | None:
     """The notice to the sender of ``row``, which expired undelivered; None when none is due
     (no sender address, or the row is itself one of our own notices)."""
-    values = row_values(row)
+    values = row_pv_values(row)
     from_address = settings.from_address.expand(values).strip()
     body = settings.message.expand(values)
     sender = row.src_addr

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from msilo.errors import ParseError
 from msilo.sip.message import SipRequest, SipURI
 from msilo.sip.parser import parse_uri
+from msilo.storage.base import StoredMessage
 
 
 def _uri(text: str | None) -> SipURI | None:
@@ -51,4 +52,18 @@ def pv_values(
     values["ct"] = request.get_header("contact") or ""
     for name, value in (avp or {}).items():
         values[f"avp:{name}"] = value
+    return values
+
+
+def row_pv_values(row: StoredMessage) -> dict[str, str]:
+    """The variables a stored row can give: ``$f*`` its sender, ``$t*``/``$r*`` its
+    recipient (the owner), ``$rm`` MESSAGE; what only a live request has is left out."""
+    owner = f"sip:{row.username}@{row.domain}"
+    values = {"ru": owner, "ou": owner, "rU": row.username, "rd": row.domain, "rm": "MESSAGE"}
+    for prefix, uri in (("f", row.src_addr), ("t", row.dst_addr)):
+        values[f"{prefix}u"] = uri
+        parsed = _uri(uri)
+        if parsed is not None:
+            values[f"{prefix}U"] = parsed.user or ""
+            values[f"{prefix}d"] = parsed.host
     return values

@@ -326,11 +326,10 @@ class MsiloService:
         await self.store_and_reply(ctx, snd_time=snd_time)
 
     def _transient(self, request: SipRequest) -> bool:
-        ctype = request.content_type
-        if ctype is None or not self.settings.transient_types:
+        if not self.settings.transient_types:
             return False
-        media = ctype.raw.split(";", 1)[0].strip().lower()
-        return media in self.settings.transient_types
+        ctype = request.content_type
+        return ctype is not None and ctype.mime in self.settings.transient_types
 
     async def _relay_transient(self, ctx: RouteContext) -> None:
         """A typing indication or the like: to an online user now, or not at all.

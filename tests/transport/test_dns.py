@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import subprocess
 from collections import Counter
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from msilo.config import load_config
-from msilo.errors import ConfigError
+from msilo.errors import ConfigError, TransportError
 from msilo.sip.parser import parse_uri
 from msilo.transport import Target
+from msilo.transport import dns as dns_module
 from msilo.transport.dns import Resolver, parse_nameserver, srv_order
 from msilo.transport.manager import Transports
 from msilo.transport.tls import client_context
@@ -192,3 +194,23 @@ async def test_a_failing_srv_lookup_falls_back_to_the_address(
             found = await resolver.locate(Target.from_uri(parse_uri("sip:bob@sip.example")))
     assert found == [("127.0.0.1", 5060)]
     assert "event=srv_lookup_failed name=_sip._udp.sip.example" in caplog.text
+
+
+async def test_a_dns_server_that_never_answers_fails_the_lookup_in_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(dns_module, "LOOKUP_TIMEOUT", 0.3)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never replies
+        silent.bind(("127.0.0.1", 0))
+        resolver = Resolver([f"127.0.0.1:{silent.getsockname()[1]}"])
+        target = Target.from_uri(parse_uri("sip:bob@proxy.example"))
+        started = asyncio.get_running_loop().time()
+        with (
+            caplog.at_level(logging.WARNING, logger="msilo.transport"),
+            pytest.raises(TransportError, match=r"cannot resolve proxy\.example"),
+        ):
+            await resolver.locate(target)
+        elapsed = asyncio.get_running_loop().time() - started
+    # The SRV lookup times out and falls back to A/AAAA, which time out too: no hang.
+    assert "event=srv_lookup_failed" in caplog.text
+    assert elapsed < 3

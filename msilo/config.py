@@ -473,6 +473,30 @@ class MsiloConfig:
             "IANA zone for send times and the date prefix (unset = the host's)", _timezone
         ),
     )
+    deliver_to: str = field(
+        default="all",
+        metadata=_doc(
+            "`all`: every device of the user gets each stored message once; `first`: the"
+            " OpenSIPS behaviour, the first device to answer 2xx takes it",
+            _choice("all", "first"),
+        ),
+    )
+    device_memory: int = field(
+        default=2592000,
+        metadata=_doc(
+            "seconds a device (its +sip.instance, else its Contact URI) is remembered after"
+            " its last REGISTER; messages stored meanwhile are kept for it",
+            _int(0),
+        ),
+    )
+    relay_timeout: float = field(
+        default=5.0,
+        metadata=_doc(
+            "seconds to wait for a device to answer a relayed MESSAGE with 2xx before it is"
+            " stored for the devices that have not and the sender gets 202",
+            _number(0.1),
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,10 @@ class TimerCycles:
             await self._purge_bindings(now)
         # Digest nonce-counts of nonces that can no longer be used (D14).
         await self.store.delete_expired_nonces(now)
+        # Devices not heard of for device_memory, and ledger rows of messages now gone.
+        forgotten = await self.store.forget_old_devices(now - self.deliverer.settings.device_memory)
+        if forgotten:
+            log.info("event=devices_forgotten count=%d", forgotten)
         return expired
 
     async def _expire_and_tell(self, now: int, settings: ExpirySettings) -> int:

@@ -76,11 +76,37 @@ class DeliverySettings:
     outbound_proxy: Target | None = None
     timer_f: float = 32.0
     chunk: int = 16  # rows claimed per round trip (a typical mailbox in one claim)
+    deliver_to: str = "all"  # "all": every device once (the ledger); "first": OpenSIPS
+    device_memory: int = 2592000  # seconds a device is remembered after its REGISTER
 
     @property
     def lease_seconds(self) -> int:
         # Longer than every send of a chunk could take (each ends by Timer F), D6.
         return int(self.chunk * self.timer_f) + 10
+
+    @property
+    def per_device(self) -> bool:
+        """True when each device gets each message (``deliver_to = "all"``)."""
+        return self.deliver_to == "all"
+
+
+_last_cseq = 0
+
+
+def next_cseq() -> int:
+    """A CSeq for one delivery attempt: rising with time (tenths of a second) and within
+    the process, so the attempts of a message, which share its Call-ID, never repeat one
+    (RFC 3261 §8.2.2.2: a device would answer a repeat 482 Loop Detected)."""
+    global _last_cseq
+    _last_cseq = max(_last_cseq + 1, int(time.time() * 10) % 2**31)
+    return _last_cseq
+
+
+def delivery_call_id(row: StoredMessage) -> str:
+    """The Call-ID every delivery of ``row`` carries: the one it arrived with (stored
+    with it), or for a row written without one (an OpenSIPS row) one made from its id --
+    stable across attempts either way, so a device that already showed it drops a repeat."""
+    return row.callid or f"msilo-{row.mid}-{row.inc_time}"
 
 
 def is_text_plain(ctype: str | None) -> bool:
@@ -155,6 +181,8 @@ class Deliverer:
             content_type=row.ctype or None,
             # The Date header carries the arrival time (D7); reminders have none (§7.2).
             date=None if reminder else row.inc_time,
+            call_id=delivery_call_id(row),
+            cseq=next_cseq(),
         )
 
     async def dump(
@@ -166,14 +194,21 @@ class Deliverer:
         *,
         limit: int | None = None,
         route: Sequence[str] = (),
+        device: str | None = None,
     ) -> DumpReport:
         """Deliver the user's stored messages to the contact ``uri`` (D5, D6).
 
-        ``route`` is the contact's Route set (the REGISTER's Path, RFC 3327).
+        ``route`` is the contact's Route set (the REGISTER's Path, RFC 3327).  With
+        ``device`` (and ``deliver_to = "all"``) the rows that device has not had are leased
+        for it alone and a 2xx settles the row for it (the row goes when every due device
+        has it); without, a 2xx deletes the row (the OpenSIPS behaviour).
         """
+        leases: _Leases = (
+            _DeviceLeases(self, username, domain, device)
+            if device is not None and self.settings.per_device
+            else _RowLeases(self, username, domain)
+        )
         report = DumpReport()
-        kept: list[int] = []  # failed rows stay leased until this dump ends, then released
-        deleting: list[asyncio.Task[int]] = []  # deletes of delivered rows still in flight
         remaining = limit
         try:
             while remaining is None or remaining > 0:
@@ -182,20 +217,13 @@ class Deliverer:
                     if remaining is None
                     else min(self.settings.chunk, remaining)
                 )
-                rows = await self.store.claim_for_dump(
-                    username,
-                    domain,
-                    lease_owner=self.lease_owner,
-                    lease_seconds=self.settings.lease_seconds,
-                    now=int(time.time()),
-                    limit=size,
-                )
+                rows = await leases.claim(size)
                 if not rows:
                     break
                 if remaining is not None:
                     remaining -= len(rows)
                 stopped = await self._send_rows(
-                    rows, Hop(target, tuple(route)), uri, report, kept, deleting
+                    rows, Hop(target, tuple(route)), uri, report, leases
                 )
                 if stopped or len(rows) < size:
                     break
@@ -203,19 +231,8 @@ class Deliverer:
             # Leases run out by themselves and the leader recovers them (D6).
             log.error("event=dump_aborted aor=%s@%s error=%s", username, domain, exc)
         finally:
-            if deleting:
-                await self._settle(deleting)
-            if kept:
-                await self._release(kept, failed=True)
+            await leases.finish()
         return report
-
-    async def _settle(self, deleting: list[asyncio.Task[int]]) -> None:
-        """Wait for the deletes of delivered rows; a failed one leaves its row leased."""
-        for outcome in await asyncio.gather(*deleting, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                # The lease runs out and the leader offers the row again: the user may see
-                # it twice, but it is not lost.
-                log.error("event=delete_failed error=%s", outcome)
 
     async def _send_rows(
         self,
@@ -223,50 +240,162 @@ class Deliverer:
         hop: Hop,
         uri: str,
         report: DumpReport,
-        kept: list[int],
-        deleting: list[asyncio.Task[int]],
+        leases: _Leases,
     ) -> bool:
         for index, row in enumerate(rows):
             result = await self.send_row(row, uri, hop.target, route=hop.route)
             if result.success:
-                # Concurrent dumps' deletes share one DELETE (the store coalesces them).
-                deleting.append(asyncio.ensure_future(self.store.delete_delivered([row.mid])))
+                leases.delivered(row)
                 report.delivered += 1
                 self._count("dumped_messages")
                 log.info(
-                    "event=dumped mid=%d aor=%s@%s status=%d",
+                    "event=dumped mid=%d aor=%s@%s status=%d%s",
                     row.mid,
                     row.username,
                     row.domain,
                     result.status,
+                    leases.describe(),
                 )
                 continue
             report.failed += 1
-            kept.append(row.mid)
+            leases.failed(row)
             self._count("failed_messages")
             log.info(
-                "event=dump_failed mid=%d aor=%s@%s status=%d reason=%r",
+                "event=dump_failed mid=%d aor=%s@%s status=%d reason=%r%s",
                 row.mid,
                 row.username,
                 row.domain,
                 result.status,
                 result.reason,
+                leases.describe(),
             )
             if result.local:
                 # Timeout or transport error: the contact is not answering; keep the
                 # rest for the next REGISTER instead of waiting Timer F for each.
-                rest = [r.mid for r in rows[index + 1 :]]
+                rest = rows[index + 1 :]
                 if rest:
                     report.released += len(rest)
-                    await self._release(rest, failed=False)
+                    await leases.release(rest)
                 return True
         return False
+
+    async def _settle(self, pending: list[asyncio.Future[int]]) -> None:
+        """Wait for the writes of delivered rows; a failed one leaves its row leased."""
+        for outcome in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                # The lease runs out and the row is offered again: the device may see it
+                # twice (same Call-ID: it can drop the repeat), but it is not lost.
+                log.error("event=delete_failed error=%s", outcome)
 
     async def _release(self, mids: list[int], *, failed: bool) -> None:
         try:
             await self.store.release_lease(mids, failed=failed)
         except StorageError as exc:
             log.error("event=lease_release_failed mids=%s error=%s", mids, exc)
+
+
+class _Leases:
+    """How a dump leases rows and settles them: per row or per (row, device)."""
+
+    def __init__(self, deliverer: Deliverer, username: str, domain: str) -> None:
+        self.deliverer = deliverer
+        self.store = deliverer.store
+        self.username = username
+        self.domain = domain
+        self.kept: list[StoredMessage] = []  # failed: leased until the dump ends
+        self.pending: list[asyncio.Future[int]] = []  # settling writes still in flight
+
+    async def claim(self, size: int) -> list[StoredMessage]:
+        raise NotImplementedError
+
+    def delivered(self, row: StoredMessage) -> None:
+        raise NotImplementedError
+
+    def failed(self, row: StoredMessage) -> None:
+        self.kept.append(row)
+
+    async def release(self, rows: list[StoredMessage], *, failed: bool = False) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return ""
+
+    async def finish(self) -> None:
+        if self.pending:
+            await self.deliverer._settle(self.pending)
+        if self.kept:
+            await self.release(self.kept, failed=True)
+
+
+class _RowLeases(_Leases):
+    """``deliver_to = "first"``: the row is leased; a 2xx deletes it for everyone."""
+
+    async def claim(self, size: int) -> list[StoredMessage]:
+        settings = self.deliverer.settings
+        return await self.store.claim_for_dump(
+            self.username,
+            self.domain,
+            lease_owner=self.deliverer.lease_owner,
+            lease_seconds=settings.lease_seconds,
+            now=int(time.time()),
+            limit=size,
+        )
+
+    def delivered(self, row: StoredMessage) -> None:
+        # Concurrent dumps' deletes share one DELETE (the store coalesces them).
+        self.pending.append(asyncio.ensure_future(self.store.delete_delivered([row.mid])))
+
+    async def release(self, rows: list[StoredMessage], *, failed: bool = False) -> None:
+        await self.deliverer._release([r.mid for r in rows], failed=failed)
+
+
+class _DeviceLeases(_Leases):
+    """``deliver_to = "all"``: the (row, device) pair is leased; a 2xx settles it for
+    this device, and the row goes when no due device lacks it."""
+
+    def __init__(self, deliverer: Deliverer, username: str, domain: str, device: str) -> None:
+        super().__init__(deliverer, username, domain)
+        self.device = device
+
+    async def claim(self, size: int) -> list[StoredMessage]:
+        settings = self.deliverer.settings
+        claimed = await self.store.claim_for_device(
+            self.username,
+            self.domain,
+            self.device,
+            lease_owner=self.deliverer.lease_owner,
+            lease_seconds=settings.lease_seconds,
+            now=int(time.time()),
+            limit=size,
+        )
+        for _, first in claimed:
+            if first:
+                self.deliverer._count("devices_due")
+        return [row for row, _ in claimed]
+
+    def delivered(self, row: StoredMessage) -> None:
+        memory = self.deliverer.settings.device_memory
+        self.pending.append(
+            asyncio.ensure_future(
+                self.store.settle_delivered([(row.mid, self.device)], memory=memory)
+            )
+        )
+
+    async def release(self, rows: list[StoredMessage], *, failed: bool = False) -> None:
+        try:
+            await self.store.release_device_leases(
+                [(r.mid, self.device) for r in rows], failed=failed
+            )
+        except StorageError as exc:
+            log.error(
+                "event=lease_release_failed mids=%s device=%s error=%s",
+                [r.mid for r in rows],
+                self.device,
+                exc,
+            )
+
+    def describe(self) -> str:
+        return f" device={self.device}"
 
 
 class Hop(NamedTuple):

@@ -112,4 +112,5 @@ def new_message(
         snd_time=snd_time,
         dedupe_key=dedupe_key(request, owner),
         unless_online=unless_online,
+        callid=request.call_id,
     )

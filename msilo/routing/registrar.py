@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from msilo.errors import SipError
+from msilo.errors import ParseError, SipError
 from msilo.sip.message import Contact, SipRequest
-from msilo.sip.parser import route_uris
+from msilo.sip.parser import parse_uri, route_uris
 from msilo.storage.location import Binding, BindingPlan, PlanFunction
 
 
@@ -192,3 +192,52 @@ def dump_target(wanted: list[RequestedBinding], allow: tuple[str, ...] | None) -
         if best is None or (c.q or 0.0) > (best.q or 0.0):
             best = c
     return best
+
+
+def device_key(instance: str | None, contact: str) -> str:
+    """The device a binding belongs to: its ``+sip.instance`` (RFC 5626 §4.1), else its
+    Contact URI normalised (scheme, user, lower-case host, port, transport).
+
+    Two contacts of one UA that differ only in parameters or in host case are one
+    device; a UA without an instance that moves to another address is a new device
+    (RFC 5626 §6 says as much of bindings without an instance).
+    """
+    if instance:
+        # urn:uuid values compare case-insensitively (RFC 4122 §3).
+        return instance.strip().strip("<>").lower()
+    try:
+        uri = parse_uri(contact)
+    except ParseError:
+        return contact
+    port = uri.port if uri.port is not None else (5061 if uri.scheme == "sips" else 5060)
+    transport = (uri.params.get("transport") or "").lower()
+    key = f"{uri.scheme}:{uri.user + '@' if uri.user else ''}{uri.host.lower()}:{port}"
+    return f"{key};transport={transport}" if transport and transport != "udp" else key
+
+
+def takes_message(contact: Contact, allow: tuple[str, ...] | None) -> bool:
+    """True unless the contact's ``methods`` (RFC 3840), else the REGISTER's Allow, leave
+    MESSAGE out (D5)."""
+    methods = contact.methods if contact.methods is not None else allow
+    return methods is None or "MESSAGE" in methods
+
+
+def device_changes(
+    request: SipRequest, wanted: list[RequestedBinding]
+) -> tuple[list[str], list[str] | None]:
+    """(devices this REGISTER keeps, devices it forgets; None = all of the user's).
+
+    A contact registered with a positive expiry that takes MESSAGE is a device that reads
+    messages; ``Expires: 0`` on a contact (or ``*``) is a log-out there and forgets it.
+    """
+    if request.contact_star:
+        return [], None
+    keep: list[str] = []
+    forget: list[str] = []
+    for want in wanted:
+        key = device_key(want.contact.instance, want.contact.uri)
+        if want.expires <= 0:
+            forget.append(key)
+        elif takes_message(want.contact, request.allow):
+            keep.append(key)
+    return list(dict.fromkeys(keep)), list(dict.fromkeys(forget))

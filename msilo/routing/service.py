@@ -13,6 +13,7 @@ route and gets a :class:`RouteContext` with the script functions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import importlib
 import logging
@@ -51,6 +52,8 @@ from msilo.routing.registrar import (
     RegistrarPolicy,
     RequestedBinding,
     contact_lines,
+    device_changes,
+    device_key,
     dump_target,
     path_lines,
     plan_register,
@@ -83,6 +86,9 @@ class ServiceSettings:
     snd_time_hdr: str | None = None
     snd_time_avp: str | None = None  # AVP name, e.g. "snd_time" for $avp(snd_time)
     transient_types: frozenset[str] = frozenset()  # relayed, never stored (lower-case)
+    deliver_to: str = "all"  # "all": every device once; "first": the first 2xx takes it
+    device_memory: int = 2592000  # seconds a device is remembered after its REGISTER
+    relay_timeout: float = 5.0  # no 2xx from any device by then: store, answer 202
     tz: dt.tzinfo = dt.UTC
     registrar: RegistrarPolicy = field(default_factory=RegistrarPolicy)
     notify: NotifySettings | None = None
@@ -112,6 +118,8 @@ class RouteContext:
         self.txn = txn
         self.avp: dict[str, str] = {}  # $avp(name) values, e.g. avp["snd_time"] (D10)
         self.ruri: SipURI | None = None  # the Request-URI as the policy check parsed it
+        self.devices_tracked = False  # this REGISTER's devices were remembered/forgotten
+        self.stored: StoreResult | None = None  # the fate of this request's m_store
 
     @property
     def replied(self) -> bool:
@@ -179,6 +187,7 @@ class MsiloService:
         self.route = route
         self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
         self.db = DatabaseHealth()
+        self._background: set[asyncio.Future[None]] = set()  # relay branches followed
         auth = settings.auth
         self.auth = (
             Authenticator(
@@ -293,10 +302,43 @@ class MsiloService:
                 return False
             lines = contact_lines(bindings, int(time.time())) + path_lines(request)
             self.reply(txn, 200, "OK", lines)
+            await self.track_devices(ctx, wanted)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
+            await self.track_devices(ctx, _silo_bindings(request, self.settings.registrar))
         return True
+
+    async def track_devices(self, ctx: RouteContext, wanted: list[RequestedBinding]) -> None:
+        """Remember the devices this REGISTER keeps and forget those it logs out
+        (``deliver_to = "all"``; once per request).  After the 200: the REGISTER does not
+        wait for it, and it is done before the dump that follows settles anything."""
+        if ctx.devices_tracked or self.settings.deliver_to != "all":
+            return
+        ctx.devices_tracked = True
+        request = ctx.request
+        if request.to is None:
+            return
+        user, host = mstore.split_owner(normalize_aor(request.to.uri))
+        keep, forget = device_changes(request, wanted)
+        try:
+            if keep:
+                await self.store.touch_devices(user, host, keep, now=int(time.time()))
+            if forget is None or forget:
+                completed = await self.store.forget_devices(
+                    user, host, forget, memory=self.settings.device_memory
+                )
+                log.info(
+                    "event=devices_forgotten aor=%s@%s devices=%s completed=%d",
+                    user,
+                    host,
+                    "*" if forget is None else ",".join(forget),
+                    completed,
+                )
+        except StorageError as exc:
+            # The binding is saved and answered; a device not remembered only gets the
+            # messages stored from its next REGISTER on.
+            log.error("event=device_update_failed aor=%s@%s error=%s", user, host, exc)
 
     async def default_message(self, ctx: RouteContext) -> None:
         """MESSAGE: relay to an online user (registrar mode), else store and answer 202."""
@@ -314,6 +356,9 @@ class MsiloService:
             outcome = await self.store_and_reply(ctx, snd_time=snd_time, unless_online=True)
             if outcome is not StoreOutcome.ONLINE:
                 return
+            if self.settings.deliver_to == "all":
+                await self.relay_to_devices(ctx, snd_time)
+                return
             result = await ctx.relay()
             if result is not None and result.success:
                 self.count("relayed_messages")
@@ -324,6 +369,142 @@ class MsiloService:
                     "event=relay_failed call_id=%s status=%d", ctx.request.call_id, result.status
                 )
         await self.store_and_reply(ctx, snd_time=snd_time)
+
+    async def relay_to_devices(self, ctx: RouteContext, snd_time: str | None) -> None:
+        """Fork to every binding; the first 2xx answers the sender.  Devices that did not
+        answer 2xx within ``relay_timeout`` (failed, timed out, still running) and
+        remembered devices that are offline have the message stored for them alone;
+        if none answered 2xx by then, the sender gets 202 once it is committed.  A branch
+        still running goes on: its late 2xx settles its device (no second delivery)."""
+        bindings = await ctx.lookup()
+        if not bindings:
+            await self.store_and_reply(ctx, snd_time=snd_time)  # went offline meanwhile
+            return
+        request = ctx.request
+        branches: dict[asyncio.Future[ClientResult], str] = {
+            asyncio.ensure_future(self._relay_branch(request, b)): device_key(b.instance, b.contact)
+            for b in bindings
+        }
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.relay_timeout
+        pending: set[asyncio.Future[ClientResult]] = set(branches)
+        succeeded: set[str] = set()
+        while pending:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            done, pending = await asyncio.wait(
+                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                answer = task.result()
+                if answer.success:
+                    succeeded.add(branches[task])
+                    if not ctx.replied:
+                        self.count("relayed_messages")
+                        ctx.reply(answer.status, answer.reason)
+                else:
+                    log.info(
+                        "event=relay_failed call_id=%s device=%s status=%d",
+                        request.call_id,
+                        branches[task],
+                        answer.status,
+                    )
+        running = {branches[t]: t for t in pending}
+        user, host = mstore.split_owner(self.owner(request, None, ctx.ruri))
+        since = int(time.time()) - self.settings.device_memory
+        remembered = await self.store.remembered_devices(user, host, since=since)
+        due = (set(remembered) | set(branches.values())) - succeeded
+        if not due:
+            return  # every device has it
+        leased = tuple(d for d in running if d not in succeeded)
+        delivered = tuple(sorted(succeeded))
+        if ctx.replied:
+            result = await self._store_quietly(ctx, snd_time, delivered, leased)
+        else:
+            outcome = await self.store_and_reply(
+                ctx, snd_time=snd_time, delivered_to=delivered, leased_to=leased
+            )
+            result = None if outcome is None else ctx.stored
+        if running:
+            mid = (
+                result.mid if result is not None and result.outcome is StoreOutcome.STORED else None
+            )
+            self._follow_branches(request, running, mid)
+
+    async def _store_quietly(
+        self,
+        ctx: RouteContext,
+        snd_time: str | None,
+        delivered: tuple[str, ...],
+        leased: tuple[str, ...],
+    ) -> StoreResult | None:
+        """Store for the devices that lack it after the sender was answered 2xx."""
+        try:
+            return await self.m_store(
+                ctx, None, snd_time, False, delivered_to=delivered, leased_to=leased
+            )
+        except (SipError, StorageError, QueueFull) as exc:
+            log.error(
+                "event=store_for_devices_failed call_id=%s error=%s", ctx.request.call_id, exc
+            )
+            return None
+
+    def _follow_branches(
+        self,
+        request: SipRequest,
+        running: dict[str, asyncio.Future[ClientResult]],
+        mid: int | None,
+    ) -> None:
+        """Settle (2xx) or release (failure) each device whose branch outlived
+        ``relay_timeout``, once it ends."""
+
+        async def follow(device: str, branch: asyncio.Future[ClientResult]) -> None:
+            result = await branch
+            if result.success:
+                self.count("relayed_late")
+            if mid is None:
+                return
+            try:
+                if result.success:
+                    memory = self.settings.device_memory
+                    await self.store.settle_delivered([(mid, device)], memory=memory)
+                else:
+                    await self.store.release_device_leases([(mid, device)], failed=True)
+            except StorageError as exc:
+                # The lease runs out and the device gets it on its next REGISTER.
+                log.error("event=late_branch_unsettled mid=%d device=%s error=%s", mid, device, exc)
+            log.info(
+                "event=relay_late call_id=%s mid=%d device=%s status=%d",
+                request.call_id,
+                mid,
+                device,
+                result.status,
+            )
+
+        for device, branch in running.items():
+            task = asyncio.ensure_future(follow(device, branch))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _relay_branch(self, request: SipRequest, binding: Binding) -> ClientResult:
+        """One branch of a relay: the request to one binding, keeping its identity."""
+        assert request.from_ is not None and request.to is not None and request.cseq is not None
+        max_forwards = (request.max_forwards if request.max_forwards is not None else 70) - 1
+        hop = binding_hop(binding)
+        return await self.requester.send_message(
+            binding.contact,
+            self.settings.outbound_proxy or hop.target,
+            route=hop.route,
+            from_=_name_addr(request.from_.display, request.from_.uri),
+            to=_name_addr(request.to.display, request.to.uri),
+            body=request.body,
+            content_type=request.content_type.raw if request.content_type else None,
+            call_id=request.call_id,
+            from_tag=request.from_.tag,
+            cseq=request.cseq.number,
+            max_forwards=max(max_forwards, 0),
+        )
 
     def _transient(self, request: SipRequest) -> bool:
         if not self.settings.transient_types:
@@ -355,11 +536,22 @@ class MsiloService:
         snd_time: int | str | None = None,
         *,
         unless_online: bool = False,
+        delivered_to: tuple[str, ...] = (),
+        leased_to: tuple[str, ...] = (),
     ) -> StoreOutcome | None:
         """m_store, then 202 / 486 Mailbox Full / 503 as the outcome says (D9, D12);
         no answer when the owner is ONLINE (``unless_online``: the caller relays)."""
         try:
-            result = await self.m_store(ctx, owner, snd_time, True, unless_online=unless_online)
+            result = await self.m_store(
+                ctx,
+                owner,
+                snd_time,
+                True,
+                unless_online=unless_online,
+                delivered_to=delivered_to,
+                leased_to=leased_to,
+            )
+            ctx.stored = result
         except QueueFull:
             self.count("store_failures")
             ctx.reply(503, "Service Unavailable", [RETRY_AFTER])
@@ -384,9 +576,13 @@ class MsiloService:
         notify: bool,
         *,
         unless_online: bool = False,
+        delivered_to: tuple[str, ...] = (),
+        leased_to: tuple[str, ...] = (),
     ) -> StoreResult:
         """Store the request; answer-worthy errors are raised, the row's fate returned
-        (ONLINE, nothing stored, when ``unless_online`` and the owner is registered)."""
+        (ONLINE, nothing stored, when ``unless_online`` and the owner is registered).
+        ``delivered_to`` / ``leased_to``: devices that have it / whose relay branch is
+        still running (per-device delivery after a relay)."""
         request = ctx.request
         aor = self.owner(request, owner, ctx.ruri)
         now = int(time.time())
@@ -400,6 +596,14 @@ class MsiloService:
                 snd_time=when,
                 unless_online=unless_online,
             )
+            if delivered_to or leased_to:
+                message = dataclasses.replace(
+                    message,
+                    delivered_to=delivered_to,
+                    leased_to=leased_to,
+                    lease_until=now + int(self.deliverer.settings.timer_f) + 10,
+                    lease_owner=self.deliverer.lease_owner,
+                )
             result = await self.writer.submit(message)
         except InvalidRecord as exc:
             raise ParseError(f"cannot store: {exc}") from None
@@ -464,6 +668,7 @@ class MsiloService:
             if self.settings.mode == "registrar"
             else _silo_bindings(request, self.settings.registrar)
         )
+        await self.track_devices(ctx, wanted)
         contact = dump_target(wanted, request.allow)
         if contact is None:
             return None
@@ -485,7 +690,13 @@ class MsiloService:
             direct = direct_target(parse_uri(contact.uri), registered_from)
         hop = route_hop(path_route(request.get_headers("path")), direct)
         report = await self.deliverer.dump(
-            user, host, contact.uri, hop.target, limit=limit, route=hop.route
+            user,
+            host,
+            contact.uri,
+            hop.target,
+            limit=limit,
+            route=hop.route,
+            device=device_key(contact.instance, contact.uri),
         )
         if report.delivered or report.failed:
             log.info(
@@ -534,27 +745,7 @@ class MsiloService:
 
     async def relay(self, request: SipRequest, bindings: list[Binding]) -> ClientResult:
         """Fork ``request`` to every binding statefully; first 2xx wins (D: relay)."""
-        assert request.from_ is not None and request.to is not None and request.cseq is not None
-        max_forwards = (request.max_forwards if request.max_forwards is not None else 70) - 1
-        hops = [binding_hop(b) for b in bindings]
-        branches = [
-            asyncio.ensure_future(
-                self.requester.send_message(
-                    b.contact,
-                    self.settings.outbound_proxy or hop.target,
-                    route=hop.route,
-                    from_=_name_addr(request.from_.display, request.from_.uri),
-                    to=_name_addr(request.to.display, request.to.uri),
-                    body=request.body,
-                    content_type=request.content_type.raw if request.content_type else None,
-                    call_id=request.call_id,
-                    from_tag=request.from_.tag,
-                    cseq=request.cseq.number,
-                    max_forwards=max(max_forwards, 0),
-                )
-            )
-            for b, hop in zip(bindings, hops, strict=True)
-        ]
+        branches = [asyncio.ensure_future(self._relay_branch(request, b)) for b in bindings]
         best: ClientResult | None = None
         for next_done in asyncio.as_completed(branches):
             result = await next_done

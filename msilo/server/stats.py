@@ -14,7 +14,9 @@ from multiprocessing import shared_memory
 # The admin guide's counters, with their documented meanings (not the reference's swap, §10 Q2).
 MSILO_COUNTERS: dict[str, str] = {
     "stored_messages": "messages stored by msilo",
-    "dumped_messages": "stored messages delivered to a user who came online (2xx)",
+    "dumped_messages": (
+        "stored messages delivered (2xx); with deliver_to = all one per device that got one"
+    ),
     "failed_messages": "stored-message deliveries that failed (final >= 300 or timeout)",
     "dumped_reminders": "reminder messages delivered (2xx)",
     "failed_reminders": "reminder deliveries that failed",
@@ -41,6 +43,13 @@ SERVER_COUNTERS: dict[str, str] = {
     "batch_flushes": "batch-writer commits",
     "batch_rows": "rows written by batch-writer commits",
     "relayed_messages": "MESSAGEs relayed to an online user (2xx from a branch)",
+    "relayed_late": (
+        "relay branches that answered 2xx after relay_timeout (their device is settled)"
+    ),
+    "devices_due": (
+        "(stored message, device) pairs offered for the first time: one per device a stored"
+        " message became due to and was first sent to (deliver_to = all)"
+    ),
     "transient_not_stored": "MESSAGEs of a transient type (msilo.transient_types) not stored",
     "notifications_sent": "offline notifications sent to senders",
     "leases_recovered": "delivery leases recovered after their deadline",

@@ -58,7 +58,7 @@ class SiloSql:
         self.columns = (
             f"{self.mid}, {self.username}, {self.domain}, {self.src_addr}, {self.dst_addr}, "
             f"{self.body}, {self.ctype}, {self.inc_time}, {self.exp_time}, {self.snd_time}, "
-            f"attempts"
+            f"attempts, callid"
         )
         self.order_arrival = f"{self.inc_time}, {self.mid}"
         t = self.table
@@ -97,7 +97,12 @@ EXTRA_COLUMN_DEFS = {
     "lease_until": "BIGINT DEFAULT NULL",
     "lease_owner": "TEXT DEFAULT NULL",
     "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "callid": "TEXT DEFAULT NULL",
 }
+#: Extra columns added after the first release: ``create_schema`` adds them to a table of
+#: our own layout by itself (nullable, no rewrite); an OpenSIPS table gets them from
+#: ``msilo db upgrade`` with the rest.
+LATER_COLUMNS = ("callid",)
 
 
 def silo_table_ddl(s: SiloSql, *, id_type: str, blob_type: str) -> str:

@@ -7,7 +7,14 @@ names (``db_table`` / ``sc_*``), plus four columns of ours with fixed names:
 * ``dedupe_key``  -- Call-ID + CSeq + From-tag of the request; unique, so a replayed
   MESSAGE is stored once (spec D12);
 * ``lease_until`` / ``lease_owner`` -- the delivery lease (spec D6, §10 Q12);
-* ``attempts``    -- failed deliveries so far (spec §10 Q17).
+* ``attempts``    -- failed deliveries so far (spec §10 Q17);
+* ``callid``      -- the Call-ID every delivery of the message carries (one identity per
+  message, whatever the device or the attempt: receivers de-duplicate on it).
+
+Per-device delivery (``msilo.deliver_to = "all"``) keeps its state beside the silo table,
+so an OpenSIPS table stays drop-in: ``msilo_device`` remembers a user's devices and the
+delivery ledger records, per message and device, a live lease or a settled delivery
+(:mod:`msilo.storage.ledger`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ LOCATION_VERSION = 1013
 SUBSCRIBER_VERSION = 8
 
 #: Our extra silo columns, in the order we create them.
-EXTRA_COLUMNS = ("dedupe_key", "lease_until", "lease_owner", "attempts")
+EXTRA_COLUMNS = ("dedupe_key", "lease_until", "lease_owner", "attempts", "callid")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -121,6 +128,16 @@ class NewMessage:
     # Registrar mode's default route: store only if the owner has no live binding that
     # takes MESSAGE (else ONLINE, nothing stored) -- the lookup in the store's round trip.
     unless_online: bool = False
+    # The request's Call-ID: every delivery carries it (or a derived one when another
+    # stored message of the owner already has it).
+    callid: str | None = None
+    # Per-device delivery after a relay: devices that already have it (their branch
+    # answered 2xx) and devices whose branch is still running (leased until
+    # ``lease_until`` by ``lease_owner``; a late 2xx settles them).
+    delivered_to: tuple[str, ...] = ()
+    leased_to: tuple[str, ...] = ()
+    lease_until: int = 0
+    lease_owner: str = ""
 
 
 class StoreOutcome(enum.Enum):
@@ -155,6 +172,13 @@ class StoredMessage:
     exp_time: int
     snd_time: int
     attempts: int
+    callid: str | None = None
+
+
+def derived_callid(callid: str, mid: int) -> str:
+    """The Call-ID deliveries of row ``mid`` carry when another stored message of the same
+    owner already has ``callid``: unique (the row id) and the same on every attempt."""
+    return f"{callid}-msilo{mid}"
 
 
 def _check_text(field: str, value: object, limit: int | None) -> None:
@@ -181,6 +205,10 @@ def validate_message(msg: NewMessage) -> None:
         _check_text("ctype", msg.ctype, None)
     if msg.dedupe_key is not None:
         _check_text("dedupe_key", msg.dedupe_key, None)
+    if msg.callid is not None:
+        _check_text("callid", msg.callid, None)
+    for device in (*msg.delivered_to, *msg.leased_to):
+        _check_text("device", device, None)
     if not isinstance(msg.body, bytes | bytearray | memoryview):
         raise InvalidRecord(f"body must be bytes, got {type(msg.body).__name__}")
     for field in ("inc_time", "exp_time", "snd_time"):
@@ -290,6 +318,63 @@ class Store(abc.ABC):
         Deliverable: ``snd_time = 0``, ``exp_time > now``, no live lease.  Concurrent claims
         never return the same row.
         """
+
+    # -- per-device delivery (``msilo.storage.ledger``) -------------------------------
+
+    @abc.abstractmethod
+    async def claim_for_device(
+        self,
+        username: str,
+        domain: str,
+        device: str,
+        *,
+        lease_owner: str,
+        lease_seconds: int,
+        now: int,
+        limit: int | None = None,
+    ) -> list[tuple[StoredMessage, bool]]:
+        """Lease for ``device`` and return, in arrival order, the owner's deliverable rows
+        the device has not had, each with True when it is the first attempt to it.
+
+        Deliverable as for ``claim_for_dump``; the lease is per (row, device), so other
+        devices of the owner claim the same rows at the same time.  Concurrent claims for
+        one device never return the same row.
+        """
+
+    @abc.abstractmethod
+    async def settle_delivered(self, pairs: Sequence[tuple[int, str]], *, memory: int) -> int:
+        """Record that each (mid, device) got its message; delete every message no due
+        device lacks any more (due: remembered at most ``memory`` seconds before the
+        message arrived).  Returns how many messages were deleted."""
+
+    @abc.abstractmethod
+    async def release_device_leases(
+        self, pairs: Sequence[tuple[int, str]], *, failed: bool = True
+    ) -> int:
+        """Drop the (mid, device) leases of deliveries that did not succeed; ``failed``
+        also counts an attempt on the row."""
+
+    @abc.abstractmethod
+    async def touch_devices(
+        self, username: str, domain: str, devices: Sequence[str], *, now: int
+    ) -> None:
+        """Remember ``devices`` of the owner as registered at ``now``."""
+
+    @abc.abstractmethod
+    async def forget_devices(
+        self, username: str, domain: str, devices: Sequence[str] | None, *, memory: int
+    ) -> int:
+        """Forget the owner's ``devices`` (None: all of them: the user logged out
+        everywhere) and delete the messages they leave complete; returns how many."""
+
+    @abc.abstractmethod
+    async def remembered_devices(self, username: str, domain: str, *, since: int) -> list[str]:
+        """The owner's devices whose last REGISTER is at ``since`` or later."""
+
+    @abc.abstractmethod
+    async def forget_old_devices(self, before: int) -> int:
+        """Forget devices last registered before ``before`` and drop ledger rows of
+        messages that are gone; returns how many devices were forgotten."""
 
     @abc.abstractmethod
     async def delete_delivered(self, mids: Sequence[int]) -> int:

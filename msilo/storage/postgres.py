@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql, location_pg, subscriber
+from msilo.storage import _sql, ledger, location_pg, subscriber
 from msilo.storage._sql import GENERIC_PLANS, GENERIC_PLANS_SETTING
 from msilo.storage.base import (
     DEFAULT_NAMES,
@@ -140,6 +140,7 @@ def _row(r: Sequence[Any]) -> StoredMessage:
         exp_time=r[8],
         snd_time=r[9],
         attempts=r[10],
+        callid=r[11],
     )
 
 
@@ -151,8 +152,6 @@ def store_function_source(s: _sql.SiloSql, sequence: str) -> str:
     """The body of the batch-store function (compared with ``pg_proc.prosrc`` on upgrade)."""
     t = s.table
     return f"""
-DECLARE
-    lock_key bigint;
 BEGIN
     -- Under REPEATABLE READ or SERIALIZABLE the count below would not see rows committed
     -- after the transaction began, and the quota could be exceeded.
@@ -160,15 +159,16 @@ BEGIN
         RAISE EXCEPTION 'msilo: storing needs READ COMMITTED, this transaction is %',
             current_setting('transaction_isolation');
     END IF;
-    IF p_max > 0 THEN
-        FOR lock_key IN
-            SELECT DISTINCT
-                hashtextextended({_literal(s.names.table)} || '|' || o.u || '@' || o.d, 0)
-            FROM unnest(p_username, p_domain) AS o(u, d)
-            ORDER BY 1
-        LOOP
-            PERFORM pg_advisory_xact_lock(lock_key);
-        END LOOP;
+    -- Owners are locked (in key order: two batches sharing owners queue instead of
+    -- deadlocking) for the quota and for Call-ID uniqueness: both are "what else does
+    -- this owner hold", which only a statement after the lock sees.  One statement.
+    IF p_max > 0 OR EXISTS (SELECT 1 FROM unnest(p_callid) AS c(v) WHERE c.v IS NOT NULL) THEN
+        PERFORM pg_advisory_xact_lock(k.key)
+        FROM (SELECT DISTINCT
+                  hashtextextended({_literal(s.names.table)} || '|' || o.u || '@' || o.d, 0)
+                  AS key
+              FROM unnest(p_username, p_domain) AS o(u, d)
+              ORDER BY 1) AS k;
     END IF;
 
     WITH src AS MATERIALIZED (
@@ -181,10 +181,16 @@ BEGIN
                     WHERE l.username = i.u AND l.domain = i.d AND l.expires > p_now
                       AND (l.methods IS NULL
                            OR 'MESSAGE' = ANY(string_to_array(l.methods, ','))))
-               ) AS online
+               ) AS online,
+               -- One identity per message: another stored message of the owner with
+               -- this Call-ID makes this one's derived (the row id: unique, stable).
+               (i.cid IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM {t} x
+                    WHERE x.{s.username} = i.u AND x.{s.domain} = i.d AND x.callid = i.cid)
+               ) AS cid_taken
         FROM unnest(p_username, p_domain, p_src, p_dst, p_body, p_ctype,
-                    p_inc, p_exp, p_snd, p_key, p_unless_online)
-             WITH ORDINALITY AS i(u, d, sa, da, body, ctype, inc, exp, snd, k, chk, ord)
+                    p_inc, p_exp, p_snd, p_key, p_unless_online, p_callid)
+             WITH ORDINALITY AS i(u, d, sa, da, body, ctype, inc, exp, snd, k, chk, cid, ord)
     ),
     counts AS (
         -- Counting stops at p_max: whether the mailbox is full is all that matters, and
@@ -200,14 +206,18 @@ BEGIN
         -- pos: the row's place in its owner's mailbox if every new row before it is stored.
         SELECT src.*, coalesce(c.n, 0)
                    + row_number() OVER (PARTITION BY src.u, src.d, src.old_mid IS NULL
-                                        ORDER BY src.ord) AS pos
+                                        ORDER BY src.ord) AS pos,
+               row_number() OVER (PARTITION BY src.u, src.d, src.cid ORDER BY src.ord)
+                   AS cid_rank
         FROM src LEFT JOIN counts c ON c.u = src.u AND c.d = src.d
     ),
     ins AS (
         INSERT INTO {t} ({s.mid}, {s.username}, {s.domain}, {s.src_addr}, {s.dst_addr},
                          {s.body}, {s.ctype}, {s.inc_time}, {s.exp_time}, {s.snd_time},
-                         dedupe_key)
-        SELECT new_mid, u, d, sa, da, body, ctype, inc, exp, snd, k
+                         dedupe_key, callid)
+        SELECT new_mid, u, d, sa, da, body, ctype, inc, exp, snd, k,
+               CASE WHEN cid_taken OR cid_rank > 1 THEN cid || '-msilo' || new_mid
+                    ELSE cid END
         FROM ranked
         WHERE old_mid IS NULL AND NOT online AND (p_max <= 0 OR pos <= p_max)
         ORDER BY ord
@@ -242,7 +252,7 @@ END
 # fewer arguments, is another overload and is left for workers of that release).
 STORE_FUNCTION_ARGS = (
     "text[], text[], text[], text[], bytea[], text[], bigint[], bigint[], bigint[], text[], "
-    "bigint, boolean[], bigint"
+    "bigint, boolean[], bigint, text[]"
 )
 
 
@@ -251,9 +261,50 @@ def store_function_ddl(function: str, source: str) -> str:
     return f"""CREATE OR REPLACE FUNCTION {quote_ident(function)}(
     p_username text[], p_domain text[], p_src text[], p_dst text[], p_body bytea[],
     p_ctype text[], p_inc bigint[], p_exp bigint[], p_snd bigint[], p_key text[],
-    p_max bigint, p_unless_online boolean[], p_now bigint,
+    p_max bigint, p_unless_online boolean[], p_now bigint, p_callid text[],
     OUT outcomes smallint[], OUT mids bigint[])
 LANGUAGE plpgsql VOLATILE SET {GENERIC_PLANS} AS $msilo${source}$msilo$"""
+
+
+def settle_function_source(s: _sql.SiloSql, led: ledger.LedgerSql) -> str:
+    """The body of the function that records deliveries and deletes completed messages.
+
+    The messages are locked first, so two devices settling one message at once queue; the
+    completion check is a later statement, whose fresh snapshot (plpgsql, READ
+    COMMITTED) sees what the other one committed -- the last delivery deletes it.
+    """
+    t, lt = s.table, led.ledger
+    return f"""
+DECLARE
+    gone bigint[];
+BEGIN
+    PERFORM 1 FROM {t} WHERE {s.mid} = ANY(p_mid) ORDER BY {s.mid} FOR UPDATE;
+    INSERT INTO {lt} AS l (mid, device, delivered)
+    SELECT k.m, k.d, 1 FROM unnest(p_mid, p_device) AS k(m, d)
+    WHERE EXISTS (SELECT 1 FROM {t} x WHERE x.{s.mid} = k.m)
+    ON CONFLICT (mid, device) DO UPDATE SET delivered = 1, lease_until = NULL,
+        lease_owner = NULL;
+    WITH del AS (
+        DELETE FROM {t} m WHERE m.{s.mid} = ANY(p_mid)
+            AND NOT EXISTS ({led.undelivered("p_memory")})
+        RETURNING m.{s.mid} AS mid)
+    SELECT array_agg(del.mid) INTO gone FROM del;
+    IF gone IS NOT NULL THEN
+        DELETE FROM {lt} WHERE mid = ANY(gone);
+    END IF;
+    RETURN coalesce(gone, '{{}}');
+END
+"""
+
+
+SETTLE_FUNCTION_ARGS = "bigint[], text[], bigint"
+
+
+def settle_function_ddl(function: str, source: str) -> str:
+    """CREATE OR REPLACE FUNCTION around ``settle_function_source``."""
+    return f"""CREATE OR REPLACE FUNCTION {quote_ident(function)}(
+    p_mid bigint[], p_device text[], p_memory bigint)
+RETURNS bigint[] LANGUAGE plpgsql VOLATILE SET {GENERIC_PLANS} AS $msilo${source}$msilo$"""
 
 
 async def _function_source(conn: Conn, function: str, args: str) -> str | None:
@@ -276,6 +327,19 @@ async def _ensure_source(
         await conn.execute(ddl)
         verb = "created" if current is None else "updated"
         actions.append(f"{verb} function {function.strip(chr(34))}")
+
+
+def _ledger_marks(
+    batch: Sequence[NewMessage], outcomes: Sequence[int], mids: Sequence[int | None]
+) -> tuple[list[Any], ...]:
+    """The ledger rows of the stored rows of ``batch``, column by column."""
+    rows: list[tuple[Any, ...]] = []
+    for m, outcome, mid in zip(batch, outcomes, mids, strict=True):
+        if outcome != _STORED or mid is None:
+            continue
+        rows.extend((mid, device, 1, None, None) for device in m.delivered_to)
+        rows.extend((mid, device, 0, m.lease_until, m.lease_owner) for device in m.leased_to)
+    return tuple([row[i] for row in rows] for i in range(5))
 
 
 async def _fetchval(query: str, args: Sequence[Any], conn: Conn) -> Any:
@@ -348,6 +412,13 @@ class PostgresStore(Store):
         # Deliveries from every concurrent dump settle in one DELETE per round trip.
         self._deletes: Coalescer[int, bool] = Coalescer(self._delete_many, bool, max_batch=1024)
         self.function = names.object_name("store_batch", prefix="msilo_")
+        self.settle_function = names.object_name("settle", prefix="msilo_")
+        self._ledger = ledger.LedgerSql(names)
+        # Deliveries to devices from every concurrent dump settle in one call per round trip.
+        self._settles: Coalescer[tuple[int, str], bool] = Coalescer(
+            self._settle_many, bool, max_batch=512
+        )
+        self._device_memory = 0
         self._build_statements()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -371,7 +442,7 @@ class PostgresStore(Store):
         self._q_take_expired = q(s.take_expired)
         self._q_store = (
             f"SELECT outcomes, mids FROM {quote_ident(self.function)}"
-            f"($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            f"($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         )
         # The lease is taken by the UPDATE; FOR UPDATE SKIP LOCKED makes a concurrent
         # claimer pass over rows another one is leasing instead of waiting for them (and a
@@ -390,6 +461,50 @@ class PostgresStore(Store):
             f"FOR UPDATE SKIP LOCKED) "
             f"UPDATE {t} SET lease_until = {{2}}, lease_owner = {{3}} FROM c "
             f"WHERE {t}.{s.mid} = c.{claimed} RETURNING {self._qualified_columns()}"
+        )
+        led = self._ledger
+        lt = led.ledger
+        self._q_claim_device = (
+            f"WITH c AS MATERIALIZED (SELECT m.{s.mid} AS {claimed} FROM {t} m "
+            f"WHERE m.{s.username} = $1 AND m.{s.domain} = $2 AND m.{s.snd_time} = 0 "
+            f"AND m.{s.exp_time} > $3 AND (m.lease_until IS NULL OR m.lease_until <= $3) "
+            f"AND NOT EXISTS (SELECT 1 FROM {lt} l WHERE l.mid = m.{s.mid} AND l.device = $4 "
+            f"AND (l.delivered <> 0 OR l.lease_until > $3)) "
+            f"ORDER BY m.{s.inc_time}, m.{s.mid} LIMIT $5), "
+            f"ins AS (INSERT INTO {lt} AS l (mid, device, delivered, lease_until, lease_owner) "
+            f"SELECT {claimed}, $4, 0, $6, $7 FROM c ON CONFLICT (mid, device) DO UPDATE SET "
+            f"lease_until = excluded.lease_until, lease_owner = excluded.lease_owner "
+            f"WHERE l.delivered = 0 AND (l.lease_until IS NULL OR l.lease_until <= $3) "
+            f"RETURNING l.mid AS lmid, (l.xmax = 0) AS fresh) "
+            f"SELECT {', '.join('m.' + c.strip() for c in s.columns.split(','))}, ins.fresh "
+            f"FROM {t} m JOIN ins ON m.{s.mid} = ins.lmid"
+        )
+        self._q_settle = f"SELECT {quote_ident(self.settle_function)}($1, $2, $3)"
+        self._q_release_device = (
+            f"WITH r AS (DELETE FROM {lt} l USING unnest($1::bigint[], $2::text[]) AS k(m, d) "
+            f"WHERE l.mid = k.m AND l.device = k.d AND l.delivered = 0 RETURNING l.mid) "
+            f"UPDATE {t} SET attempts = attempts + $3 WHERE {s.mid} IN (SELECT mid FROM r)"
+        )
+        self._q_ledger_mark = (
+            f"INSERT INTO {lt} (mid, device, delivered, lease_until, lease_owner) "
+            f"SELECT * FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::bigint[], "
+            f"$5::text[]) ON CONFLICT (mid, device) DO NOTHING"
+        )
+        self._q_touch = (
+            f"INSERT INTO {ledger.DEVICE_TABLE} AS d (username, domain, device, last_register) "
+            f"SELECT $1, $2, x, $4 FROM unnest($3::text[]) AS x "
+            f"ON CONFLICT (username, domain, device) DO UPDATE SET "
+            f"last_register = excluded.last_register "
+            f"WHERE d.last_register <= excluded.last_register - {ledger.TOUCH_GRANULARITY}"
+        )
+        self._q_forget_some = (
+            f"DELETE FROM {ledger.DEVICE_TABLE} WHERE username = $1 AND domain = $2 "
+            f"AND device = ANY($3::text[])"
+        )
+        self._q_complete_of_owner = q(
+            f"WITH del AS (DELETE FROM {t} WHERE {s.mid} IN ({led.complete_of_owner}) "
+            f"RETURNING {s.mid} AS mid), dl AS (DELETE FROM {lt} WHERE mid IN "
+            f"(SELECT mid FROM del)) SELECT count(*) FROM del"
         )
         self._q_delete = f"DELETE FROM {t} WHERE {s.mid} = ANY($1::bigint[]) RETURNING {s.mid}"
         self._q_release = (
@@ -548,11 +663,14 @@ class PostgresStore(Store):
             await self._version(conn, table),
             fold_case=False,
         )
-        if await _function_source(conn, quote_ident(self.function), STORE_FUNCTION_ARGS) is None:
-            raise SchemaError(
-                f"function {self.function} (stores batches into {table!r}) is missing: "
-                f"run `msilo db upgrade`"
-            )
+        for function, args, does in (
+            (self.function, STORE_FUNCTION_ARGS, "stores batches into"),
+            (self.settle_function, SETTLE_FUNCTION_ARGS, "settles deliveries of"),
+        ):
+            if await _function_source(conn, quote_ident(function), args) is None:
+                raise SchemaError(
+                    f"function {function} ({does} {table!r}) is missing: run `msilo db upgrade`"
+                )
 
     async def _ensure_version_row(self, conn: Conn, table: str, version: int) -> bool:
         status = await conn.execute(
@@ -583,10 +701,15 @@ class PostgresStore(Store):
             actions,
         )
         # Checked first: CREATE ... IF NOT EXISTS would still take locks on every start.
-        if await self._columns(conn, subscriber.NONCE_TABLE) is None:
-            for stmt in subscriber.nonce_table_ddl():
-                await conn.execute(stmt)
-            actions.append(f"created table {subscriber.NONCE_TABLE}")
+        for table, statements in (
+            (subscriber.NONCE_TABLE, subscriber.nonce_table_ddl()),
+            (ledger.DEVICE_TABLE, ledger.device_ddl()),
+            (ledger.ledger_table(self.names), ledger.ledger_ddl(self.names)),
+        ):
+            if await self._columns(conn, table) is None:
+                for stmt in statements:
+                    await conn.execute(stmt)
+                actions.append(f"created table {table}")
 
     async def _create_indexes(self, conn: Conn, actions: list[str]) -> None:
         # Checked by name first: CREATE INDEX IF NOT EXISTS would still lock the table.
@@ -606,6 +729,15 @@ class PostgresStore(Store):
             store_function_ddl(self.function, source),
             actions,
         )
+        settle = settle_function_source(self._sql, self._ledger)
+        await _ensure_source(
+            conn,
+            quote_ident(self.settle_function),
+            SETTLE_FUNCTION_ARGS,
+            settle,
+            settle_function_ddl(self.settle_function, settle),
+            actions,
+        )
 
     async def _create(self, conn: Conn) -> list[str]:
         actions: list[str] = []
@@ -616,6 +748,17 @@ class PostgresStore(Store):
             actions.append(f"created table {table}")
             columns = await self._columns(conn, table) or {}
         await self._create_aux(conn, actions)
+        if set(columns) >= set(_sql.EXTRA_COLUMN_DEFS) - set(_sql.LATER_COLUMNS):
+            # A table of ours from an earlier release: its newer columns (nullable, so
+            # adding one rewrites nothing).
+            for name in _sql.LATER_COLUMNS:
+                if name not in columns:
+                    await conn.execute(
+                        f"ALTER TABLE {self._sql.table} ADD COLUMN {name} "
+                        f"{_sql.EXTRA_COLUMN_DEFS[name]}"
+                    )
+                    actions.append(f"added column {table}.{name}")
+                    columns[name] = "text"
         # Only on a table of our layout: an OpenSIPS table is left to `db upgrade`.
         if set(columns) >= set(_sql.EXTRA_COLUMN_DEFS) and self.names.mid in columns:
             await self._create_indexes(conn, actions)
@@ -714,8 +857,17 @@ class PostgresStore(Store):
         args = self._store_args(batch, max_messages, int(time.time()))
         query = self._q_store
 
+        marks = [m for m in batch if m.delivered_to or m.leased_to]
+
         async def run(conn: Conn) -> tuple[list[int], list[int | None]]:
-            row = await conn.fetchrow(query, *args)
+            if not marks:
+                row = await conn.fetchrow(query, *args)
+                return row[0], row[1]
+            # A message stored after a relay: its ledger rows commit with it, so a device
+            # that already has it never sees it offered.
+            async with conn.transaction():
+                row = await conn.fetchrow(query, *args)
+                await conn.execute(self._q_ledger_mark, *_ledger_marks(batch, row[0], row[1]))
             return row[0], row[1]
 
         # With a dedupe key on every row a second attempt cannot store anything twice: rows
@@ -753,6 +905,7 @@ class PostgresStore(Store):
             max_messages,
             [m.unless_online for m in batch],
             now,
+            [m.callid for m in batch],
         )
 
     # --- delivery ---------------------------------------------------------------------------
@@ -815,6 +968,110 @@ class PostgresStore(Store):
             return list(await conn.fetch(sql, mids))
 
         return {row[0]: True for row in await self._run("delete delivered", run, idempotent=True)}
+
+    async def claim_for_device(
+        self,
+        username: str,
+        domain: str,
+        device: str,
+        *,
+        lease_owner: str,
+        lease_seconds: int,
+        now: int,
+        limit: int | None = None,
+    ) -> list[tuple[StoredMessage, bool]]:
+        """Lease the rows ``device`` has not had, in arrival order (per-device leases)."""
+        sql = self._q_claim_device
+        args = (username, domain, now, device, limit, now + lease_seconds, lease_owner)
+
+        async def run(conn: Conn) -> list[tuple[StoredMessage, bool]]:
+            return [(_row(r), bool(r[12])) for r in await conn.fetch(sql, *args)]
+
+        rows = await self._run("claim", run)
+        rows.sort(key=lambda pair: (pair[0].inc_time, pair[0].mid))
+        return rows
+
+    async def settle_delivered(self, pairs: Sequence[tuple[int, str]], *, memory: int) -> int:
+        """Mark deliveries; delete the messages they complete (concurrent settles share
+        one call of the settle function)."""
+        if not pairs:
+            return 0
+        self._device_memory = memory
+        done = await asyncio.gather(*(self._settles.get(pair) for pair in dict.fromkeys(pairs)))
+        return sum(1 for gone in done if gone)
+
+    async def _settle_many(self, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], bool]:
+        sql, memory = self._q_settle, self._device_memory
+        mids = [m for m, _ in pairs]
+        devices = [d for _, d in pairs]
+
+        async def run(conn: Conn) -> list[int]:
+            return list(await conn.fetchval(sql, mids, devices, memory))
+
+        # Idempotent: a delivery recorded twice is recorded once.
+        gone = set(await self._run("settle delivered", run, idempotent=True))
+        return {pair: pair[0] in gone for pair in pairs}
+
+    async def release_device_leases(
+        self, pairs: Sequence[tuple[int, str]], *, failed: bool = True
+    ) -> int:
+        """Drop the leases of unsuccessful deliveries; ``failed`` counts an attempt."""
+        if not pairs:
+            return 0
+        return await self._execute(
+            "release lease",
+            self._q_release_device,
+            [m for m, _ in pairs],
+            [d for _, d in pairs],
+            1 if failed else 0,
+        )
+
+    async def touch_devices(
+        self, username: str, domain: str, devices: Sequence[str], *, now: int
+    ) -> None:
+        """Remember the owner's devices as registered now."""
+        if devices:
+            await self._execute(
+                "touch devices", self._q_touch, username, domain, list(devices), now
+            )
+
+    async def forget_devices(
+        self, username: str, domain: str, devices: Sequence[str] | None, *, memory: int
+    ) -> int:
+        """Forget devices; delete the messages that leaves complete."""
+        forget_all = _sql.to_pg(self._ledger.forget_all)
+        some, complete = self._q_forget_some, self._q_complete_of_owner
+
+        async def run(conn: Conn) -> int:
+            async with conn.transaction():
+                if devices is None:
+                    await conn.execute(forget_all, username, domain)
+                else:
+                    await conn.execute(some, username, domain, list(devices))
+                # A later statement: its snapshot sees the devices gone.
+                return int(await conn.fetchval(complete, username, domain, memory))
+
+        return await self._run("forget devices", run, idempotent=True)
+
+    async def remembered_devices(self, username: str, domain: str, *, since: int) -> list[str]:
+        """The owner's devices registered at ``since`` or later."""
+        sql = _sql.to_pg(self._ledger.remembered)
+
+        async def run(conn: Conn) -> list[str]:
+            return [r[0] for r in await conn.fetch(sql, username, domain, since)]
+
+        return await self._run("devices", run, idempotent=True)
+
+    async def forget_old_devices(self, before: int) -> int:
+        """Forget devices not registered since ``before``; drop orphan ledger rows."""
+        old, orphans = _sql.to_pg(self._ledger.forget_old), self._ledger.orphans
+
+        async def run(conn: Conn) -> int:
+            n = _count(await conn.execute(old, before))
+            await conn.execute(orphans)
+            return n
+
+        return await self._run("forget devices", run, idempotent=True)
 
     async def release_lease(self, mids: Sequence[int], *, failed: bool = True) -> int:
         """Clear leases; ``failed`` counts an attempt."""

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, TypeVar
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql, subscriber
+from msilo.storage import _sql, ledger, subscriber
 from msilo.storage.base import (
     DEFAULT_NAMES,
     SILO_VERSION,
@@ -28,6 +28,7 @@ from msilo.storage.base import (
     StoredMessage,
     StoreOutcome,
     StoreResult,
+    derived_callid,
     fold_repeated_keys,
     quote_ident,
     unfold_results,
@@ -82,6 +83,7 @@ def _row(r: Sequence[Any]) -> StoredMessage:
         exp_time=r[8],
         snd_time=r[9],
         attempts=r[10],
+        callid=r[11],
     )
 
 
@@ -134,10 +136,58 @@ class SQLiteStore(Store):
         self._q_take_expired = q(s.take_expired)
         self._q_insert = q(
             f"INSERT INTO {t} ({s.username}, {s.domain}, {s.src_addr}, {s.dst_addr}, {s.body}, "
-            f"{s.ctype}, {s.inc_time}, {s.exp_time}, {s.snd_time}, dedupe_key) "
-            f"VALUES ({{0}}, {{1}}, {{2}}, {{3}}, {{4}}, {{5}}, {{6}}, {{7}}, {{8}}, {{9}})"
+            f"{s.ctype}, {s.inc_time}, {s.exp_time}, {s.snd_time}, dedupe_key, callid) "
+            f"VALUES ({{0}}, {{1}}, {{2}}, {{3}}, {{4}}, {{5}}, {{6}}, {{7}}, {{8}}, {{9}}, {{10}})"
         )
         self._q_by_key = q(f"SELECT {s.mid} FROM {t} WHERE dedupe_key = {{0}}")
+        self._q_callid_taken = q(
+            f"SELECT 1 FROM {t} WHERE {s.username} = {{0}} AND {s.domain} = {{1}} "
+            f"AND callid = {{2}} LIMIT 1"
+        )
+        self._q_set_callid = q(f"UPDATE {t} SET callid = {{1}} WHERE {s.mid} = {{0}}")
+        self._ledger = ledger.LedgerSql(self.names)
+        led = self._ledger.ledger
+        self._q_device_dump = q(
+            f"SELECT {s.columns}, (SELECT 1 "
+            f"FROM {led} l WHERE l.mid = {t}.{s.mid} AND l.device = {{3}}) "
+            f"FROM {t} WHERE {s.dump_filter} AND NOT EXISTS (SELECT 1 FROM {led} l "
+            f"WHERE l.mid = {t}.{s.mid} AND l.device = {{3}} "
+            f"AND (l.delivered <> 0 OR l.lease_until > {{2}})) "
+            f"ORDER BY {s.order_arrival} LIMIT {{4}}"
+        )
+        self._q_ledger_lease = q(
+            f"INSERT INTO {led} (mid, device, delivered, lease_until, lease_owner) "
+            f"VALUES ({{0}}, {{1}}, 0, {{2}}, {{3}}) ON CONFLICT (mid, device) DO UPDATE SET "
+            f"lease_until = excluded.lease_until, lease_owner = excluded.lease_owner"
+        )
+        self._q_ledger_mark = q(
+            f"INSERT INTO {led} (mid, device, delivered, lease_until, lease_owner) "
+            f"VALUES ({{0}}, {{1}}, {{2}}, {{3}}, {{4}}) ON CONFLICT (mid, device) DO NOTHING"
+        )
+        self._q_ledger_done = q(
+            f"INSERT INTO {led} (mid, device, delivered) "
+            f"SELECT {{0}}, {{1}}, 1 WHERE EXISTS (SELECT 1 FROM {t} WHERE {s.mid} = {{0}}) "
+            f"ON CONFLICT (mid, device) DO UPDATE SET delivered = 1, lease_until = NULL, "
+            f"lease_owner = NULL"
+        )
+        self._q_complete = q(
+            f"SELECT {s.mid} FROM {t} m WHERE {s.mid} = {{0}} "
+            f"AND NOT EXISTS ({self._ledger.undelivered('{1}')})"
+        )
+        self._q_ledger_release = q(
+            f"DELETE FROM {led} WHERE mid = {{0}} AND device = {{1}} AND delivered = 0"
+        )
+        self._q_bump = q(f"UPDATE {t} SET attempts = attempts + 1 WHERE {s.mid} = {{0}}")
+        self._q_touch = q(
+            f"INSERT INTO {ledger.DEVICE_TABLE} (username, domain, device, last_register) "
+            f"VALUES ({{0}}, {{1}}, {{2}}, {{3}}) ON CONFLICT (username, domain, device) "
+            f"DO UPDATE SET last_register = excluded.last_register "
+            f"WHERE last_register <= excluded.last_register - {ledger.TOUCH_GRANULARITY}"
+        )
+        self._q_forget_one = q(
+            f"DELETE FROM {ledger.DEVICE_TABLE} WHERE username = {{0}} AND domain = {{1}} "
+            f"AND device = {{2}}"
+        )
         self._q_dump = q(
             f"SELECT {s.columns} FROM {t} WHERE {s.dump_filter} ORDER BY {s.order_arrival} "
             f"LIMIT {{3}}"
@@ -259,6 +309,14 @@ class SQLiteStore(Store):
             actions.append(f"created table {subscriber.NONCE_TABLE}")
         for stmt in subscriber.nonce_table_ddl():
             conn.execute(stmt)
+        for table, statements in (
+            (ledger.DEVICE_TABLE, ledger.device_ddl()),
+            (ledger.ledger_table(self.names), ledger.ledger_ddl(self.names)),
+        ):
+            if self._columns(conn, table) is None:
+                actions.append(f"created table {table}")
+            for stmt in statements:
+                conn.execute(stmt)
 
     def _create(self, conn: Conn) -> list[str]:
         actions: list[str] = []
@@ -274,7 +332,16 @@ class SQLiteStore(Store):
             actions.append(f"created table {table}")
         self._create_aux(conn, actions)
         columns = self._columns(conn, table) or set()
-        if {c.lower() for c in columns} >= set(_sql.EXTRA_COLUMN_DEFS):
+        have = {c.lower() for c in columns}
+        if have >= set(_sql.EXTRA_COLUMN_DEFS) - set(_sql.LATER_COLUMNS):
+            # A table of ours from an earlier release: its newer (nullable) columns.
+            for name in _sql.LATER_COLUMNS:
+                if name not in have:
+                    ddl = _sql.EXTRA_COLUMN_DEFS[name]
+                    conn.execute(f"ALTER TABLE {self._sql.table} ADD COLUMN {name} {ddl}")
+                    actions.append(f"added column {table}.{name}")
+                    have.add(name)
+        if have >= set(_sql.EXTRA_COLUMN_DEFS):
             # Only on a table of our layout: an OpenSIPS table is left to `db upgrade`.
             for stmt in _sql.silo_index_ddl(self._sql):
                 conn.execute(stmt)
@@ -371,6 +438,11 @@ class SQLiteStore(Store):
                     results.append(StoreResult(StoreOutcome.OVER_QUOTA, None))
                     continue
                 counts[owner] = n + 1
+            # One identity per message: a Call-ID another stored message of the owner
+            # already has is made unique with the new row's id (stable across attempts).
+            taken = m.callid is not None and (
+                conn.execute(self._q_callid_taken, (*owner, m.callid)).fetchone() is not None
+            )
             cur = conn.execute(
                 insert,
                 (
@@ -384,9 +456,18 @@ class SQLiteStore(Store):
                     m.exp_time,
                     m.snd_time,
                     m.dedupe_key,
+                    None if taken else m.callid,
                 ),
             )
-            results.append(StoreResult(StoreOutcome.STORED, cur.lastrowid))
+            mid = cur.lastrowid
+            assert mid is not None
+            if taken:
+                conn.execute(self._q_set_callid, (mid, derived_callid(str(m.callid), mid)))
+            for device in m.delivered_to:
+                conn.execute(self._q_ledger_mark, (mid, device, 1, None, None))
+            for device in m.leased_to:
+                conn.execute(self._q_ledger_mark, (mid, device, 0, m.lease_until, m.lease_owner))
+            results.append(StoreResult(StoreOutcome.STORED, mid))
         return results
 
     def _online(self, conn: Conn, owner: tuple[str, str]) -> bool:
@@ -445,6 +526,118 @@ class SQLiteStore(Store):
             return rows
 
         return await self._call("claim", lambda c: self._write(c, run))
+
+    async def claim_for_device(
+        self,
+        username: str,
+        domain: str,
+        device: str,
+        *,
+        lease_owner: str,
+        lease_seconds: int,
+        now: int,
+        limit: int | None = None,
+    ) -> list[tuple[StoredMessage, bool]]:
+        """Lease the rows ``device`` has not had, in arrival order (per-device leases)."""
+        args = (username, domain, now, device, -1 if limit is None else limit)
+
+        def run(conn: Conn) -> list[tuple[StoredMessage, bool]]:
+            # The subquery is NULL when the device never had a ledger row: first attempt.
+            rows = [(_row(r), r[12] is None) for r in conn.execute(self._q_device_dump, args)]
+            until = now + lease_seconds
+            conn.executemany(
+                self._q_ledger_lease, [(m.mid, device, until, lease_owner) for m, _ in rows]
+            )
+            return rows
+
+        return await self._call("claim", lambda c: self._write(c, run))
+
+    async def settle_delivered(self, pairs: Sequence[tuple[int, str]], *, memory: int) -> int:
+        """Mark deliveries; delete the messages they complete."""
+        if not pairs:
+            return 0
+
+        def run(conn: Conn) -> int:
+            conn.executemany(self._q_ledger_done, pairs)
+            gone = 0
+            for mid in dict.fromkeys(m for m, _ in pairs):
+                if conn.execute(self._q_complete, (mid, memory)).fetchone() is not None:
+                    gone += self._delete_message(conn, mid)
+            return gone
+
+        return await self._call("settle delivered", lambda c: self._write(c, run))
+
+    def _delete_message(self, conn: Conn, mid: int) -> int:
+        n = conn.execute(f"DELETE FROM {self._sql.table} WHERE {self._sql.mid} = ?", (mid,))
+        conn.execute(f"DELETE FROM {self._ledger.ledger} WHERE mid = ?", (mid,))
+        return n.rowcount
+
+    async def release_device_leases(
+        self, pairs: Sequence[tuple[int, str]], *, failed: bool = True
+    ) -> int:
+        """Drop the leases of unsuccessful deliveries; ``failed`` counts an attempt."""
+        if not pairs:
+            return 0
+
+        def run(conn: Conn) -> int:
+            n = 0
+            for mid, device in pairs:
+                if conn.execute(self._q_ledger_release, (mid, device)).rowcount and failed:
+                    conn.execute(self._q_bump, (mid,))
+                n += 1
+            return n
+
+        return await self._call("release lease", lambda c: self._write(c, run))
+
+    async def touch_devices(
+        self, username: str, domain: str, devices: Sequence[str], *, now: int
+    ) -> None:
+        """Remember the owner's devices as registered now."""
+        if not devices:
+            return
+        rows = [(username, domain, d, now) for d in devices]
+        sql = self._q_touch
+        await self._call(
+            "touch devices", lambda c: self._write(c, lambda c2: c2.executemany(sql, rows))
+        )
+
+    async def forget_devices(
+        self, username: str, domain: str, devices: Sequence[str] | None, *, memory: int
+    ) -> int:
+        """Forget devices; delete the messages that leaves complete."""
+        led = self._ledger
+
+        def run(conn: Conn) -> int:
+            if devices is None:
+                conn.execute(_sql.to_sqlite(led.forget_all), (username, domain))
+            else:
+                conn.executemany(self._q_forget_one, [(username, domain, d) for d in devices])
+            done = conn.execute(
+                _sql.to_sqlite(led.complete_of_owner), (username, domain, memory)
+            ).fetchall()
+            return sum(self._delete_message(conn, r[0]) for r in done)
+
+        return await self._call("forget devices", lambda c: self._write(c, run))
+
+    async def remembered_devices(self, username: str, domain: str, *, since: int) -> list[str]:
+        """The owner's devices registered at ``since`` or later."""
+        sql = _sql.to_sqlite(self._ledger.remembered)
+
+        def run(conn: Conn) -> list[str]:
+            return [r[0] for r in conn.execute(sql, (username, domain, since))]
+
+        return await self._call("devices", run)
+
+    async def forget_old_devices(self, before: int) -> int:
+        """Forget devices not registered since ``before``; drop orphan ledger rows."""
+        led = self._ledger
+
+        def run(conn: Conn) -> int:
+            n = conn.execute(_sql.to_sqlite(led.forget_old), (before,)).rowcount
+            conn.execute(led.orphans)
+            return n
+
+        return await self._call("forget devices", lambda c: self._write(c, run))
 
     async def claim_due_reminders(
         self, *, now: int, lease_owner: str, lease_seconds: int, limit: int

@@ -353,10 +353,14 @@ class TransactionLayer:
                 headers=headers,
                 route=routes,
                 date=date,
-                branch=outgoing.branch,
-                call_id=outgoing.call_id,
-                from_tag=outgoing.from_tag,
-                **build,
+                # The same request over another transport: same identity (a caller's
+                # own call_id / from_tag / cseq are in ``build`` and win).
+                **{
+                    "branch": outgoing.branch,
+                    "call_id": outgoing.call_id,
+                    "from_tag": outgoing.from_tag,
+                    **build,
+                },
             )
         return self.start_client(outgoing, target)
 

@@ -142,9 +142,9 @@ async def test_repeatable_read_callers_are_refused(backend: str, store: Store) -
             with pytest.raises(asyncpg.RaiseError, match="READ COMMITTED"):
                 await conn.fetchrow(
                     f'SELECT * FROM "{store.function}"($1, $2, $3, $4, $5, $6, $7, $8, $9, '
-                    f"$10, $11, $12, $13)",
+                    f"$10, $11, $12, $13, $14)",
                     ["a"], ["b"], ["s"], ["d"], [b"x"], [None], [1], [2], [0], [None], 1,
-                    [False], 0,
+                    [False], 0, [None],
                 )  # fmt: skip
     finally:
         await conn.close()

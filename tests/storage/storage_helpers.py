@@ -44,7 +44,9 @@ async def drop_pg_tables(dsn: str, *tables: str) -> None:
     try:
         for table in tables:
             await conn.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
-            await conn.execute(f'DROP FUNCTION IF EXISTS "msilo_{table}_store_batch"')
+            await conn.execute(f'DROP TABLE IF EXISTS "msilo_{table}_delivery"')
+            for function in ("store_batch", "settle"):
+                await conn.execute(f'DROP FUNCTION IF EXISTS "msilo_{table}_{function}"')
             await conn.execute("DELETE FROM version WHERE table_name = $1", table)
     except asyncpg.UndefinedTableError:
         pass

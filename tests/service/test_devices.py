@@ -375,3 +375,24 @@ async def test_nothing_lost_nor_twice_across_workers_and_a_restart(db_url: str) 
         await _quiet(phone_again, 0)
     finally:
         await stop_worker(restarted)
+
+
+async def test_silo_mode_tracks_devices_from_the_proxys_register_copies(
+    server: ServerFactory,
+) -> None:
+    srv = await server("msilo.add_date=false", 'server.mode="silo"')
+    proxy = await srv.agent("bob", DOMAIN)  # the front proxy replicates bob's REGISTERs
+    phone, phone_contact = await _device(srv)
+    desktop, desktop_contact = await _device(srv)
+    for contact in (phone_contact, desktop_contact):
+        assert (await proxy.register(600, contact=contact)).status == 200
+    await _eventually(lambda: _remembered(srv, 2))
+    alice = await srv.agent("alice", DOMAIN)
+    assert (await alice.message(f"sip:bob@{DOMAIN}", "via the proxy")).status == 202
+    assert (await proxy.register(600, contact=phone_contact)).status == 200
+    await phone.wait_requests(1)
+    await _quiet(phone, 1)
+    assert await _count(srv) == 1
+    assert (await proxy.register(600, contact=desktop_contact)).status == 200
+    await desktop.wait_requests(1)
+    await _eventually(lambda: _gone(srv))

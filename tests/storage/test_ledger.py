@@ -170,3 +170,30 @@ async def test_a_message_stored_after_a_relay_is_not_offered_to_the_device_that_
     assert await _claim(store, owner, "phone") == []  # answered 2xx to the relay
     assert await _claim(store, owner, "tablet") == []  # its branch is still running
     assert len(await _claim(store, owner, "desktop")) == 1
+
+
+async def test_a_table_of_an_earlier_release_gets_the_callid_column_at_start(
+    store: Store, backend: str
+) -> None:
+    table = store.names.table
+    await _drop_column(store, backend, f'ALTER TABLE "{table}" DROP COLUMN callid')
+    await store.create_schema()  # what `msilo serve` runs at start
+    owner = _owner()
+    await store.store_batch([_msg(owner, 1, callid="back@x")], 0)
+    assert [r.callid for r in await store.list(*owner)] == ["back@x"]
+
+
+async def _drop_column(store: Store, backend: str, sql: str) -> None:
+    if backend == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(store.path)  # type: ignore[attr-defined]
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+    else:
+        import asyncpg
+
+        conn2 = await asyncpg.connect(store.dsn)  # type: ignore[attr-defined]
+        await conn2.execute(sql)
+        await conn2.close()

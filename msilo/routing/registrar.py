@@ -158,6 +158,35 @@ def plan_register(
     return plan
 
 
+def single_binding(
+    request: SipRequest,
+    wanted: list[RequestedBinding],
+    *,
+    username: str,
+    domain: str,
+    now: int,
+    received: str | None,
+    transport: str | None,
+) -> Binding | None:
+    """The one binding a REGISTER adds or refreshes, when that is all it does (one contact,
+    a positive expiry: a device's first REGISTER and every refresh); None otherwise.
+
+    Such a REGISTER is what a registrar sees most, and storage may apply it in one round
+    trip (``Store.register_contact``), judging in the database what the plan function
+    judges in Python -- and handing anything else (a replayed CSeq, the instance at another
+    contact, too many contacts) back to the plan.
+    """
+    if request.contact_star or len(wanted) != 1 or wanted[0].expires <= 0:
+        return None
+    [plan] = [
+        plan_register(
+            request, wanted, username=username, domain=domain, now=now,
+            received=received, transport=transport,
+        )([])
+    ]  # fmt: skip
+    return plan.upserts[0] if len(plan.upserts) == 1 else None
+
+
 def contact_lines(bindings: list[Binding], now: int) -> list[tuple[str, str]]:
     """Contact headers of the 200 OK: every current binding with its remaining expiry."""
     lines = []

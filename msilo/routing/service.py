@@ -58,6 +58,8 @@ from msilo.routing.registrar import (
     path_lines,
     plan_register,
     requested_bindings,
+    single_binding,
+    takes_message,
 )
 from msilo.routing.timefmt import parse_snd_time
 from msilo.sip.message import SipRequest, SipURI
@@ -120,6 +122,7 @@ class RouteContext:
         self.ruri: SipURI | None = None  # the Request-URI as the policy check parsed it
         self.devices_tracked = False  # this REGISTER's devices were remembered/forgotten
         self.stored: StoreResult | None = None  # the fate of this request's m_store
+        self.pending: bool | None = None  # REGISTER: the owner has stored messages (None: ?)
 
     @property
     def replied(self) -> bool:
@@ -297,7 +300,9 @@ class MsiloService:
             raise SipError("save() needs a REGISTER", status=500, reason="Server Internal Error")
         if self.settings.mode == "registrar":
             wanted = requested_bindings(request, self.settings.registrar)
-            bindings = await self.save_bindings(request, txn, wanted)
+            bindings = await self._register_one(ctx, wanted)
+            if bindings is None:
+                bindings = await self.save_bindings(request, txn, wanted)
             if bindings is None:
                 return False
             lines = contact_lines(bindings, int(time.time())) + path_lines(request)
@@ -308,6 +313,43 @@ class MsiloService:
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
             await self.track_devices(ctx, _silo_bindings(request, self.settings.registrar))
         return True
+
+    async def _register_one(
+        self, ctx: RouteContext, wanted: list[RequestedBinding]
+    ) -> list[Binding] | None:
+        """A device's first REGISTER or a refresh in one round trip where the store offers
+        it: binding, device and "anything stored?" together; None = take the plan path."""
+        request, source = ctx.request, ctx.txn.source
+        if request.to is None:
+            return None
+        aor = normalize_aor(request.to.uri)
+        user, host = mstore.split_owner(aor)
+        now = int(time.time())
+        binding = single_binding(
+            request,
+            wanted,
+            username=user,
+            domain=host,
+            now=now,
+            received=format_received(source.transport, source.ip, source.port),
+            transport=source.transport.lower(),
+        )
+        if binding is None:
+            return None
+        contact = wanted[0].contact
+        device = (
+            device_key(contact.instance, contact.uri)
+            if self.settings.deliver_to == "all" and takes_message(contact, request.allow)
+            else None
+        )
+        outcome = await self.store.register_contact(binding, now=now, device=device)
+        if outcome is None:
+            return None
+        self.db.ok()
+        ctx.devices_tracked = True
+        ctx.pending = outcome.pending
+        log.info("event=registered aor=%s contacts=%d", aor, len(outcome.bindings))
+        return list(outcome.bindings)
 
     async def track_devices(self, ctx: RouteContext, wanted: list[RequestedBinding]) -> None:
         """Remember the devices this REGISTER keeps and forget those it logs out
@@ -672,6 +714,8 @@ class MsiloService:
         contact = dump_target(wanted, request.allow)
         if contact is None:
             return None
+        if ctx.pending is False and owner is None:
+            return DumpReport()  # the REGISTER's own round trip found nothing stored
         if owner is not None:
             aor = normalize_aor(owner)
         elif request.to is not None:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from msilo.errors import InvalidRecord
-from msilo.storage.location import Binding, BindingsOutcome, PlanFunction
+from msilo.storage.location import Binding, BindingsOutcome, PlanFunction, RegisterOutcome
 from msilo.storage.subscriber import Subscriber
 
 #: ``version.table_version`` of the silo table: OpenSIPS msilo's (spec §5.1).
@@ -424,6 +424,15 @@ class Store(abc.ABC):
         """Atomically apply ``plan`` to the user's bindings (one transaction per user,
         serialised against concurrent REGISTERs for that user on any host); returns the
         live bindings afterwards, or the plan's error with nothing changed."""
+
+    async def register_contact(
+        self, binding: Binding, *, now: int, device: str | None, max_contacts: int = 0
+    ) -> RegisterOutcome | None:
+        """Add or refresh one binding in one round trip, remember ``device``, and say whether
+        the user has anything stored -- or None, changing nothing, when the registrar's plan
+        must judge (the binding's Call-ID with a CSeq not higher than stored, its instance
+        at another contact, ``max_contacts`` reached) or the backend has no such path."""
+        return None
 
     @abc.abstractmethod
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:

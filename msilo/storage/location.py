@@ -49,6 +49,15 @@ PlanFunction = Callable[[list[Binding]], BindingPlan]
 
 
 @dataclass(frozen=True, slots=True)
+class RegisterOutcome:
+    """Result of ``register_contact``: the user's live bindings after it, and whether the
+    user has stored messages that may be deliverable now (False: no dump needed)."""
+
+    bindings: tuple[Binding, ...]
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
 class BindingsOutcome:
     """Result of ``update_bindings``: the user's bindings after the change, or the plan's error."""
 

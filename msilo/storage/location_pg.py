@@ -94,3 +94,101 @@ def apply_args(
         for column, value in zip(columns, binding_row(binding)[2:], strict=True):
             column.append(value)
     return (username, domain, list(versions), list(removes), *columns)
+
+
+# -- one contact added or refreshed in one round trip ------------------------------------
+
+REGISTER_ARGS = (
+    "text, text, text, text, text, bigint, real, text, integer, text, text, text, bigint, "
+    "text, integer"
+)
+
+_REGISTER_PARAMS = (
+    "p_username text, p_domain text, p_contact text, p_received text, p_path text, "
+    "p_expires bigint, p_q real, p_callid text, p_cseq integer, p_methods text, "
+    "p_instance text, p_transport text, p_now bigint, p_device text, p_max_contacts integer, "
+    "OUT done boolean, OUT pending boolean, OUT contacts text[], OUT expiries bigint[], "
+    "OUT qs real[], OUT instances text[]"
+)
+
+
+def register_source(
+    silo_table: str, username: str, domain: str, snd_time: str, exp_time: str, touch: int
+) -> str:
+    """The body of the one-contact REGISTER function (names already quoted).
+
+    It holds the user's advisory lock (the key the plan path uses), so it serialises with
+    every other REGISTER of the user; it hands back (done = false, nothing written) what
+    the plan must judge.  The pending probe is an index lookup on the silo table's owner
+    index in the same round trip: a REGISTER for a user with nothing stored needs no dump.
+    """
+    return f"""
+BEGIN
+    PERFORM pg_advisory_xact_lock(
+        hashtextextended('msilo-location:' || p_username || '@' || p_domain, 7));
+    -- RFC 3261 §10.3 step 7 (a replayed or out-of-order CSeq), RFC 5626 (the instance now
+    -- at another contact) and the contact limit are the plan's to judge.
+    IF EXISTS (SELECT 1 FROM location l
+               WHERE l.username = p_username AND l.domain = p_domain AND l.expires > p_now
+                 AND (l.contact = p_contact
+                      OR (p_instance IS NOT NULL AND l.instance = p_instance))
+                 AND (l.contact <> p_contact
+                      OR (l.callid = p_callid AND l.cseq >= p_cseq)))
+       OR (p_max_contacts > 0 AND
+           (SELECT count(*) FROM location l
+            WHERE l.username = p_username AND l.domain = p_domain AND l.expires > p_now
+              AND l.contact <> p_contact) >= p_max_contacts) THEN
+        done := false;
+        RETURN;
+    END IF;
+    DELETE FROM location
+    WHERE username = p_username AND domain = p_domain AND expires <= p_now;
+    INSERT INTO location (username, domain, contact, received, path, expires, q, callid,
+                          cseq, methods, instance, transport, last_modified)
+    VALUES (p_username, p_domain, p_contact, p_received, p_path, p_expires, p_q, p_callid,
+            p_cseq, p_methods, p_instance, p_transport, p_now)
+    ON CONFLICT (username, domain, contact) DO UPDATE SET
+        received = excluded.received, path = excluded.path, expires = excluded.expires,
+        q = excluded.q, callid = excluded.callid, cseq = excluded.cseq,
+        methods = excluded.methods, instance = excluded.instance,
+        transport = excluded.transport, last_modified = excluded.last_modified;
+    IF p_device IS NOT NULL THEN
+        -- A refresh rewrites the device row only when it is older than the granularity.
+        INSERT INTO msilo_device AS d (username, domain, device, last_register)
+        VALUES (p_username, p_domain, p_device, p_now)
+        ON CONFLICT (username, domain, device) DO UPDATE SET
+            last_register = excluded.last_register
+        WHERE d.last_register <= excluded.last_register - {touch};
+    END IF;
+    SELECT array_agg(l.contact ORDER BY COALESCE(l.q, 1.0) DESC, l.last_modified DESC,
+                     l.contact),
+           array_agg(l.expires ORDER BY COALESCE(l.q, 1.0) DESC, l.last_modified DESC,
+                     l.contact),
+           array_agg(l.q ORDER BY COALESCE(l.q, 1.0) DESC, l.last_modified DESC, l.contact),
+           array_agg(l.instance ORDER BY COALESCE(l.q, 1.0) DESC, l.last_modified DESC,
+                     l.contact)
+    INTO contacts, expiries, qs, instances
+    FROM location l
+    WHERE l.username = p_username AND l.domain = p_domain AND l.expires > p_now;
+    pending := EXISTS (SELECT 1 FROM {silo_table} m
+                       WHERE m.{username} = p_username AND m.{domain} = p_domain
+                         AND m.{snd_time} = 0 AND m.{exp_time} > p_now);
+    done := true;
+END
+"""
+
+
+def register_ddl(function: str, source: str) -> str:
+    """CREATE OR REPLACE FUNCTION around ``register_source``."""
+    return (
+        f'CREATE OR REPLACE FUNCTION "{function}"({_REGISTER_PARAMS}) '
+        f"LANGUAGE plpgsql VOLATILE SET {GENERIC_PLANS} AS $msilo${source}$msilo$"
+    )
+
+
+def register_call(function: str) -> str:
+    """The statement that calls the function."""
+    return (
+        f'SELECT done, pending, contacts, expiries, qs, instances FROM "{function}"'
+        f"({', '.join(f'${i}' for i in range(1, 16))})"
+    )

@@ -51,6 +51,7 @@ from msilo.storage.location import (
     Binding,
     BindingsOutcome,
     PlanFunction,
+    RegisterOutcome,
     apply_plan,
     binding_from_row,
     binding_row,
@@ -413,6 +414,7 @@ class PostgresStore(Store):
         self._deletes: Coalescer[int, bool] = Coalescer(self._delete_many, bool, max_batch=1024)
         self.function = names.object_name("store_batch", prefix="msilo_")
         self.settle_function = names.object_name("settle", prefix="msilo_")
+        self.register_function = names.object_name("register", prefix="msilo_")
         self._ledger = ledger.LedgerSql(names)
         # Deliveries to devices from every concurrent dump settle in one call per round trip.
         self._settles: Coalescer[tuple[int, str], bool] = Coalescer(
@@ -480,6 +482,7 @@ class PostgresStore(Store):
             f"FROM {t} m JOIN ins ON m.{s.mid} = ins.lmid"
         )
         self._q_settle = f"SELECT {quote_ident(self.settle_function)}($1, $2, $3)"
+        self._q_register = location_pg.register_call(self.register_function)
         self._q_release_device = (
             f"WITH r AS (DELETE FROM {lt} l USING unnest($1::bigint[], $2::text[]) AS k(m, d) "
             f"WHERE l.mid = k.m AND l.device = k.d AND l.delivered = 0 RETURNING l.mid) "
@@ -666,6 +669,7 @@ class PostgresStore(Store):
         for function, args, does in (
             (self.function, STORE_FUNCTION_ARGS, "stores batches into"),
             (self.settle_function, SETTLE_FUNCTION_ARGS, "settles deliveries of"),
+            (self.register_function, location_pg.REGISTER_ARGS, "registers owners of"),
         ):
             if await _function_source(conn, quote_ident(function), args) is None:
                 raise SchemaError(
@@ -727,6 +731,18 @@ class PostgresStore(Store):
             STORE_FUNCTION_ARGS,
             source,
             store_function_ddl(self.function, source),
+            actions,
+        )
+        s = self._sql
+        register = location_pg.register_source(
+            s.table, s.username, s.domain, s.snd_time, s.exp_time, ledger.TOUCH_GRANULARITY
+        )
+        await _ensure_source(
+            conn,
+            quote_ident(self.register_function),
+            location_pg.REGISTER_ARGS,
+            register,
+            location_pg.register_ddl(self.register_function, register),
             actions,
         )
         settle = settle_function_source(self._sql, self._ledger)
@@ -1155,6 +1171,40 @@ class PostgresStore(Store):
                 return BindingsOutcome(bindings=live_bindings(apply_plan(current, change), now))
 
         return await self._run("register", run)
+
+    async def register_contact(
+        self, binding: Binding, *, now: int, device: str | None, max_contacts: int = 0
+    ) -> RegisterOutcome | None:
+        """One contact added or refreshed, its device remembered and the pending probe, in
+        one call of the register function (see ``Store.register_contact``)."""
+        b = binding
+        args = (
+            b.username, b.domain, b.contact, b.received, b.path, b.expires, b.q, b.callid,
+            b.cseq, ",".join(b.methods) if b.methods is not None else None, b.instance,
+            b.transport, now, device, max_contacts,
+        )  # fmt: skip
+        sql = self._q_register
+
+        async def run(conn: Conn) -> Any:
+            return await conn.fetchrow(sql, *args)
+
+        row = await self._run("register", run)
+        if not row[0]:
+            return None
+        bindings = tuple(
+            Binding(
+                username=b.username,
+                domain=b.domain,
+                contact=contact,
+                expires=int(expires),
+                q=None if q is None else float(q),
+                instance=instance,
+            )
+            for contact, expires, q, instance in zip(
+                row[2] or (), row[3] or (), row[4] or (), row[5] or (), strict=True
+            )
+        )
+        return RegisterOutcome(bindings=bindings, pending=bool(row[1]))
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's live bindings, best q first (concurrent lookups share one query)."""

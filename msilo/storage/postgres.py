@@ -56,8 +56,11 @@ from msilo.storage.location import (
     binding_row,
     live_bindings,
     location_sql,
+    validate_binding,
+    validate_owner,
 )
 from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.values import owner_storable
 
 log = logging.getLogger("msilo.store")
 
@@ -782,6 +785,8 @@ class PostgresStore(Store):
         limit: int | None = None,
     ) -> list[StoredMessage]:
         """Lease the owner's deliverable rows, in arrival order."""
+        if not owner_storable(username, domain):
+            return []
         rows = await self._fetch(
             "claim", self._q_claim, username, domain, now, limit,
             now + lease_seconds, lease_owner,
@@ -844,6 +849,8 @@ class PostgresStore(Store):
 
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""
+        if not owner_storable(username, domain):
+            return 0
         return await self._execute("purge", self._q_purge, username, domain)
 
     # -- registrar bindings ---------------------------------------------------------
@@ -854,6 +861,7 @@ class PostgresStore(Store):
         """Apply a registrar plan atomically, serialised per user against concurrent
         REGISTERs on any worker or host (msilo.storage.location_pg): read, plan, then
         write only if nothing changed meanwhile; after a few lost races, lock and wait."""
+        validate_owner(username, domain)
 
         async def read(conn: Conn) -> list[Any]:
             return list(await conn.fetch(location_pg.SELECT_VERSIONED, username, domain))
@@ -866,6 +874,8 @@ class PostgresStore(Store):
                 return BindingsOutcome(error=change.error)
             if not change.removes and not change.upserts:
                 return BindingsOutcome(bindings=live_bindings(current, now))
+            for binding in change.upserts:
+                validate_binding(binding)
             args = location_pg.apply_args(
                 username, domain, [r[13] for r in rows], change.removes, change.upserts
             )
@@ -891,6 +901,8 @@ class PostgresStore(Store):
                 change = plan(current)
                 if change.error is not None:
                     return BindingsOutcome(error=change.error)
+                for binding in change.upserts:
+                    validate_binding(binding)  # raised inside the transaction: it rolls back
                 for contact in change.removes:
                     await conn.execute(sql["delete_one"], username, domain, contact)
                 if change.upserts:
@@ -901,6 +913,8 @@ class PostgresStore(Store):
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's live bindings, best q first (concurrent lookups share one query)."""
+        if not owner_storable(username, domain):
+            return []
         return list(await self._lookups.get((username, domain, now)))
 
     async def _lookup_many(
@@ -926,6 +940,8 @@ class PostgresStore(Store):
 
     async def get_subscriber(self, username: str, domain: str) -> Subscriber | None:
         """The user's credentials, or None."""
+        if not owner_storable(username, domain):
+            return None
         sql = _sql.to_pg(subscriber.SELECT_SUBSCRIBER)
 
         async def run(conn: Conn) -> Subscriber | None:
@@ -970,6 +986,8 @@ class PostgresStore(Store):
 
     async def remove_subscriber(self, username: str, domain: str) -> bool:
         """Delete the subscriber; False when there was none."""
+        if not owner_storable(username, domain):
+            return False
         sql = _sql.to_pg(subscriber.DELETE_SUBSCRIBER)
         return await self._execute("remove subscriber", sql, username, domain) > 0
 
@@ -987,6 +1005,8 @@ class PostgresStore(Store):
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""
+        if not owner_storable(username, domain):
+            return 0
 
         async def run(conn: Conn) -> int:
             return int(await conn.fetchval(self._q_count, username, domain))
@@ -995,4 +1015,6 @@ class PostgresStore(Store):
 
     async def list(self, username: str, domain: str) -> list[StoredMessage]:
         """Rows of the owner in arrival order."""
+        if not owner_storable(username, domain):
+            return []
         return await self._fetch("list", self._q_list, username, domain, idempotent=True)

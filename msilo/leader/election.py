@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from msilo.errors import ConfigError, DatabaseUnavailable
+from msilo.log import redact_url
 
 __all__ = [
     "FileLeaderElection",
@@ -606,5 +607,5 @@ def leader_election_for(db_url: str, **options: Any) -> LeaderElection:
         return PostgresLeaderElection(db_url, **options)
     raise ConfigError(
         "db_url: must be sqlite:///path/to/file.db or postgres://user@host:port/db "
-        f"(got {db_url!r})"
+        f"(got {redact_url(db_url)!r})"
     )

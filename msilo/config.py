@@ -19,6 +19,7 @@ from typing import Any
 
 from msilo.errors import ConfigError
 from msilo.log import redact_text, redact_url
+from msilo.storage.pgurl import parse_pg_url
 from msilo.transport.dns import parse_nameserver
 
 MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")  # RFC 6838 §4.2
@@ -207,6 +208,11 @@ def _db_url(key: str, value: Any) -> str:
     if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
         return text
     if text.startswith(("postgres://", "postgresql://")):
+        # One host or several (a primary and its standbys): see msilo.storage.pgurl.
+        try:
+            parse_pg_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} (got {redact_url(text)!r})") from None
         return text
     raise ConfigError(
         f"{key}: must be sqlite:///path/to/file.db or postgres://user@host:port/db "

@@ -32,6 +32,24 @@ class _Formatter(logging.Formatter):
         return redact_text(line, self.secrets).replace("\n", " | ")
 
 
+class _ExceptionInLine(logging.Filter):
+    """A library's record logged with its traceback keeps one line: message and exception.
+
+    asyncpg logs some failures it handles itself with a traceback -- a warm pool refilling
+    its floor while no server is the primary, during a failover -- and a traceback in the
+    log stream reads as a crash.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            record.msg = f"{record.getMessage()} error={type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(
     level: str = "info", *, process: str = "main", secrets: Iterable[str] = ()
 ) -> None:
@@ -48,6 +66,14 @@ def setup_logging(
     root.handlers[:] = [handler]
     root.setLevel(LEVELS.get(level, logging.INFO))
     root.propagate = False
+    # The database driver's own warnings, in the same format (and redacted), one line each.
+    library = logging.StreamHandler(sys.stderr)
+    library.setFormatter(handler.formatter)
+    library.addFilter(_ExceptionInLine())
+    driver = logging.getLogger("asyncpg")
+    driver.handlers[:] = [library]
+    driver.setLevel(logging.WARNING)
+    driver.propagate = False
 
 
 #: What a redacted secret is printed as.

@@ -329,7 +329,15 @@ _KEEPALIVE_SETTINGS = {
     "tcp_keepalives_count": "3",
 }
 
-_PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError: TargetServerAttributeNotMatched -- a multi-host db_url whose hosts
+# are all standbys for the moment (a failover under way).
+_PG_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class PostgresLeaderElection(LeaderElection):

@@ -23,12 +23,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql, location_pg, subscriber
+from msilo.storage import _sql, location_pg, pgurl, subscriber
 from msilo.storage._sql import GENERIC_PLANS, GENERIC_PLANS_SETTING
 from msilo.storage.base import (
     DEFAULT_NAMES,
@@ -101,14 +100,8 @@ _CAUGHT = (asyncpg.PostgresError, *_UNAVAILABLE, asyncpg.InternalClientError)
 
 
 def _where(dsn: str) -> str:
-    """host:port/db of a DSN, for messages (never the password)."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-        return f"{host}:{port}{parts.path or '/'}"
-    except ValueError:
-        return "<unparsable DSN>"
+    """host:port[,host:port...]/db of a DSN, for messages (never the password)."""
+    return pgurl.where(dsn)
 
 
 def _wrap(exc: BaseException, what: str, where: str) -> StorageError:

@@ -365,7 +365,8 @@ class MsiloConfig:
         repr=False,  # may hold a password
         metadata=_doc(
             "database: `sqlite:///path.db` (relative to the working directory) or "
-            "`postgres://user:pass@host:port/db`",
+            "`postgres://user:pass@host:port/db`; a primary and its standbys: "
+            "`postgres://user:pass@h1:port,h2:port/db?target_session_attrs=read-write`",
             _db_url,
         ),
     )

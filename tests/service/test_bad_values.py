@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.auth.sipauth import DigestClient
 from tests.service.conftest import Running, ServerFactory
 from tests.service.sipua import UserAgent
 
@@ -172,3 +173,36 @@ async def test_message_with_unstorable_values_gets_400_naming_the_field(
     _quiet(caplog)
     assert srv.stats()["store_failures"] == 0
     assert await srv.store.count("bob", HOST) == 1  # the one with the odd Call-ID
+
+
+AUTH = (
+    'server.domains=["127.0.0.1"]',
+    "auth.enabled=true",
+    'auth.secret="s3cret-shared-by-every-host"',
+)
+
+
+async def test_digest_usernames_no_table_can_hold_are_no_outage(
+    server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The subscriber lookup of an Authorization username that cannot be stored (not UTF-8,
+    over 64 characters) finds no user without asking the database: refused like any unknown
+    user, never 503 / db_down."""
+    srv = await server(*AUTH)
+    ua = await srv.agent("alice")
+    got = []
+    with caplog.at_level(logging.DEBUG, logger="msilo"):
+        for username, wire in ((b"alXXce", b"al\xffce"), (LONG.encode(), LONG.encode())):
+            offer = (await ua.register(600)).get_headers("WWW-Authenticate")[0]
+            creds = DigestClient(username.decode(), "pw").authorization(
+                offer, method="REGISTER", uri=f"sip:{HOST}"
+            )
+            raw, branch = ua.build(
+                "REGISTER", f"sip:{HOST}", to_uri=ua.uri, content_type=None,
+                headers=[f"Contact: <{ua.contact}>", "Expires: 600", "X-Auth: 1"],
+            )  # fmt: skip
+            line = f"Authorization: {creds}".encode().replace(username, wire)
+            got.append(await _send(ua, raw.replace(b"X-Auth: 1", line), branch))
+    assert all(status in (401, 403) for status, _ in got), got
+    _quiet(caplog)
+    assert srv.stats()["store_failures"] == 0

@@ -206,3 +206,18 @@ async def test_digest_usernames_no_table_can_hold_are_no_outage(
     assert all(status in (401, 403) for status, _ in got), got
     _quiet(caplog)
     assert srv.stats()["store_failures"] == 0
+
+
+async def test_a_custom_route_storing_for_an_unstorable_owner_gets_400(
+    server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = await server('server.route="tests.service.routes:owner_from_header"')
+    ua = await srv.agent("alice")
+    with caplog.at_level(logging.DEBUG, logger="msilo"):
+        long = await ua.message(f"sip:bob@{HOST}", "hi", headers=[f"X-Owner: sip:{LONG}@{HOST}"])
+        nul = await ua.message(f"sip:bob@{HOST}", "hi", headers=[f"X-Owner: sip:a%00b@{HOST}"])
+        ok = await ua.message(f"sip:bob@{HOST}", "hi", headers=[f"X-Owner: sip:carol@{HOST}"])
+    assert (long.status, nul.status, ok.status) == (400, 400, 202)
+    assert "owner user" in long.reason and "owner user" in nul.reason
+    _quiet(caplog)
+    assert await srv.store.count("carol", HOST) == 1

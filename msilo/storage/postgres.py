@@ -97,6 +97,10 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # "connection is closed"
 )
 _CAUGHT = (asyncpg.PostgresError, *_UNAVAILABLE, asyncpg.InternalClientError)
+# A multi-host db_url none of whose hosts is the primary right now (a failover or a
+# switchover under way): a fresh connection, not a stale pooled one -- retrying at once
+# would only open more connections to the standbys.
+_NO_PRIMARY = asyncpg.exceptions.TargetServerAttributeNotMatched
 
 
 def _where(dsn: str) -> str:
@@ -428,7 +432,8 @@ class PostgresStore(Store):
                 if pool.is_closing():
                     raise _wrap(exc, what, self._where) from exc
                 await pool.expire_connections()
-                if isinstance(exc, _NOT_SENT) and not_sent_retries > 0:
+                stale = isinstance(exc, _NOT_SENT) and not isinstance(exc, _NO_PRIMARY)
+                if stale and not_sent_retries > 0:
                     not_sent_retries -= 1
                 elif lost_retries > 0:
                     lost_retries -= 1

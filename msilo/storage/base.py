@@ -39,7 +39,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Character limits of the OpenSIPS columns (VARCHAR(n) counts characters on PostgreSQL).
 # Checked before a row joins a batch, so one oversized row fails its own request only,
 # never the whole group commit.
-#: The silo's text columns with their limits; ``SRC_DST_LIMIT``: VARCHAR(255) of src/dst_addr.
+#: VARCHAR(255) of ``src_addr`` and ``dst_addr``.
 SRC_DST_LIMIT = 255
 _TEXT_LIMITS = (
     ("username", OWNER_LIMIT),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from msilo import __version__
 from msilo.config import Config, describe, load_config
 from msilo.errors import ConfigError, MsiloError, StorageError
+from msilo.log import REDACTED, redact_text, redact_url
 
 if TYPE_CHECKING:
     from msilo.storage.base import Store
@@ -180,7 +181,9 @@ def _cmd_check_config(config: Config) -> int:
         if isinstance(value, tuple):
             value = list(value)
         if section == "auth" and key == "secret" and value:
-            value = "***"
+            value = REDACTED
+        elif section == "msilo" and key == "db_url":
+            value = redact_url(value)
         print(f"{section}.{key} = {value!r}")
     return 0
 
@@ -189,7 +192,7 @@ async def _cmd_db(config: Config, action: str) -> int:
     async def work(store: Store) -> int:
         if action == "init":
             await store.create_schema()
-            print(f"schema ready ({config.msilo.db_url})")
+            print(f"schema ready ({redact_url(config.msilo.db_url)})")
         else:
             done = await store.upgrade_schema()
             for line in done:
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         from msilo.log import setup_logging
 
-        setup_logging(config.server.log_level)
+        setup_logging(config.server.log_level, secrets=config.secrets())
         if args.command == "check-config":
             return _cmd_check_config(config)
         runner = _runner()
@@ -305,18 +308,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return runner(_cmd_serve(config, args.overrides))
     except ConfigError as exc:
-        print(f"msilo: error: {exc}", file=sys.stderr)
+        _error(str(exc), args.overrides)
         return EXIT_USAGE
     except StorageError as exc:
-        print(f"msilo: error: database: {exc}", file=sys.stderr)
+        _error(f"database: {exc}", args.overrides)
         return EXIT_RUNTIME
     except MsiloError as exc:
-        print(f"msilo: error: {exc}", file=sys.stderr)
+        _error(str(exc), args.overrides)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
+
+
+def _error(text: str, overrides: Sequence[str]) -> None:
+    """Print ``msilo: error: text`` with every secret redacted: a message may quote a
+    database URL, or a ``--set`` item that holds ``auth.secret``."""
+    secrets = [
+        value.strip().strip("\"'")
+        for item in overrides
+        for path, _, value in [item.partition("=")]
+        if path.strip() == "auth.secret"
+    ]
+    print(f"msilo: error: {redact_text(text, secrets)}", file=sys.stderr)
 
 
 def _runner() -> Callable[[Awaitable[int]], int]:

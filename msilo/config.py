@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from msilo.errors import ConfigError
+from msilo.log import redact_text, redact_url
+from msilo.storage.pgurl import parse_pg_url
 from msilo.transport.dns import parse_nameserver
 
 MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")  # RFC 6838 §4.2
@@ -72,9 +74,14 @@ def _flag(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: must be 0/1 or true/false (got {value!r})")
 
 
+# Keys whose values are never echoed in an error message (issue 14, item 7).
+_SECRET_KEYS = frozenset({"auth.secret", "msilo.db_url"})
+
+
 def _str(key: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: must be a string (got {value!r})")
+        shown = type(value).__name__ if key in _SECRET_KEYS else repr(value)
+        raise ConfigError(f"{key}: must be a string (got {shown})")
     return value
 
 
@@ -201,9 +208,15 @@ def _db_url(key: str, value: Any) -> str:
     if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
         return text
     if text.startswith(("postgres://", "postgresql://")):
+        # One host or several (a primary and its standbys): see msilo.storage.pgurl.
+        try:
+            parse_pg_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} (got {redact_url(text)!r})") from None
         return text
     raise ConfigError(
-        f"{key}: must be sqlite:///path/to/file.db or postgres://user@host:port/db (got {text!r})"
+        f"{key}: must be sqlite:///path/to/file.db or postgres://user@host:port/db "
+        f"(got {redact_url(text)!r})"
     )
 
 
@@ -349,9 +362,11 @@ class MsiloConfig:
 
     db_url: str = field(
         default=DEFAULT_DB_URL,
+        repr=False,  # may hold a password
         metadata=_doc(
             "database: `sqlite:///path.db` (relative to the working directory) or "
-            "`postgres://user:pass@host:port/db`",
+            "`postgres://user:pass@host:port/db`; a primary and its standbys: "
+            "`postgres://user:pass@h1:port,h2:port/db?target_session_attrs=read-write`",
             _db_url,
         ),
     )
@@ -524,7 +539,7 @@ class AuthConfig:
         default="", metadata=_doc("digest realm; empty = the first of server.domains", _str)
     )
     secret: str = field(
-        default="", metadata=_doc("HMAC key for nonces; the same on every host", _str)
+        default="", repr=False, metadata=_doc("HMAC key for nonces; the same on every host", _str)
     )
     nonce_expires: int = field(default=300, metadata=_doc("nonce lifetime, seconds", _int(1)))
     message: bool = field(default=False, metadata=_doc("also challenge MESSAGE", _flag))
@@ -603,6 +618,10 @@ class Config:
         config._check_cross_keys()
         return config
 
+    def secrets(self) -> tuple[str, ...]:
+        """Values never to print (logs redact them; URL passwords are redacted anyway)."""
+        return tuple(s for s in (self.auth.secret,) if s)
+
     def _check_cross_keys(self) -> None:
         m = self.msilo
         for key in ("offline_message", "expired_message"):
@@ -648,7 +667,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     path, sep, raw = text.partition("=")
     section, dot, key = path.strip().partition(".")
     if not sep or not dot or not section or not key or "." in key:
-        raise ConfigError(f"--set {text!r}: must be section.key=value (e.g. server.workers=2)")
+        raise ConfigError(
+            f"--set {redact_text(text)!r}: must be section.key=value (e.g. server.workers=2)"
+        )
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]

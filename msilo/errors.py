@@ -135,7 +135,12 @@ class InvalidRecord(StorageError):
     """A value does not fit the silo table (too long, NUL character, not text).
 
     Raised before the row joins a batch, so only the request that carried it fails.
+    ``field`` names the column (or record field) at fault.
     """
+
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.field = field
 
 
 class TransportError(SipError):

@@ -172,9 +172,41 @@ class PgCluster:
             # exactly what these tests check across an immediate shutdown.
             "logging_collector": "off",
         }
+        self.configure(settings)
+
+    def configure(self, settings: dict[str, str]) -> None:
+        """Append settings to postgresql.conf (a later line wins over an earlier one)."""
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write("\n# msilo fault tests\n")
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+
+    def init_standby(self, primary: PgCluster) -> None:
+        """Make this cluster a streaming-replication standby of ``primary`` (running).
+
+        ``pg_basebackup -R`` copies the primary's data directory and configuration and
+        writes ``standby.signal`` and ``primary_conninfo``; our own port and socket
+        directory are appended.  ``synchronous_standby_names`` is cleared here: set on
+        the primary only, it must not follow this copy, or once promoted it would wait
+        for a standby of its own that does not exist (every commit would hang).
+        """
+        if self._as_root:
+            os.chown(self.base, self._owner.pw_uid, self._owner.pw_gid)
+        self.base.chmod(0o700)
+        self._run(
+            self._argv(
+                "pg_basebackup", "-D", str(self.data), "-h", primary.host,
+                "-p", str(primary.port), "-U", "postgres", "-X", "stream", "-R",
+                "--no-sync", "-c", "fast",
+            ),
+            timeout=120,
+        )  # fmt: skip
+        self.configure(
+            {
+                "port": str(self.port),
+                "unix_socket_directories": f"'{self.base}'",
+                "synchronous_standby_names": "''",
+            }
+        )
 
     def start_blocking(self) -> None:
         self._run(self._start_argv())
@@ -247,6 +279,10 @@ class PgCluster:
         recovery from WAL at the next start) and wait until it is gone."""
         await self._arun(self._stop_argv(mode))
         self.running = False
+
+    async def promote(self) -> None:
+        """Promote a standby to primary and wait until it accepts writes."""
+        await self._arun(self._ctl("-w", "-t", str(PG_CTL_WAIT), "promote"))
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgres://postgres@{self.host}:{self.port}/{database}"

@@ -100,6 +100,11 @@ def test_flags_accept_0_1_and_true_false() -> None:
         (['msilo.db_table="silo; drop table x"'], "msilo.db_table: must be an SQL identifier"),
         (['msilo.sc_mid="1mid"'], "msilo.sc_mid: must be an SQL identifier"),
         (['msilo.db_url="mysql://x"'], "msilo.db_url: must be sqlite:///"),
+        (['msilo.db_url="postgres://u@h1:5432,h2:x/db"'], "msilo.db_url: port 'x' of host 'h2'"),
+        (
+            ['msilo.db_url="postgres://u@h1,h2/db?target_session_attrs=master"'],
+            "msilo.db_url: target_session_attrs must be one of any, primary",
+        ),
         (['msilo.from_address="message_handler@x"'], "msilo.from_address: must be a sip:"),
         (['msilo.snd_time_avp="snd_time"'], "msilo.snd_time_avp: must be an AVP spec"),
         (['msilo.timezone="Mars/Olympus"'], "msilo.timezone: must be an IANA time zone"),
@@ -123,6 +128,19 @@ def test_bad_values_name_the_key_and_the_rule(overrides: list[str], message: str
         load_config(overrides=overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://u:pw@h1:5432,h2:5433/db?target_session_attrs=read-write",
+        "postgresql://u@[::1]:5432,10.0.0.2/db?target_session_attrs=primary&sslmode=require",
+        "postgres://u@db.example.com/msilo",
+    ],
+)
+def test_a_multi_host_postgres_url_is_accepted(url: str) -> None:
+    """Several hosts, as libpq and asyncpg take them: a primary and its standbys."""
+    assert load_config(overrides=[f'msilo.db_url="{url}"']).msilo.db_url == url
 
 
 def test_bad_toml_file_is_one_line_naming_the_file(tmp_path: Path) -> None:

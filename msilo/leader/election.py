@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 
 from msilo.errors import ConfigError, DatabaseUnavailable
+from msilo.log import redact_url
 
 __all__ = [
     "FileLeaderElection",
@@ -328,7 +329,15 @@ _KEEPALIVE_SETTINGS = {
     "tcp_keepalives_count": "3",
 }
 
-_PG_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError: TargetServerAttributeNotMatched -- a multi-host db_url whose hosts
+# are all standbys for the moment (a failover under way).
+_PG_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class PostgresLeaderElection(LeaderElection):
@@ -606,5 +615,5 @@ def leader_election_for(db_url: str, **options: Any) -> LeaderElection:
         return PostgresLeaderElection(db_url, **options)
     raise ConfigError(
         "db_url: must be sqlite:///path/to/file.db or postgres://user@host:port/db "
-        f"(got {db_url!r})"
+        f"(got {redact_url(db_url)!r})"
     )

@@ -12,7 +12,30 @@ from collections.abc import Collection
 from msilo.errors import AddressIncomplete, ParseError
 from msilo.sip.message import SipRequest, SipURI
 from msilo.sip.parser import normalize_aor, parse_uri
-from msilo.storage.base import NewMessage
+from msilo.storage.base import SRC_DST_LIMIT, NewMessage
+from msilo.storage.values import OWNER_LIMIT, text_problem
+
+
+def check_field(field: str, value: str | None, limit: int | None = None) -> None:
+    """Raise 400 naming the SIP ``field`` when ``value`` cannot be stored (issue 14).
+
+    A value the database cannot hold (NUL, bytes that are not UTF-8, longer than the
+    column) is the request's fault: it must be answered 400 before it reaches a table,
+    never fail there as a database error (503 and a false outage alarm).  The reason
+    names the field, never the value (a reason phrase is shown to users).
+    """
+    if value is None:
+        return
+    problem = text_problem(value, limit)
+    if problem is not None:
+        raise ParseError(f"{field} {problem}", reason=f"Bad Request: {field} {problem}")
+
+
+def check_owner(aor: str, where: str) -> None:
+    """400 unless the owner ``user@host`` fits the owner columns (``where``: its source)."""
+    user, host = split_owner(aor)
+    check_field(f"{where} user", user, OWNER_LIMIT)
+    check_field(f"{where} host", host, OWNER_LIMIT)
 
 
 def split_owner(aor: str) -> tuple[str, str]:
@@ -34,7 +57,9 @@ def owner_of(
     empty); otherwise the To URI, as the admin guide documents.
     """
     if explicit is not None:
-        return _aor(explicit, "owner")
+        aor = _aor(explicit, "owner")
+        check_owner(aor, "owner")
+        return aor
     if ruri is None:
         try:
             ruri = parse_uri(request.uri)
@@ -46,10 +71,14 @@ def owner_of(
         and ruri.user
         and (not domains or ruri.host.lower() in domains)
     ):
-        return normalize_aor(ruri)
+        aor = normalize_aor(ruri)
+        check_owner(aor, "Request-URI")
+        return aor
     if request.to is None:
         raise ParseError("missing To header")
-    return _aor(request.to.uri, "To URI")
+    aor = _aor(request.to.uri, "To URI")
+    check_owner(aor, "To")
+    return aor
 
 
 def _aor(uri: str, what: str) -> str:
@@ -97,6 +126,10 @@ def new_message(
     """
     if request.from_ is None or request.to is None:
         raise ParseError("missing From or To header")
+    check_field("From URI", request.from_.uri, SRC_DST_LIMIT)
+    check_field("To URI", request.to.uri, SRC_DST_LIMIT)
+    if request.content_type is not None:
+        check_field("Content-Type", request.content_type.raw)
     user, host = split_owner(owner)
     keep = lifetime(request, expire_time)
     start = snd_time if snd_time > now else now
@@ -112,5 +145,7 @@ def new_message(
         snd_time=snd_time,
         dedupe_key=dedupe_key(request, owner),
         unless_online=unless_online,
-        callid=request.call_id,
+        # A Call-ID no text column holds (not UTF-8) is not a reason to refuse the message:
+        # its deliveries then carry a Call-ID made from the row id (stable as well).
+        callid=request.call_id if text_problem(request.call_id, None) is None else None,
     )

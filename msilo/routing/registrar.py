@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from msilo.errors import ParseError, SipError
+from msilo.routing.mstore import check_field
 from msilo.sip.message import Contact, SipRequest
 from msilo.sip.parser import parse_uri, route_uris
 from msilo.storage.location import Binding, BindingPlan, PlanFunction
+from msilo.storage.values import OWNER_LIMIT
 
 
 class IntervalTooBrief(SipError):
@@ -94,7 +96,11 @@ def plan_register(
     received: str | None,
     transport: str | None,
 ) -> PlanFunction:
-    """The plan to apply to the user's current bindings for this REGISTER."""
+    """The plan to apply to the user's current bindings for this REGISTER.
+
+    Raises 400 naming the field for a value the location table cannot hold (RFC 4475
+    §3.1.1.10 ``escnull`` is a valid REGISTER whose user holds a NUL): checked here, before
+    the database, so it is never taken for a database failure."""
     call_id = request.call_id or ""
     cseq = request.cseq.number if request.cseq is not None else 0
     allow = request.allow
@@ -102,6 +108,17 @@ def plan_register(
     # A Path that does not parse is the REGISTER's fault (400), not a delivery's later.
     route_uris(path_values)
     path = ", ".join(path_values) if path_values else None
+    check_field("To user", username, OWNER_LIMIT)
+    check_field("To host", domain, OWNER_LIMIT)
+    check_field("Call-ID", call_id)
+    check_field("Path", path)
+    if allow is not None:
+        check_field("Allow", ",".join(allow))
+    for want in wanted:
+        check_field("Contact", want.contact.uri)
+        check_field("Contact +sip.instance", want.contact.instance)
+        if want.contact.methods is not None:
+            check_field("Contact methods", ",".join(want.contact.methods))
 
     def out_of_order(binding: Binding) -> bool:
         # Same Call-ID with a CSeq not higher than stored: an old or replayed request.

@@ -246,6 +246,9 @@ class MsiloService:
             if exc.status >= 500 and exc.status != 513:
                 headers.append(RETRY_AFTER)
             self.reply(txn, exc.status, exc.reason, headers)
+        except InvalidRecord as exc:
+            # A value no table can hold is the request's fault, never an outage (issue 14).
+            self.reply(txn, 400, f"Bad Request: {exc}")
         except StorageError as exc:
             self.count("store_failures")
             self.db.failed(exc, f"{request.method} call_id={request.call_id}")

@@ -81,7 +81,7 @@ def child_main(spec: ChildSpec, conn: Connection) -> None:
 
     from msilo.log import setup_logging
 
-    setup_logging(spec.config.server.log_level, process=spec.title)
+    setup_logging(spec.config.server.log_level, process=spec.title, secrets=spec.config.secrets())
     import uvloop
 
     code = uvloop.run(_serve(spec, conn, early_stop))

@@ -22,6 +22,7 @@ from typing import Any
 
 from msilo.errors import MsiloError
 from msilo.leader.election import leader_election_for
+from msilo.log import redact_url
 from msilo.server.http import ManagementViews, start_management_http
 from msilo.server.stats import prometheus_text
 
@@ -133,7 +134,7 @@ class StatusEndpoint:
                 "checked_at": lead.checked_at,
             },
             "database": {
-                "url": _redact(self.db_url),
+                "url": redact_url(self.db_url),
                 "ok": lead.database_ok,
                 "error": lead.error,
             },
@@ -201,12 +202,3 @@ class StatusEndpoint:
                     ok = os.path.exists(self.db_url[len("sqlite:///") :])
                 self.leader = DeploymentLeader(holder, ok, None, time.time())
             await asyncio.sleep(LEADER_REFRESH)
-
-
-def _redact(url: str) -> str:
-    # Never show a database password.
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
-    return url

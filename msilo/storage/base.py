@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields
 from msilo.errors import InvalidRecord
 from msilo.storage.location import Binding, BindingsOutcome, PlanFunction, RegisterOutcome
 from msilo.storage.subscriber import Subscriber
+from msilo.storage.values import OWNER_LIMIT, check_text
 
 #: ``version.table_version`` of the silo table: OpenSIPS msilo's (spec §5.1).
 SILO_VERSION = 6
@@ -45,7 +46,14 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Character limits of the OpenSIPS columns (VARCHAR(n) counts characters on PostgreSQL).
 # Checked before a row joins a batch, so one oversized row fails its own request only,
 # never the whole group commit.
-_TEXT_LIMITS = (("username", 64), ("domain", 64), ("src_addr", 255), ("dst_addr", 255))
+#: VARCHAR(255) of ``src_addr`` and ``dst_addr``.
+SRC_DST_LIMIT = 255
+_TEXT_LIMITS = (
+    ("username", OWNER_LIMIT),
+    ("domain", OWNER_LIMIT),
+    ("src_addr", SRC_DST_LIMIT),
+    ("dst_addr", SRC_DST_LIMIT),
+)
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -181,40 +189,24 @@ def derived_callid(callid: str, mid: int) -> str:
     return f"{callid}-msilo{mid}"
 
 
-def _check_text(field: str, value: object, limit: int | None) -> None:
-    if not isinstance(value, str):
-        raise InvalidRecord(f"{field} must be a str, got {type(value).__name__}")
-    if limit is not None and len(value) > limit:
-        raise InvalidRecord(f"{field} is longer than {limit} characters ({len(value)})")
-    # PostgreSQL text cannot hold NUL and rejects unencodable strings; SQLite would
-    # accept both, but the two backends must agree on what is storable.
-    if "\x00" in value:
-        raise InvalidRecord(f"{field} contains a NUL character")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidRecord(f"{field} is not valid UTF-8 text") from exc
-
-
 def validate_message(msg: NewMessage) -> None:
     """Raise ``InvalidRecord`` if ``msg`` cannot be stored as it is."""
     for field, limit in _TEXT_LIMITS:
-        _check_text(field, getattr(msg, field), limit)
+        check_text(field, getattr(msg, field), limit)
     if msg.ctype is not None:
-        _check_text("ctype", msg.ctype, None)
+        check_text("ctype", msg.ctype)
     if msg.dedupe_key is not None:
-        _check_text("dedupe_key", msg.dedupe_key, None)
+        check_text("dedupe_key", msg.dedupe_key)
     if msg.callid is not None:
-        _check_text("callid", msg.callid, None)
+        check_text("callid", msg.callid)
     for device in (*msg.delivered_to, *msg.leased_to):
-        _check_text("device", device, None)
+        check_text("device", device)
     if not isinstance(msg.body, bytes | bytearray | memoryview):
-        raise InvalidRecord(f"body must be bytes, got {type(msg.body).__name__}")
+        raise InvalidRecord(f"body must be bytes, got {type(msg.body).__name__}", field="body")
     for field in ("inc_time", "exp_time", "snd_time"):
         value = getattr(msg, field)
         if not isinstance(value, int) or not _INT64_MIN <= value <= _INT64_MAX:
-            raise InvalidRecord(f"{field} must be a 64-bit integer, got {value!r}")
+            raise InvalidRecord(f"{field} must be a 64-bit integer, got {value!r}", field=field)
 
 
 def fold_repeated_keys(

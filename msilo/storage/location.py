@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from msilo.storage.values import OWNER_LIMIT, check_int, check_text
+
 
 @dataclass(frozen=True, slots=True)
 class Binding:
@@ -97,6 +99,33 @@ def location_sql(param: Callable[[int], str]) -> dict[str, str]:
         ),
         "delete_expired": f"DELETE FROM location WHERE expires <= {p(1)}",
     }
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def validate_owner(username: str, domain: str) -> None:
+    """Raise ``InvalidRecord`` when the user does not fit the location table's key."""
+    check_text("username", username, OWNER_LIMIT)
+    check_text("domain", domain, OWNER_LIMIT)
+
+
+def validate_binding(b: Binding) -> None:
+    """Raise ``InvalidRecord`` when a column of ``b`` cannot hold its value (before any SQL:
+    a refused value must not look like a database failure)."""
+    validate_owner(b.username, b.domain)
+    check_text("contact", b.contact)
+    check_text("callid", b.callid)
+    for name in ("received", "path", "instance", "transport"):
+        value = getattr(b, name)
+        if value is not None:
+            check_text(name, value)
+    if b.methods is not None:
+        check_text("methods", ",".join(b.methods))
+    check_int("cseq", b.cseq, *_INT32)
+    check_int("expires", b.expires, *_INT64)
+    check_int("last_modified", b.last_modified, *_INT64)
 
 
 def _rank(b: Binding) -> tuple[float, int, str]:

@@ -23,12 +23,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql, ledger, location_pg, subscriber
+from msilo.storage import _sql, ledger, location_pg, pgurl, subscriber
 from msilo.storage._sql import GENERIC_PLANS, GENERIC_PLANS_SETTING
 from msilo.storage.base import (
     DEFAULT_NAMES,
@@ -57,8 +56,11 @@ from msilo.storage.location import (
     binding_row,
     live_bindings,
     location_sql,
+    validate_binding,
+    validate_owner,
 )
 from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.values import owner_storable
 
 log = logging.getLogger("msilo.store")
 
@@ -96,17 +98,15 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # "connection is closed"
 )
 _CAUGHT = (asyncpg.PostgresError, *_UNAVAILABLE, asyncpg.InternalClientError)
+# A multi-host db_url none of whose hosts is the primary right now (a failover or a
+# switchover under way): a fresh connection, not a stale pooled one -- retrying at once
+# would only open more connections to the standbys.
+_NO_PRIMARY = asyncpg.exceptions.TargetServerAttributeNotMatched
 
 
 def _where(dsn: str) -> str:
-    """host:port/db of a DSN, for messages (never the password)."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or "localhost"
-        port = parts.port or 5432
-        return f"{host}:{port}{parts.path or '/'}"
-    except ValueError:
-        return "<unparsable DSN>"
+    """host:port[,host:port...]/db of a DSN, for messages (never the password)."""
+    return pgurl.where(dsn)
 
 
 def _wrap(exc: BaseException, what: str, where: str) -> StorageError:
@@ -550,7 +550,8 @@ class PostgresStore(Store):
                 if pool.is_closing():
                     raise _wrap(exc, what, self._where) from exc
                 await pool.expire_connections()
-                if isinstance(exc, _NOT_SENT) and not_sent_retries > 0:
+                stale = isinstance(exc, _NOT_SENT) and not isinstance(exc, _NO_PRIMARY)
+                if stale and not_sent_retries > 0:
                     not_sent_retries -= 1
                 elif lost_retries > 0:
                     lost_retries -= 1
@@ -951,6 +952,8 @@ class PostgresStore(Store):
         limit: int | None = None,
     ) -> list[StoredMessage]:
         """Lease the owner's deliverable rows, in arrival order."""
+        if not owner_storable(username, domain):
+            return []
         rows = await self._fetch(
             "claim", self._q_claim, username, domain, now, limit,
             now + lease_seconds, lease_owner,
@@ -1117,6 +1120,8 @@ class PostgresStore(Store):
 
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""
+        if not owner_storable(username, domain):
+            return 0
         return await self._execute("purge", self._q_purge, username, domain)
 
     # -- registrar bindings ---------------------------------------------------------
@@ -1127,6 +1132,7 @@ class PostgresStore(Store):
         """Apply a registrar plan atomically, serialised per user against concurrent
         REGISTERs on any worker or host (msilo.storage.location_pg): read, plan, then
         write only if nothing changed meanwhile; after a few lost races, lock and wait."""
+        validate_owner(username, domain)
 
         async def read(conn: Conn) -> list[Any]:
             return list(await conn.fetch(location_pg.SELECT_VERSIONED, username, domain))
@@ -1139,6 +1145,8 @@ class PostgresStore(Store):
                 return BindingsOutcome(error=change.error)
             if not change.removes and not change.upserts:
                 return BindingsOutcome(bindings=live_bindings(current, now))
+            for binding in change.upserts:
+                validate_binding(binding)
             args = location_pg.apply_args(
                 username, domain, [r[13] for r in rows], change.removes, change.upserts
             )
@@ -1164,6 +1172,8 @@ class PostgresStore(Store):
                 change = plan(current)
                 if change.error is not None:
                     return BindingsOutcome(error=change.error)
+                for binding in change.upserts:
+                    validate_binding(binding)  # raised inside the transaction: it rolls back
                 for contact in change.removes:
                     await conn.execute(sql["delete_one"], username, domain, contact)
                 if change.upserts:
@@ -1208,6 +1218,8 @@ class PostgresStore(Store):
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's live bindings, best q first (concurrent lookups share one query)."""
+        if not owner_storable(username, domain):
+            return []
         return list(await self._lookups.get((username, domain, now)))
 
     async def _lookup_many(
@@ -1233,6 +1245,8 @@ class PostgresStore(Store):
 
     async def get_subscriber(self, username: str, domain: str) -> Subscriber | None:
         """The user's credentials, or None."""
+        if not owner_storable(username, domain):
+            return None
         sql = _sql.to_pg(subscriber.SELECT_SUBSCRIBER)
 
         async def run(conn: Conn) -> Subscriber | None:
@@ -1277,6 +1291,8 @@ class PostgresStore(Store):
 
     async def remove_subscriber(self, username: str, domain: str) -> bool:
         """Delete the subscriber; False when there was none."""
+        if not owner_storable(username, domain):
+            return False
         sql = _sql.to_pg(subscriber.DELETE_SUBSCRIBER)
         return await self._execute("remove subscriber", sql, username, domain) > 0
 
@@ -1294,6 +1310,8 @@ class PostgresStore(Store):
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""
+        if not owner_storable(username, domain):
+            return 0
 
         async def run(conn: Conn) -> int:
             return int(await conn.fetchval(self._q_count, username, domain))
@@ -1302,4 +1320,6 @@ class PostgresStore(Store):
 
     async def list(self, username: str, domain: str) -> list[StoredMessage]:
         """Rows of the owner in arrival order."""
+        if not owner_storable(username, domain):
+            return []
         return await self._fetch("list", self._q_list, username, domain, idempotent=True)

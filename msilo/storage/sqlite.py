@@ -41,8 +41,11 @@ from msilo.storage.location import (
     binding_from_row,
     binding_row,
     location_sql,
+    validate_binding,
+    validate_owner,
 )
 from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.values import owner_storable
 
 log = logging.getLogger("msilo.store")
 
@@ -514,6 +517,8 @@ class SQLiteStore(Store):
         limit: int | None = None,
     ) -> list[StoredMessage]:
         """Lease the owner's deliverable rows, in arrival order."""
+        if not owner_storable(username, domain):
+            return []
 
         def run(conn: Conn) -> list[StoredMessage]:
             rows = [
@@ -714,6 +719,8 @@ class SQLiteStore(Store):
 
     async def purge(self, username: str, domain: str) -> int:
         """Delete every row of the owner."""
+        if not owner_storable(username, domain):
+            return 0
         return await self._exec("purge", self._q_purge, (username, domain))
 
     # -- registrar bindings ---------------------------------------------------------
@@ -722,6 +729,7 @@ class SQLiteStore(Store):
         self, username: str, domain: str, plan: PlanFunction, *, now: int
     ) -> BindingsOutcome:
         """Apply a registrar plan under the database write lock (BEGIN IMMEDIATE)."""
+        validate_owner(username, domain)
         sql = self._location
 
         def run(conn: Conn) -> BindingsOutcome:
@@ -731,6 +739,8 @@ class SQLiteStore(Store):
             change = plan(existing)
             if change.error is not None:
                 return BindingsOutcome(error=change.error)
+            for binding in change.upserts:
+                validate_binding(binding)  # raised inside the transaction: it rolls back
             for contact in change.removes:
                 conn.execute(sql["delete_one"], (username, domain, contact))
             conn.executemany(sql["upsert"], [binding_row(b) for b in change.upserts])
@@ -741,6 +751,8 @@ class SQLiteStore(Store):
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's live bindings, best q first."""
+        if not owner_storable(username, domain):
+            return []
         sql = self._location["select_live"]
 
         def run(conn: Conn) -> list[Binding]:
@@ -756,6 +768,8 @@ class SQLiteStore(Store):
 
     async def get_subscriber(self, username: str, domain: str) -> Subscriber | None:
         """The user's credentials, or None."""
+        if not owner_storable(username, domain):
+            return None
         sql = _sql.to_sqlite(subscriber.SELECT_SUBSCRIBER)
 
         def run(conn: Conn) -> Subscriber | None:
@@ -794,6 +808,8 @@ class SQLiteStore(Store):
 
     async def remove_subscriber(self, username: str, domain: str) -> bool:
         """Delete the subscriber; False when there was none."""
+        if not owner_storable(username, domain):
+            return False
         sql = _sql.to_sqlite(subscriber.DELETE_SUBSCRIBER)
         return await self._exec("remove subscriber", sql, (username, domain)) > 0
 
@@ -810,6 +826,8 @@ class SQLiteStore(Store):
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""
+        if not owner_storable(username, domain):
+            return 0
         sql = self._q_count
         return await self._call(
             "count", lambda c: int(c.execute(sql, (username, domain)).fetchone()[0])
@@ -817,6 +835,8 @@ class SQLiteStore(Store):
 
     async def list(self, username: str, domain: str) -> list[StoredMessage]:
         """Rows of the owner in arrival order."""
+        if not owner_storable(username, domain):
+            return []
         sql = self._q_list
         return await self._call(
             "list", lambda c: [_row(r) for r in c.execute(sql, (username, domain))]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from msilo.errors import InvalidRecord
+from msilo.storage.values import check_text, text_problem
 
 #: Name of the nonce-count table (ours; OpenSIPS has no equivalent, it keeps nc in shm).
 NONCE_TABLE = "msilo_nonce_use"
@@ -65,23 +66,21 @@ class Subscriber:
 def validate_subscriber(sub: Subscriber) -> None:
     """Raise ``InvalidRecord`` when ``sub`` does not fit the OpenSIPS columns."""
     for field, limit in _LIMITS.items():
-        value = getattr(sub, field)
-        if not isinstance(value, str):
-            raise InvalidRecord(f"{field} must be a str, got {type(value).__name__}")
-        if len(value) > limit:
-            raise InvalidRecord(f"{field} is longer than {limit} characters ({len(value)})")
-        if "\x00" in value:
-            raise InvalidRecord(f"{field} contains a NUL character")
+        check_text(field, getattr(sub, field), limit)
     if not sub.username or not sub.domain:
         raise InvalidRecord("username and domain must not be empty")
 
 
 def validate_nonce(nonce: str, nc: int) -> None:
     """Raise ``InvalidRecord`` when a nonce-count cannot be recorded."""
-    if not isinstance(nonce, str) or not nonce or len(nonce) > NONCE_MAX or "\x00" in nonce:
-        raise InvalidRecord(f"nonce must be a non-empty str of at most {NONCE_MAX} characters")
+    if not isinstance(nonce, str) or not nonce or text_problem(nonce, NONCE_MAX) is not None:
+        raise InvalidRecord(
+            f"nonce must be a non-empty str of at most {NONCE_MAX} characters", field="nonce"
+        )
     if not isinstance(nc, int) or not 0 <= nc <= 0xFFFFFFFF:
-        raise InvalidRecord(f"nonce-count must be an integer in 0..0xffffffff, got {nc!r}")
+        raise InvalidRecord(
+            f"nonce-count must be an integer in 0..0xffffffff, got {nc!r}", field="nc"
+        )
 
 
 # --- SQL (both dialects; the table names are fixed, as OpenSIPS's are) -----------------------

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from msilo.errors import ConfigError
+from msilo.errors import ConfigError, DatabaseUnavailable
 from msilo.leader import (
     FileLeaderElection,
     LeaderElection,
@@ -347,6 +347,28 @@ async def test_unreachable_database_keeps_the_process_standby_and_logs_once(
     assert len(standby) == 1, lines
     assert "reason=unavailable" in standby[0]
     assert lines[-1].startswith("event=stopped")
+
+
+@pytest.mark.pg
+async def test_no_host_that_is_the_primary_keeps_the_process_standby(
+    pg_dsn: str, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a failover every host of a multi-host db_url may be up but none read-write
+    (the old primary gone, the standby not promoted yet): asyncpg then says
+    TargetServerAttributeNotMatched.  The election waits as a standby, it does not crash;
+    here that state is made real by asking for a standby of a server that is a primary."""
+    parts = urlsplit(pg_dsn)
+    host = f"{parts.hostname}:{parts.port or 5432}"
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}@{host},{host}", query=""))
+    e = pg_election(f"{url}?target_session_attrs=standby", key)
+    with caplog.at_level(logging.INFO, logger="msilo.leader"):
+        async with running(e):
+            await asyncio.sleep(5 * RETRY)
+            assert not e.is_leader
+    lines = [r.getMessage() for r in caplog.records if r.name == "msilo.leader"]
+    assert any("reason=unavailable error=TargetServerAttributeNotMatched" in x for x in lines)
+    with pytest.raises(DatabaseUnavailable):
+        await e.current_leader()
 
 
 @pytest.mark.pg

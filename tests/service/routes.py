@@ -43,3 +43,9 @@ async def forgets_to_reply(request: SipRequest, ctx: RouteContext) -> None:
 
 def not_async(request: SipRequest, ctx: RouteContext) -> None:
     """Not a coroutine function: refused at start-up."""
+
+
+async def owner_from_header(request: SipRequest, ctx: RouteContext) -> None:
+    """Store every MESSAGE for the owner named in X-Owner (a script that trusts its input)."""
+    await ctx.m_store(owner=request.get_header("X-Owner"), notify=False)
+    ctx.reply(202, "Accepted")

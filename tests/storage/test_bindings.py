@@ -11,8 +11,10 @@ import asyncio
 import dataclasses
 import time
 
+import pytest
 from storage_helpers import message
 
+from msilo.errors import DatabaseUnavailable, InvalidRecord
 from msilo.storage.base import NewMessage, Store, StoreOutcome
 from msilo.storage.location import Binding, BindingPlan
 
@@ -132,3 +134,48 @@ async def test_store_unless_online_asks_the_registrar_in_the_same_round_trip(
     assert await store.count(online, "example.com") == 1
     for name in (text_less, expired, absent):
         assert await store.count(name, "example.com") == 1
+
+
+async def test_values_the_table_cannot_hold_are_refused_before_any_sql(
+    store: Store, user: str
+) -> None:
+    """InvalidRecord (the request's fault) naming the column, never a database error, and
+    nothing written: the same on both backends (issue 14, item 5)."""
+    now = int(time.time())
+    good = Binding(user, "example.com", f"sip:{user}@192.0.2.1", expires=now + 60)
+    bad_values = {
+        "contact": "sip:a\udcff@192.0.2.9",
+        "callid": "c\udcfe@x",
+        "path": "<sip:p\x00@192.0.2.9;lr>",
+        "instance": "<urn:\udcff>",
+        "cseq": 2**31,
+    }
+    for column, value in bad_values.items():
+        changes: dict[str, object] = {"contact": f"sip:{user}@192.0.2.2", column: value}
+        bad = dataclasses.replace(good, **changes)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRecord) as caught:
+            await store.update_bindings(
+                user, "example.com", lambda cur, b=bad: BindingPlan(upserts=(good, b)), now=now
+            )
+        assert caught.value.field == column
+        assert not isinstance(caught.value, DatabaseUnavailable)
+    for username, domain, column in (
+        ("a\x00b", "example.com", "username"),
+        ("u" * 65, "example.com", "username"),
+        (user, "d\udcff.example.com", "domain"),
+    ):
+        with pytest.raises(InvalidRecord) as caught:
+            await store.update_bindings(username, domain, lambda cur: BindingPlan(), now=now)
+        assert caught.value.field == column
+        # No row can have such a key: lookups find nothing, without asking the database.
+        assert await store.lookup_bindings(username, domain, now=now) == []
+        assert await store.get_subscriber(username, domain) is None
+        assert await store.count(username, domain) == 0
+        assert await store.list(username, domain) == []
+        assert await store.purge(username, domain) == 0
+        assert not await store.remove_subscriber(username, domain)
+        assert (
+            await store.claim_for_dump(username, domain, lease_owner="t", lease_seconds=10, now=now)
+            == []
+        )
+    assert await store.lookup_bindings(user, "example.com", now=now) == []

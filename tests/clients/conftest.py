@@ -20,9 +20,20 @@ from tests.service.conftest import db_url  # noqa: F401  (the sqlite/postgres pa
 
 
 @pytest.fixture
-async def msilo(db_url: str, tmp_path: Path) -> AsyncIterator[Instance]:  # noqa: F811
+def msilo_overrides() -> tuple[str, ...]:
+    """Extra ``--set`` settings for ``msilo``; a test module overrides this fixture."""
+    return ()
+
+
+@pytest.fixture
+async def msilo(
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+    msilo_overrides: tuple[str, ...],
+) -> AsyncIterator[Instance]:
     """``msilo serve``: registrar mode, two workers, on the parametrised database."""
-    instance = Instance(tmp_path, "msilo", db_url, ("server.workers=2", 'server.mode="registrar"'))
+    settings = ("server.workers=2", 'server.mode="registrar"', *msilo_overrides)
+    instance = Instance(tmp_path, "msilo", db_url, settings)
     try:
         await instance.wait_ready(workers=2)
         yield instance

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
@@ -11,6 +13,8 @@ from tests.clients.baresip import Baresip
 from tests.clients.linphone import Linphonec
 from tests.clients.process import ClientProcess
 from tests.server.conftest import Instance
+
+C = TypeVar("C", Baresip, Linphonec)
 
 
 class Clients:
@@ -30,25 +34,40 @@ class Clients:
         *,
         peers: tuple[str, ...] = (),
         instance: str | None = None,
+        expires: int = 600,
         register: bool = True,
     ) -> Baresip:
-        """A started baresip for ``user``; waits for its registration unless told not to."""
+        """A started baresip for ``user``; waits for its registration unless told not to.
+        ``instance`` makes it the same device as an earlier one (its +sip.instance)."""
         client = Baresip(
-            self._dir("baresip", user), user, self.server.address, peers=peers, instance=instance
+            self._dir("baresip", user),
+            user,
+            self.server.address,
+            peers=peers,
+            instance=instance,
+            regint=expires,
         )
-        self.started.append(client)
-        await client.start()
-        if register:
-            await client.wait_registered()
-        return client
+        return await self._start(client, register)
 
     async def linphonec(
-        self, user: str, *, instance: str | None = None, register: bool = True
+        self,
+        user: str,
+        *,
+        instance: str | None = None,
+        expires: int = 600,
+        register: bool = True,
     ) -> Linphonec:
         """A started linphonec for ``user``; waits for its registration unless told not to."""
         client = Linphonec(
-            self._dir("linphonec", user), user, self.server.address, instance=instance
+            self._dir("linphonec", user),
+            user,
+            self.server.address,
+            instance=instance,
+            expires=expires,
         )
+        return await self._start(client, register)
+
+    async def _start(self, client: C, register: bool) -> C:
         self.started.append(client)
         await client.start()
         if register:
@@ -60,13 +79,26 @@ class Clients:
             await client.close()
 
 
-async def stored_rows(db_url: str) -> int:
-    """How many messages the silo table holds (either backend)."""
+async def _count(db_url: str, query: str) -> int:
     if db_url.startswith("sqlite:///"):
         with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
-            return int(conn.execute("SELECT count(*) FROM silo").fetchone()[0])
+            return int(conn.execute(query).fetchone()[0])
     conn = await asyncpg.connect(db_url)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM silo"))
+        return int(await conn.fetchval(query))
     finally:
         await conn.close()
+
+
+async def stored_rows(db_url: str) -> int:
+    """How many messages the silo table holds (either backend)."""
+    return await _count(db_url, "SELECT count(*) FROM silo")
+
+
+async def live_bindings(db_url: str, user: str) -> int:
+    """How many unexpired bindings ``user`` has in msilo's ``location`` table."""
+    assert user.isalnum()  # it goes into the SQL text
+    return await _count(
+        db_url,
+        f"SELECT count(*) FROM location WHERE username = '{user}' AND expires > {int(time.time())}",
+    )

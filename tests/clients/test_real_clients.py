@@ -6,6 +6,8 @@ on PostgreSQL, and its own clients on 127.0.0.1 (tests/clients/conftest.py).
 
 from __future__ import annotations
 
+import pytest
+
 from tests.clients.baresip import Baresip
 from tests.clients.lab import Clients, stored_rows
 from tests.clients.linphone import Linphonec
@@ -81,6 +83,21 @@ async def test_a_message_for_offline_linphonec_is_accepted_then_shown_once_when_
     await bob.quit()
     bob_again = await clients.linphonec("bob", instance=bob.instance)
     await _nothing_but_a_fresh_message(alice, bob_again)
+
+
+@pytest.mark.parametrize("msilo_overrides", [("msilo.max_messages=1",)])
+async def test_a_refused_message_is_a_failure_in_each_sender(clients: Clients) -> None:
+    alice_phone = await clients.linphonec("alice")
+    alice_desk = await clients.baresip("alice", peers=(BOB,))
+    assert (await alice_phone.send_message(BOB, "first")).status == 202
+
+    # bob's mailbox is full: 486 (msilo.max_messages), and each client says it failed
+    phone = await alice_phone.send_message(BOB, "second")
+    desk = await alice_desk.send_message(BOB, "third")
+
+    assert (phone.status, phone.verdict) == (486, "NotDelivered")
+    assert (desk.status, desk.verdict) == (486, "486 Mailbox Full")
+    assert clients.server.get("/stats")["stored_messages"] == 1
 
 
 async def _nothing_but_a_fresh_message(

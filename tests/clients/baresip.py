@@ -15,6 +15,7 @@ What baresip 1.0 does, as observed (and read in its source):
   (1.0 has no "message to URI" command); a 2xx, 202 included, prints nothing, a
   final >= 300 prints ``<code> <reason>`` on stderr.
 - ``quit`` de-registers (``expires=0``) and waits for the answer before exiting.
+- It listens on UDP, TCP and TLS whatever the config says (TLS on the SIP port + 1).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import itertools
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,29 @@ MODULE_PATH = "/usr/lib/baresip/modules"
 # menu's message handler: ui_output("\r%r: \"%b\"\n", peer, body)
 _SHOWN = re.compile(r'^\r?(sips?:\S+): "(.*)"$', re.MULTILINE)
 _SEND_ERROR = re.compile(r"\x1b\[31m(\d{3} [^\x1b]*)\x1b\[;m")
+
+
+def _free_ports() -> tuple[int, int]:
+    """A SIP port P and a control port for one baresip.
+
+    baresip 1.0 always listens on UDP and TCP P and on TLS P + 1 (its ``ua_init`` turns
+    on all three transports; there is no setting), so P + 1 must be free for TCP too.
+    The ports are held together while they are picked, so the control port is neither.
+    """
+    while True:
+        sip = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in (sip, sip + 1, 0):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return sip, int(held[-1].getsockname()[1])
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
 
 
 class Baresip(ClientProcess):
@@ -62,8 +87,7 @@ class Baresip(ClientProcess):
         self.peers = peers
         self.instance = instance or str(uuid.uuid4())
         self.regint = regint
-        self.sip_port = free_port()
-        self.ctrl_port = free_port()
+        self.sip_port, self.ctrl_port = _free_ports()
         self._tokens = itertools.count(1)
         self._responses: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.events: list[dict[str, Any]] = []

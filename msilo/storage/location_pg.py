@@ -187,8 +187,22 @@ def register_ddl(function: str, source: str) -> str:
 
 
 def register_call(function: str) -> str:
-    """The statement that calls the function."""
+    """The statement that applies many REGISTERs (one per array position) in one round
+    trip and one commit: group commit, as the store path does.
+
+    Calls run in lock-key order (the subquery's order; a LATERAL call per row), so two
+    batches holding several users' locks queue instead of deadlocking; two REGISTERs of
+    one user in a batch run one after the other, the second seeing the first (each
+    statement of a VOLATILE function takes a fresh snapshot).
+    """
     return (
-        f'SELECT done, pending, contacts, expiries, qs, instances FROM "{function}"'
-        f"({', '.join(f'${i}' for i in range(1, 16))})"
+        f"SELECT s.ord, r.done, r.pending, r.contacts, r.expiries, r.qs, r.instances "
+        f"FROM (SELECT k.*, hashtextextended('msilo-location:' || k.u || '@' || k.d, 7) AS lk "
+        f"FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        f"$6::bigint[], $7::real[], $8::text[], $9::integer[], $10::text[], $11::text[], "
+        f"$12::text[], $13::bigint[], $14::text[], $15::integer[]) WITH ORDINALITY AS "
+        f"k(u, d, c, rc, pa, ex, q, ci, cs, me, ins, tr, nw, dv, mx, ord) "
+        f"ORDER BY lk, k.ord) AS s "
+        f'CROSS JOIN LATERAL "{function}"(s.u, s.d, s.c, s.rc, s.pa, s.ex, s.q, s.ci, s.cs, '
+        f"s.me, s.ins, s.tr, s.nw, s.dv, s.mx) AS r"
     )

@@ -421,6 +421,10 @@ class PostgresStore(Store):
             self._settle_many, bool, max_batch=512
         )
         self._device_memory = 0
+        # Concurrent one-contact REGISTERs share one round trip and one commit.
+        self._registers: Coalescer[tuple[Any, ...], RegisterOutcome | None] = Coalescer(
+            self._register_many, lambda: None, max_batch=256
+        )
         self._build_statements()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -1185,36 +1189,40 @@ class PostgresStore(Store):
     async def register_contact(
         self, binding: Binding, *, now: int, device: str | None, max_contacts: int = 0
     ) -> RegisterOutcome | None:
-        """One contact added or refreshed, its device remembered and the pending probe, in
-        one call of the register function (see ``Store.register_contact``)."""
+        """One contact added or refreshed, its device remembered and the pending probe;
+        concurrent REGISTERs share one call and one commit (see ``Store.register_contact``)."""
         b = binding
-        args = (
+        key = (
             b.username, b.domain, b.contact, b.received, b.path, b.expires, b.q, b.callid,
             b.cseq, ",".join(b.methods) if b.methods is not None else None, b.instance,
             b.transport, now, device, max_contacts,
         )  # fmt: skip
+        return await self._registers.get(key)
+
+    async def _register_many(
+        self, keys: list[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], RegisterOutcome | None]:
+        columns = [list(column) for column in zip(*keys, strict=True)]
         sql = self._q_register
 
-        async def run(conn: Conn) -> Any:
-            return await conn.fetchrow(sql, *args)
+        async def run(conn: Conn) -> list[Any]:
+            return list(await conn.fetch(sql, *columns))
 
-        row = await self._run("register", run)
-        if not row[0]:
-            return None
-        bindings = tuple(
-            Binding(
-                username=b.username,
-                domain=b.domain,
-                contact=contact,
-                expires=int(expires),
-                q=None if q is None else float(q),
-                instance=instance,
+        # Not retried: had a lost first attempt committed, a second would find its own
+        # CSeq stored and take the plan path to a 400.
+        found: dict[tuple[Any, ...], RegisterOutcome | None] = {}
+        for row in await self._run("register", run):
+            key = keys[row[0] - 1]
+            if not row[1]:
+                continue  # the plan must judge this one
+            bindings = tuple(
+                Binding(key[0], key[1], contact, int(expires), q, instance=instance)
+                for contact, expires, q, instance in zip(
+                    row[3] or (), row[4] or (), row[5] or (), row[6] or (), strict=True
+                )
             )
-            for contact, expires, q, instance in zip(
-                row[2] or (), row[3] or (), row[4] or (), row[5] or (), strict=True
-            )
-        )
-        return RegisterOutcome(bindings=bindings, pending=bool(row[1]))
+            found[key] = RegisterOutcome(bindings=bindings, pending=bool(row[2]))
+        return found
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's live bindings, best q first (concurrent lookups share one query)."""

@@ -579,6 +579,14 @@ class LimitsConfig:
         default=3600,
         metadata=_doc("seconds before an idle TCP/TLS connection is closed", _int(1)),
     )
+    max_queue_delay: float = field(
+        default=0.3,
+        metadata=_doc(
+            "overload: while the oldest unanswered request of a worker has waited this many"
+            " seconds, new requests get 503 + Retry-After at once; 0 = off",
+            _number(0),
+        ),
+    )
 
 
 SECTIONS: dict[str, type] = {

@@ -44,6 +44,7 @@ from msilo.routing.delivery import (
     route_hop,
 )
 from msilo.routing.notify import NotifySettings, notification_for, send_notification
+from msilo.routing.overload import OverloadGuard
 from msilo.routing.policy import ALLOW, check_request, check_source
 from msilo.routing.pv import pv_values
 from msilo.routing.ratelimit import RateLimiter
@@ -95,6 +96,7 @@ class ServiceSettings:
     registrar: RegistrarPolicy = field(default_factory=RegistrarPolicy)
     notify: NotifySettings | None = None
     outbound_proxy: Target | None = None
+    max_queue_delay: float = 0.0  # overload: shed while the oldest waits longer; 0 = off
     rate: float = 0.0  # requests per second per source; 0 = no limit
     burst: float = 0.0
     auth: AuthSettings | None = None  # digest authentication (D14); None = off
@@ -164,6 +166,7 @@ class RouteContext:
         bindings = await self.lookup(owner)
         if not bindings:
             return None
+        self.service.waiting_elsewhere(self.txn)
         return await self.service.relay(self.request, bindings)
 
 
@@ -189,6 +192,9 @@ class MsiloService:
         self.count = count
         self.route = route
         self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
+        self.guard = (
+            OverloadGuard(settings.max_queue_delay) if settings.max_queue_delay > 0 else None
+        )
         self.db = DatabaseHealth()
         self._background: set[asyncio.Future[None]] = set()  # relay branches followed
         auth = settings.auth
@@ -212,6 +218,18 @@ class MsiloService:
             retry = ("Retry-After", str(self.limiter.retry_after()))
             self.reply(txn, 503, "Service Unavailable", [retry])
             return
+        guard = self.guard
+        if guard is not None and not guard.admit(txn):
+            self.count("overload_shed")
+            self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+            return
+        try:
+            await self._handle(request, txn)
+        finally:
+            if guard is not None:
+                guard.done(txn)
+
+    async def _handle(self, request: SipRequest, txn: ServerTransaction) -> None:
         try:
             if self.settings.mode == "silo":
                 check_source(txn.source.ip, self.settings.trusted)
@@ -288,6 +306,13 @@ class MsiloService:
         """Answer ``txn`` and count the reply by class."""
         if txn.respond(code, reason, headers=tuple(headers)):
             self.count(f"replies_{min(code // 100, 6)}xx")
+            if self.guard is not None:
+                self.guard.done(txn)  # what follows (a dump) is not the sender's wait
+
+    def waiting_elsewhere(self, txn: ServerTransaction) -> None:
+        """``txn`` now waits on a device (a relay), not on this server's queue."""
+        if self.guard is not None:
+            self.guard.done(txn)
 
     # -- default routes -----------------------------------------------------------------
 
@@ -426,6 +451,7 @@ class MsiloService:
             await self.store_and_reply(ctx, snd_time=snd_time)  # went offline meanwhile
             return
         request = ctx.request
+        self.waiting_elsewhere(ctx.txn)
         branches: dict[asyncio.Future[ClientResult], str] = {
             asyncio.ensure_future(self._relay_branch(request, b)): device_key(b.instance, b.contact)
             for b in bindings

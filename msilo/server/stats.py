@@ -40,6 +40,7 @@ SERVER_COUNTERS: dict[str, str] = {
     "quota_rejections": "MESSAGEs refused because the mailbox was full (486)",
     "store_failures": "MESSAGEs answered 503 because the database failed",
     "rate_limited": "requests refused (503) by the per-source rate limit",
+    "overload_shed": "requests refused (503) at once because the worker was overloaded",
     "batch_flushes": "batch-writer commits",
     "batch_rows": "rows written by batch-writer commits",
     "relayed_messages": "MESSAGEs relayed to an online user (2xx from a branch)",

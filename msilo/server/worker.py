@@ -147,6 +147,7 @@ def service_settings(config: Config) -> ServiceSettings:
         registrar=RegistrarPolicy(r.default_expires, r.min_expires, r.max_expires),
         notify=notify,
         outbound_proxy=proxy_target(m.outbound_proxy),
+        max_queue_delay=config.limits.max_queue_delay,
         rate=config.limits.rate,
         burst=config.limits.burst,
         auth=auth_settings(config),

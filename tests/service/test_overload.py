@@ -1,0 +1,57 @@
+"""Overload sheds, never collapses: while a worker's oldest unanswered request has waited
+longer than limits.max_queue_delay, new requests get 503 + Retry-After at once."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from tests.service.conftest import ServerFactory
+
+DOMAIN = "127.0.0.1"
+
+
+@asynccontextmanager
+async def _stalled(db_url: str) -> AsyncIterator[None]:
+    """The database makes bob's REGISTER wait (his registrar lock, or SQLite's write lock)."""
+    if db_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(db_url[len("sqlite:///") :], isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    pg = await asyncpg.connect(db_url.split("?", 1)[0])
+    key = "msilo-location:bob@127.0.0.1"
+    await pg.execute("SELECT pg_advisory_lock(hashtextextended($1, 7))", key)
+    try:
+        yield
+    finally:
+        await pg.execute("SELECT pg_advisory_unlock(hashtextextended($1, 7))", key)
+        await pg.close()
+
+
+async def test_a_stalled_worker_answers_503_at_once_then_recovers(
+    server: ServerFactory, db_url: str
+) -> None:
+    srv = await server("limits.max_queue_delay=0.3")
+    bob = await srv.agent("bob", DOMAIN)
+    carol = await srv.agent("carol", DOMAIN)
+    async with _stalled(db_url):
+        waiting = asyncio.ensure_future(bob.register(600))
+        await asyncio.sleep(0.6)
+        started = time.monotonic()
+        shed = await carol.register(600)
+        assert shed.status == 503
+        assert shed.get_header("retry-after") is not None
+        assert time.monotonic() - started < 0.25  # at once, not queued
+    assert (await waiting).status == 200  # the admitted one goes on
+    assert (await carol.register(600)).status == 200  # and admission resumes
+    assert srv.stats()["overload_shed"] >= 1

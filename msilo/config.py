@@ -580,10 +580,11 @@ class LimitsConfig:
         metadata=_doc("seconds before an idle TCP/TLS connection is closed", _int(1)),
     )
     max_queue_delay: float = field(
-        default=0.3,
+        default=1.0,
         metadata=_doc(
             "overload: while the oldest unanswered request of a worker has waited this many"
-            " seconds, new requests get 503 + Retry-After at once; 0 = off",
+            " seconds, new requests get 503 + Retry-After at once (0.2-0.3 keeps answers"
+            " within T1 = 0.5 s on a host with steady latency); 0 = off",
             _number(0),
         ),
     )

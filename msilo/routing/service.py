@@ -347,21 +347,12 @@ class MsiloService:
     ) -> list[Binding] | None:
         """A device's first REGISTER or a refresh in one round trip where the store offers
         it: binding, device and "anything stored?" together; None = take the plan path."""
-        request, source = ctx.request, ctx.txn.source
+        request = ctx.request
         if request.to is None:
             return None
-        aor = normalize_aor(request.to.uri)
-        user, host = mstore.split_owner(aor)
-        now = int(time.time())
-        binding = single_binding(
-            request,
-            wanted,
-            username=user,
-            domain=host,
-            now=now,
-            received=format_received(source.transport, source.ip, source.port),
-            transport=source.transport.lower(),
-        )
+        aor, facts = _register_facts(request, ctx.txn)
+        now = facts["now"]
+        binding = single_binding(request, wanted, **facts)
         if binding is None:
             return None
         contact = wanted[0].contact
@@ -787,19 +778,9 @@ class MsiloService:
         """Apply a REGISTER to the location table; None when it was answered with an error."""
         if request.to is None:
             raise ParseError("missing To header")
-        aor = normalize_aor(request.to.uri)
-        user, host = mstore.split_owner(aor)
-        now = int(time.time())
-        source = txn.source
-        plan = plan_register(
-            request,
-            wanted,
-            username=user,
-            domain=host,
-            now=now,
-            received=format_received(source.transport, source.ip, source.port),
-            transport=source.transport.lower(),
-        )
+        aor, facts = _register_facts(request, txn)
+        user, host, now = facts["username"], facts["domain"], facts["now"]
+        plan = plan_register(request, wanted, **facts)
         outcome = await self.store.update_bindings(user, host, plan, now=now)
         self.db.ok()
         if outcome.error is not None:
@@ -854,6 +835,22 @@ def _better_failure(a: ClientResult, b: ClientResult) -> bool:
     if a.local != b.local:
         return not a.local
     return a.status < b.status
+
+
+def _register_facts(request: SipRequest, txn: ServerTransaction) -> tuple[str, dict[str, Any]]:
+    """The AoR of a REGISTER and what a plan needs besides its Contacts: owner, time, and
+    where it came from."""
+    assert request.to is not None
+    aor = normalize_aor(request.to.uri)
+    user, host = mstore.split_owner(aor)
+    source = txn.source
+    return aor, {
+        "username": user,
+        "domain": host,
+        "now": int(time.time()),
+        "received": format_received(source.transport, source.ip, source.port),
+        "transport": source.transport.lower(),
+    }
 
 
 def _silo_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[RequestedBinding]:

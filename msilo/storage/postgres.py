@@ -177,17 +177,23 @@ BEGIN
                (SELECT x.{s.mid} FROM {t} x WHERE x.dedupe_key = i.k) AS old_mid,
                -- "Store unless online": the owner has a live binding that takes MESSAGE
                -- (the registrar's lookup, in the same round trip as the store).
-               (i.chk AND EXISTS (
-                    SELECT 1 FROM location l
+               -- Both probes are LIMIT 1 scalar subqueries, not EXISTS: under a generic
+               -- plan PostgreSQL may turn an EXISTS into a hashed subplan that reads the
+               -- whole table on every call (a seq scan of the silo per batch, measured);
+               -- this form is always one index lookup per row.
+               (i.chk AND coalesce((
+                    SELECT true FROM location l
                     WHERE l.username = i.u AND l.domain = i.d AND l.expires > p_now
                       AND (l.methods IS NULL
-                           OR 'MESSAGE' = ANY(string_to_array(l.methods, ','))))
+                           OR 'MESSAGE' = ANY(string_to_array(l.methods, ',')))
+                    LIMIT 1), false)
                ) AS online,
                -- One identity per message: another stored message of the owner with
                -- this Call-ID makes this one's derived (the row id: unique, stable).
-               (i.cid IS NOT NULL AND EXISTS (
-                    SELECT 1 FROM {t} x
-                    WHERE x.{s.username} = i.u AND x.{s.domain} = i.d AND x.callid = i.cid)
+               (i.cid IS NOT NULL AND coalesce((
+                    SELECT true FROM {t} x
+                    WHERE x.{s.username} = i.u AND x.{s.domain} = i.d AND x.callid = i.cid
+                    LIMIT 1), false)
                ) AS cid_taken
         FROM unnest(p_username, p_domain, p_src, p_dst, p_body, p_ctype,
                     p_inc, p_exp, p_snd, p_key, p_unless_online, p_callid)

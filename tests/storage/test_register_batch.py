@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
 
 import pytest
 
@@ -27,9 +26,11 @@ def _binding(user: str, contact: str, *, cseq: int = 1, callid: str = "reg") -> 
 
 
 @pytest.mark.backend_only("postgres")
-async def test_concurrent_registers_share_round_trips(backend: str, store: Store) -> None:
+async def test_concurrent_registers_share_round_trips(
+    backend: str, store: Store, user: str
+) -> None:
     assert isinstance(store, PostgresStore)
-    users = [f"r{uuid.uuid4().hex[:8]}" for _ in range(300)]
+    users = [f"{user}-{i}" for i in range(300)]
     outcomes = await asyncio.gather(
         *(
             store.register_contact(_binding(u, f"sip:{u}@10.0.0.1:5060"), now=NOW, device=u)
@@ -47,8 +48,9 @@ async def test_concurrent_registers_share_round_trips(backend: str, store: Store
 
 
 @pytest.mark.backend_only("postgres")
-async def test_one_users_registers_in_one_batch_see_each_other(backend: str, store: Store) -> None:
-    user = f"r{uuid.uuid4().hex[:8]}"
+async def test_one_users_registers_in_one_batch_see_each_other(
+    backend: str, store: Store, user: str
+) -> None:
     a = _binding(user, "sip:a@10.0.0.1", cseq=1, callid="ca")
     b = _binding(user, "sip:b@10.0.0.2", cseq=1, callid="cb")
     # The same Call-ID and CSeq again (another expiry, so not a retransmission):
@@ -63,10 +65,12 @@ async def test_one_users_registers_in_one_batch_see_each_other(backend: str, sto
 
 
 @pytest.mark.backend_only("postgres")
-async def test_batches_sharing_users_do_not_deadlock(backend: str, make_store: object) -> None:
+async def test_batches_sharing_users_do_not_deadlock(
+    backend: str, make_store: object, user: str
+) -> None:
     stores = [await make_store() for _ in range(3)]  # type: ignore[operator]
     await stores[0].create_schema()
-    users = [f"r{uuid.uuid4().hex[:8]}" for _ in range(40)]
+    users = [f"{user}-{i}" for i in range(40)]
 
     async def wave(s: Store, order: list[str], cseq: int) -> list[object]:
         return list(

@@ -12,13 +12,14 @@ compile:            ## build the Cython parser in place (editable install)
 debug:              ## debug build: annotate HTML, line tracing, invariant checks
 	MSILO_DEBUG=1 $(PIP) install -q -e '.[test]'
 
-test-deps:          ## Python test dependencies, plus sipp, sipsak and dnsmasq from Debian when missing
+test-deps:          ## Python test dependencies, plus sipp, sipsak, dnsmasq, ip and nft from Debian when missing
 	$(PIP) install -q -e '.[test]'
-	@if ! command -v sipp >/dev/null || ! command -v sipsak >/dev/null || ! command -v dnsmasq >/dev/null; then \
+	@if ! command -v sipp >/dev/null || ! command -v sipsak >/dev/null || ! command -v dnsmasq >/dev/null \
+	        || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester sipsak dnsmasq-base >/dev/null; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester sipsak dnsmasq-base iproute2 nftables >/dev/null; \
 	    else \
-	        echo "install sipp, sipsak and dnsmasq (Debian: apt-get install sip-tester sipsak dnsmasq-base)"; exit 1; \
+	        echo "install sipp, sipsak, dnsmasq, ip and nft (Debian: apt-get install sip-tester sipsak dnsmasq-base iproute2 nftables)"; exit 1; \
 	    fi; \
 	fi
 

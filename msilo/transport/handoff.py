@@ -1,0 +1,292 @@
+"""Hand-off between the processes sharing a UDP port: responses to their sender, leader's sends.
+
+Every worker sends its UDP requests from the shared listening socket, so a device
+behind a NAT with address- and port-dependent filtering (RFC 4787 §5) sees them come
+from the address and port it registered to.  The price: the response can reach any
+worker of the ``SO_REUSEPORT`` group.  The branch of every request we send names the
+process that sent it (:func:`branch_with_tag`); a worker that receives a response it
+holds no transaction for, and whose tag names another process, forwards the datagram
+to that process over a Unix datagram socket in the abstract namespace.  The leader,
+which binds no listening socket, asks a worker to send its requests the same way, so
+reminders leave from the listening port too.
+
+Why not a reuseport BPF program keyed on the tag: classic BPF returns an index into
+the group's socket array, which is the order the sockets joined and is reshuffled when
+one leaves (the kernel moves the last socket into the hole); a worker cannot learn its
+own index, a rolling restart doubles the group, and the leader is not in it at all.
+
+Abstract names vanish with their socket (no stale files) and are private to the network
+namespace, but any local process may write to them: every frame's sender credentials
+(``SO_PASSCRED``) must be our own user's, else it is dropped.
+
+Frames are one datagram each: a kind byte, an ASCII header line, the SIP datagram::
+
+    R<ip> <port>\\n<response>                       response from ip:port, for you
+    S<ip> <port> <local ip> <local port>\\n<request>  send this from your listener
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Final
+
+from msilo.transport.base import Address
+
+log = logging.getLogger("msilo.transport")
+
+MAGIC_COOKIE: Final = "z9hG4bK"  # RFC 3261 §8.1.1.7
+WORKER: Final = "w"
+LEADER: Final = "l"
+MAX_SLOT: Final = 0xFFF  # three hex digits in the branch
+_TAG_LEN: Final = 4  # role letter + three hex digits
+_HEX: Final = frozenset("0123456789abcdef")
+_CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_MAX_FRAME: Final = 65535 + 128
+_BATCH: Final = 64  # frames read per wake-up before yielding to the loop
+_RESCAN_AFTER: Final = 1.0  # seconds between looks for workers when none answered
+
+OnResponse = Callable[[bytes, Address], None]
+OnSend = Callable[[bytes, Address, Address], None]
+
+
+def process_tag(role: str, slot: int) -> str:
+    """The tag naming one process in branches and hand-off socket names (``w007``)."""
+    if role not in (WORKER, LEADER) or not 0 <= slot <= MAX_SLOT:
+        raise ValueError(f"bad process tag: {role!r} {slot}")
+    return f"{role}{slot:03x}"
+
+
+def branch_with_tag(branch: str, tag: str) -> str:
+    """``branch`` (cookie + unique token) with ``tag`` and a dot after the cookie."""
+    return f"{MAGIC_COOKIE}{tag}.{branch[len(MAGIC_COOKIE) :]}"
+
+
+def branch_tag(branch: str | None) -> str | None:
+    """The process tag in one of our branches; None for a branch someone else made."""
+    if branch is None or len(branch) <= 12 or branch[11] != ".":
+        return None
+    if not branch.startswith(MAGIC_COOKIE):
+        return None
+    tag = branch[7:11]
+    if tag[0] not in (WORKER, LEADER) or not _HEX.issuperset(tag[1:]):
+        return None
+    return tag
+
+
+def socket_name(deployment: str, tag: str) -> bytes:
+    """The abstract Unix socket name of one process of one deployment."""
+    return f"\0msilo/{deployment}/{tag}".encode()
+
+
+def _format_addr(addr: Address) -> bytes:
+    return f"{addr[0]} {int(addr[1])}".encode()
+
+
+@dataclass(slots=True)
+class HandoffStats:
+    """Counters the server reports."""
+
+    forwarded: int = 0  # responses sent on to their owner
+    received: int = 0  # responses received from another worker
+    relayed: int = 0  # requests the leader sent through a worker
+    sent_for_leader: int = 0  # requests this worker sent for the leader
+    undeliverable: int = 0  # frames whose receiver is gone or full
+    refused: int = 0  # frames from another user or malformed
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Handoff:
+    """One process's hand-off socket (see the module docstring).
+
+    ``on_response(data, peer)`` gets every response forwarded to us; ``on_send(data,
+    dest, local)`` every request the leader wants sent (workers only).
+    """
+
+    def __init__(
+        self,
+        deployment: str,
+        tag: str,
+        *,
+        on_response: OnResponse,
+        on_send: OnSend | None = None,
+    ) -> None:
+        self.deployment = deployment
+        self.tag = tag
+        self.stats = HandoffStats()
+        self._on_response = on_response
+        self._on_send = on_send
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._uid = os.getuid()
+        self._workers: list[bytes] = []
+        self._next_worker = itertools.count()
+        self._scanned_at = float("-inf")
+
+    @property
+    def name(self) -> bytes:
+        """This process's socket name."""
+        return socket_name(self.deployment, self.tag)
+
+    def open(self) -> None:
+        """Bind the socket and start reading (in the running loop)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            with contextlib.suppress(OSError):  # a bigger queue absorbs a burst of responses
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            sock.setblocking(False)
+            sock.bind(self.name)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        """Stop reading and close the socket (its name is free at once)."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def reply(self, data: bytes, addr: Address, via: object) -> None:
+        """Never answers: only responses come through the hand-off (a Source's channel)."""
+        log.debug("event=handoff_reply_dropped peer=%s:%s", addr[0], addr[1])
+
+    # -- sending ----------------------------------------------------------------------
+
+    def forward(self, tag: str, data: bytes, peer: Address) -> bool:
+        """Hand a response we do not own to the process ``tag``; False if it is gone."""
+        if self._frame(socket_name(self.deployment, tag), b"R" + _format_addr(peer), data):
+            self.stats.forwarded += 1
+            return True
+        return False
+
+    def relay(self, data: bytes, dest: Address, local: Address) -> bool:
+        """Ask a worker to send ``data`` to ``dest`` from its listener ``local`` (the leader).
+
+        Workers are taken in turn; one that is gone makes us look again.  False when no
+        worker is reachable (the caller then sends from its own client socket).
+        """
+        header = b"S" + _format_addr(dest) + b" " + _format_addr(local)
+        for _ in range(2):  # the cached list, then a fresh look
+            for _ in range(len(self._workers)):
+                name = self._workers[next(self._next_worker) % len(self._workers)]
+                if self._frame(name, header, data):
+                    self.stats.relayed += 1
+                    return True
+                self._workers.remove(name)
+            if not self._rescan():
+                break
+        return False
+
+    def _frame(self, name: bytes, header: bytes, data: bytes) -> bool:
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.sendto(b"".join((header, b"\n", data)), name)
+        except OSError as exc:
+            # ECONNREFUSED / ENOENT: the process is gone; EAGAIN: its queue is full. The
+            # request's retransmission (Timer E) tries again either way.
+            self.stats.undeliverable += 1
+            log.debug("event=handoff_failed to=%r error=%r", name[1:], exc)
+            return False
+        return True
+
+    def _rescan(self) -> bool:
+        now = time.monotonic()
+        if now - self._scanned_at < _RESCAN_AFTER:
+            return False
+        self._scanned_at = now
+        # Never ourselves: a draining worker relays because its own listener is closed.
+        self._workers = [name for name in live_workers(self.deployment) if name != self.name]
+        return bool(self._workers)
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        sock = self._sock
+        space = socket.CMSG_SPACE(_CREDS.size)
+        for _ in range(_BATCH):
+            if sock is None:
+                return
+            try:
+                frame, ancillary, _flags, _addr = sock.recvmsg(_MAX_FRAME, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # pragma: no cover - nothing else is expected here
+                log.warning("event=handoff_read_failed error=%r", exc)
+                return
+            self._handle(frame, ancillary)
+
+    def _handle(self, frame: bytes, ancillary: list[tuple[int, int, bytes]]) -> None:
+        uid = None
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                uid = _CREDS.unpack(value[: _CREDS.size])[1]
+        head, sep, data = frame.partition(b"\n")
+        parts = head[1:].split(b" ")
+        if uid != self._uid or not sep or not data:
+            self.stats.refused += 1
+            return
+        try:
+            frame_kind = head[:1]
+            if frame_kind == b"R" and len(parts) == 2 and data.startswith(b"SIP/2.0 "):
+                peer = (parts[0].decode(), int(parts[1]))
+                self.stats.received += 1
+                self._on_response(data, peer)
+                return
+            if frame_kind == b"S" and len(parts) == 4 and self._on_send is not None:
+                dest = (parts[0].decode(), int(parts[1]))
+                local = (parts[2].decode(), int(parts[3]))
+                self._on_send(data, dest, local)
+                self.stats.sent_for_leader += 1
+                return
+        except (ValueError, UnicodeDecodeError):
+            pass
+        except OSError as exc:  # our listener is closing: the leader's Timer E resends
+            log.debug("event=send_for_leader_failed error=%r", exc)
+            return
+        self.stats.refused += 1
+
+
+def live_workers(deployment: str, path: str = "/proc/net/unix") -> list[bytes]:
+    """The hand-off socket names of the workers of ``deployment`` now bound (Linux)."""
+    prefix = "@" + socket_name(deployment, WORKER)[1:].decode()
+    found: list[bytes] = []
+    try:
+        with open(path, encoding="ascii", errors="replace") as table:
+            for line in table:
+                name = line.rstrip("\n").rpartition(" ")[2]
+                if name.startswith(prefix) and len(name) == len(prefix) + _TAG_LEN - 1:
+                    found.append(b"\0" + name[1:].encode())
+    except OSError as exc:  # pragma: no cover - not Linux
+        log.warning("event=handoff_scan_failed error=%r", exc)
+    return sorted(set(found))
+
+
+__all__ = [
+    "Handoff",
+    "HandoffStats",
+    "branch_tag",
+    "branch_with_tag",
+    "live_workers",
+    "process_tag",
+    "socket_name",
+]

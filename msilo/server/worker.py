@@ -376,7 +376,7 @@ class Worker:
         """A response another worker received for one of our requests."""
         assert self.handoff is not None
         with contextlib.suppress(ParseError):
-            self._receive(data, Source(UDP, peer, self.handoff))
+            self._receive(data, Source(UDP, peer, self.handoff), handed=True)
 
     def _start_leader(self, deliverer: Deliverer) -> None:
         assert self.service is not None
@@ -416,10 +416,10 @@ class Worker:
 
     # -- per message ----------------------------------------------------------------------
 
-    def _receive(self, data: bytes, source: Any) -> None:
+    def _receive(self, data: bytes, source: Any, *, handed: bool = False) -> None:
         assert self.layer is not None
         try:
-            self.layer.receive(data, source)
+            self.layer.receive(data, source, handed=handed)
         except ParseError:
             self.count("parse_errors")
             raise  # the transport answers 400 (or drops what cannot be answered)

@@ -37,7 +37,7 @@ from msilo.transport.base import (
     Target,
     select_transport,
 )
-from msilo.transport.handoff import branch_tag, branch_with_tag
+from msilo.transport.handoff import branch_tag, branch_with_tag, datagram_tag
 
 log = logging.getLogger("msilo.txn")
 
@@ -153,17 +153,29 @@ class TransactionLayer:
 
     # -- inbound ----------------------------------------------------------------
 
-    def receive(self, data: bytes, source: Source) -> None:
+    def receive(self, data: bytes, source: Source, *, handed: bool = False) -> None:
         """Transport callback: parse ``data`` and dispatch it.
 
-        Raises :class:`ParseError` for bytes that are not a usable SIP message;
-        the transport answers those (400) or drops them.
+        A response whose branch names another process is handed to it unparsed;
+        ``handed``: the datagram came through the hand-off and is never handed on
+        again (no response can travel in a loop).  Raises :class:`ParseError` for
+        bytes that are not a usable SIP message; the transport answers those (400)
+        or drops them.
         """
+        if self._forward is not None and not handed and data.startswith(b"SIP/2.0 "):
+            owner = datagram_tag(data)
+            if owner is not None and owner != self.tag:
+                # Another process's request: never one of ours, whether or not it still runs.
+                if self._forward(owner, data, source.addr):
+                    self.stats.responses_forwarded += 1
+                else:
+                    self.stats.stray_responses += 1
+                return
         message = self._parse(data)
         if message.is_request:
             self.receive_request(message, source)  # type: ignore[arg-type]
         else:
-            self.receive_response(message, data, source)  # type: ignore[arg-type]
+            self.receive_response(message, b"" if handed else data, source)  # type: ignore[arg-type]
 
     def receive_request(self, request: SipRequest, source: Source) -> None:
         """Match a parsed request to its server transaction, or start a new one."""

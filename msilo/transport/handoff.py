@@ -82,6 +82,31 @@ def branch_tag(branch: str | None) -> str | None:
     return tag
 
 
+_BRANCH: Final = b"branch=" + MAGIC_COOKIE.encode()
+
+
+def datagram_tag(data: bytes) -> str | None:
+    """The process tag of the first branch in a datagram, without parsing it.
+
+    A response to one of our requests carries exactly one Via, ours: the UAS copies
+    it (RFC 3261 §8.2.6.2) and every proxy on the way back removes its own (§16.7).
+    So the first branch is ours, and a worker can hand the datagram on unparsed.
+    """
+    start = data.find(_BRANCH)
+    if start < 0:
+        return None
+    start += len(_BRANCH)
+    if data[start + _TAG_LEN : start + _TAG_LEN + 1] != b".":
+        return None
+    try:
+        tag = data[start : start + _TAG_LEN].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if tag[0] not in (WORKER, LEADER) or not _HEX.issuperset(tag[1:]):
+        return None
+    return tag
+
+
 def socket_name(deployment: str, tag: str) -> bytes:
     """The abstract Unix socket name of one process of one deployment."""
     return f"\0msilo/{deployment}/{tag}".encode()
@@ -286,6 +311,7 @@ __all__ = [
     "HandoffStats",
     "branch_tag",
     "branch_with_tag",
+    "datagram_tag",
     "live_workers",
     "process_tag",
     "socket_name",

@@ -74,7 +74,7 @@ async def start_proc(deployment: str, role: str, slot: int, port: int) -> Proc:
         txn.respond(200, "OK")
 
     def on_response(data: bytes, peer: Any) -> None:
-        layer.receive(data, Source(UDP, peer, handoff))
+        layer.receive(data, Source(UDP, peer, handoff), handed=True)
 
     handoff = Handoff(
         deployment,
@@ -320,3 +320,46 @@ async def test_live_workers_names_the_bound_workers_only(deployment: Deployment)
         socket_name(deployment.name, "w01a"),
     ]
     assert live_workers("another-deployment") == []
+
+
+async def test_a_response_spelling_branch_otherwise_is_handed_over_once_parsed(
+    deployment: Deployment,
+) -> None:
+    first = await deployment.start(WORKER, 0)
+    second = await deployment.start(WORKER, 1)
+    deployment.steer_to(first, 1)
+    peer = await udp_peer()
+    try:
+        txn = first.message(peer)
+        data, addr = await peer.receive()
+        request = parse_request(data)
+        assert request.via is not None
+        # Parameter names are case-insensitive (RFC 3261 §7.3.1): the byte search misses
+        # this one, the parsed Via does not.
+        via = request.via.raw.replace("branch=", "BRANCH=")
+        lines = ["SIP/2.0 200 OK", f"Via: {via}"]
+        lines += [
+            f"{name}: {request.get_header(name)}" for name in ("from", "to", "call-id", "cseq")
+        ]
+        peer.send(("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode(), addr)
+        result = await asyncio.wait_for(txn.wait(), 3)
+    finally:
+        peer.close()
+    assert result.status == 200
+    assert second.layer.stats.responses_forwarded == 1
+
+
+async def test_a_handed_response_is_never_handed_on(deployment: Deployment) -> None:
+    worker = await deployment.start(WORKER, 0)
+    other = await deployment.start(WORKER, 1)
+    branch = branch_with_tag(new_branch(), "w001")  # names `other`, reached `worker` by hand
+    response = (
+        f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:{deployment.port};branch={branch}\r\n"
+        "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: loop\r\n"
+        "CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    worker.layer.receive(response, Source(UDP, ("127.0.0.1", 5), worker.handoff), handed=True)
+    await asyncio.sleep(0.05)
+    assert worker.layer.stats.responses_forwarded == 0
+    assert worker.layer.stats.stray_responses == 1
+    assert other.handoff.stats.received == 0

@@ -29,12 +29,16 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from msilo.cli import open_configured_store
+from msilo.config import load_config
+from msilo.storage.base import NewMessage
 from tests.server.conftest import Instance, wait_for
 from tests.service.sipua import UserAgent, free_port
 
@@ -166,12 +170,29 @@ def _start(serve: Callable[..., Instance], db_url: str, net: Nat) -> Instance:
         db_url,
         "server.workers=2",
         "msilo.add_date=0",
+        'msilo.reminder="sip:reminder@127.0.0.1"',
+        "msilo.send_time=1",
         f'server.listen=["udp:{net.server_ip}:{port}","udp:127.0.0.1:{port}",'
         f'"tcp:127.0.0.1:{port}"]',
     )
     srv.port = port
     srv.address = ("127.0.0.1", port)
     return srv
+
+
+async def _store_reminder(db_url: str) -> None:
+    """A reminder for bob, due now, written straight into his mailbox."""
+    store = open_configured_store(load_config(overrides=[f'msilo.db_url="{db_url}"']))
+    await store.open()
+    now = int(time.time())
+    try:
+        await store.store_batch(
+            [NewMessage("bob", "127.0.0.1", "sip:alice@127.0.0.1", "sip:bob@127.0.0.1",
+                        b"meeting", "text/plain", now, now + 3600, snd_time=now - 1)],
+            0,
+        )  # fmt: skip
+    finally:
+        await store.close()
 
 
 async def _scenario(srv: Instance, net: Nat) -> None:
@@ -207,6 +228,18 @@ async def _scenario(srv: Instance, net: Nat) -> None:
         stats = srv.get("/stats")
         assert stats["relayed_messages"] == 4 and stats["stored_messages"] == 3
         assert stats["failed_messages"] == 0
+
+        # A reminder: the leader, which listens on no port, sends it through a worker.
+        await _store_reminder(srv.db_url)
+        [*_, got] = await bob.wait_requests(8, timeout=10)
+        assert got.request.body == b"meeting"  # msilo.add_date=0: no date prefix
+        assert got.request.from_ is not None
+        assert got.request.from_.uri == "sip:reminder@127.0.0.1"
+        assert set(bob.sources) == {server}
+        stats = await wait_for(
+            lambda: srv.get("/stats"), lambda s: s["dumped_reminders"] == 1, 10, "reminder", srv
+        )
+        assert stats["failed_reminders"] == 0
     finally:
         alice.close()
         bob.close()

@@ -61,6 +61,7 @@ class ChildSpec:
     beats_name: str
     beats_slots: int
     parent_pid: int
+    deployment: str  # names this deployment's hand-off sockets (msilo.transport.handoff)
     drain_seconds: float
     heartbeat_interval: float
 
@@ -134,8 +135,7 @@ async def _serve(spec: ChildSpec, conn: Connection, early_stop: list[int]) -> in
                 row=spec.slot,
                 run_leader=spec.role == LEADER,
                 listen=spec.role == WORKER,
-                # The supervisor's pid names this deployment's hand-off sockets.
-                deployment=str(spec.parent_pid),
+                deployment=spec.deployment,
             )
             await worker.start()
         except Exception as exc:

@@ -15,9 +15,13 @@ the group's socket array, which is the order the sockets joined and is reshuffle
 one leaves (the kernel moves the last socket into the hole); a worker cannot learn its
 own index, a rolling restart doubles the group, and the leader is not in it at all.
 
-Abstract names vanish with their socket (no stale files) and are private to the network
-namespace, but any local process may write to them: every frame's sender credentials
-(``SO_PASSCRED``) must be our own user's, else it is dropped.
+Each process binds ``msilo/<deployment>/<tag>`` for the responses handed to it; a worker
+also binds ``msilo/<deployment>/s<slot>`` for the requests it sends for others, and closes
+it when it stops listening, so those that look for a worker to send through
+(:func:`live_workers`) find only workers that still listen.  Abstract names vanish with
+their socket (no stale files) and are private to the network namespace, but any local
+process may write to them: every frame's sender credentials (``SO_PASSCRED``) must be our
+own user's, else it is dropped.
 
 Frames are one datagram each: a kind byte, an ASCII header line, the SIP datagram::
 
@@ -46,6 +50,7 @@ log = logging.getLogger("msilo.transport")
 MAGIC_COOKIE: Final = "z9hG4bK"  # RFC 3261 §8.1.1.7
 WORKER: Final = "w"
 LEADER: Final = "l"
+SENDER: Final = "s"  # a worker's socket for the requests it sends for others
 MAX_SLOT: Final = 0xFFF  # three hex digits in the branch
 _TAG_LEN: Final = 4  # role letter + three hex digits
 _HEX: Final = frozenset("0123456789abcdef")
@@ -153,6 +158,7 @@ class Handoff:
         self._on_response = on_response
         self._on_send = on_send
         self._sock: socket.socket | None = None
+        self._sender: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._uid = os.getuid()
         self._workers: list[bytes] = []
@@ -161,28 +167,52 @@ class Handoff:
 
     @property
     def name(self) -> bytes:
-        """This process's socket name."""
+        """The name of the socket responses are handed to us on."""
         return socket_name(self.deployment, self.tag)
 
+    @property
+    def sender_name(self) -> bytes:
+        """The name of the socket others ask us to send on (a worker's)."""
+        return socket_name(self.deployment, SENDER + self.tag[1:])
+
     def open(self) -> None:
-        """Bind the socket and start reading (in the running loop)."""
+        """Bind the socket(s) and start reading (in the running loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._sock = self._bind(self.name, sending=False)
+        if self._on_send is not None:
+            try:
+                self._sender = self._bind(self.sender_name, sending=True)
+            except OSError:
+                self.close()
+                raise
+
+    def _bind(self, name: bytes, *, sending: bool) -> socket.socket:
+        assert self._loop is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             with contextlib.suppress(OSError):  # a bigger queue absorbs a burst of responses
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
             sock.setblocking(False)
-            sock.bind(self.name)
+            sock.bind(name)
         except OSError:
             sock.close()
             raise
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self._loop.add_reader(sock.fileno(), self._readable, sock, sending)
+        return sock
+
+    def stop_sending(self) -> None:
+        """Send for nobody any more (we stopped listening): close the sender socket."""
+        sock, self._sender = self._sender, None
+        self._close(sock)
 
     def close(self) -> None:
-        """Stop reading and close the socket (its name is free at once)."""
+        """Stop reading and close the sockets (their names are free at once)."""
+        self.stop_sending()
         sock, self._sock = self._sock, None
+        self._close(sock)
+
+    def _close(self, sock: socket.socket | None) -> None:
         if sock is None:
             return
         if self._loop is not None:
@@ -239,17 +269,17 @@ class Handoff:
         if now - self._scanned_at < _RESCAN_AFTER:
             return False
         self._scanned_at = now
-        # Never ourselves: a draining worker relays because its own listener is closed.
-        self._workers = [name for name in live_workers(self.deployment) if name != self.name]
+        # Never ourselves (a draining worker relays because its own listener is closed).
+        own = self.sender_name
+        self._workers = [name for name in live_workers(self.deployment) if name != own]
         return bool(self._workers)
 
     # -- receiving --------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        sock = self._sock
+    def _readable(self, sock: socket.socket, sending: bool) -> None:
         space = socket.CMSG_SPACE(_CREDS.size)
         for _ in range(_BATCH):
-            if sock is None:
+            if sock.fileno() < 0:  # closed by a frame we just handled
                 return
             try:
                 frame, ancillary, _flags, _addr = sock.recvmsg(_MAX_FRAME, space)
@@ -258,9 +288,9 @@ class Handoff:
             except OSError as exc:  # pragma: no cover - nothing else is expected here
                 log.warning("event=handoff_read_failed error=%r", exc)
                 return
-            self._handle(frame, ancillary)
+            self._handle(frame, ancillary, sending)
 
-    def _handle(self, frame: bytes, ancillary: list[tuple[int, int, bytes]]) -> None:
+    def _handle(self, frame: bytes, ancillary: list[tuple[int, int, bytes]], sending: bool) -> None:
         uid = None
         for level, kind, value in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
@@ -272,12 +302,17 @@ class Handoff:
             return
         try:
             frame_kind = head[:1]
-            if frame_kind == b"R" and len(parts) == 2 and data.startswith(b"SIP/2.0 "):
+            if (
+                frame_kind == b"R"
+                and not sending
+                and len(parts) == 2
+                and data.startswith(b"SIP/2.0 ")
+            ):
                 peer = (parts[0].decode(), int(parts[1]))
                 self.stats.received += 1
                 self._on_response(data, peer)
                 return
-            if frame_kind == b"S" and len(parts) == 4 and self._on_send is not None:
+            if frame_kind == b"S" and sending and len(parts) == 4 and self._on_send is not None:
                 dest = (parts[0].decode(), int(parts[1]))
                 local = (parts[2].decode(), int(parts[3]))
                 self._on_send(data, dest, local)
@@ -292,8 +327,8 @@ class Handoff:
 
 
 def live_workers(deployment: str, path: str = "/proc/net/unix") -> list[bytes]:
-    """The hand-off socket names of the workers of ``deployment`` now bound (Linux)."""
-    prefix = "@" + socket_name(deployment, WORKER)[1:].decode()
+    """The sender sockets of the workers of ``deployment`` that listen now (Linux)."""
+    prefix = "@" + socket_name(deployment, SENDER)[1:].decode()
     found: list[bytes] = []
     try:
         with open(path, encoding="ascii", errors="replace") as table:

@@ -134,6 +134,8 @@ class Transports:
         self._senders.clear()
         for endpoint in self.udp_listeners:
             endpoint.close()
+        if self.handoff is not None:
+            self.handoff.stop_sending()
 
     def use_handoff(self, handoff: Handoff, shared: list[Address]) -> None:
         """Send through ``handoff`` when this process has no listener of a family.

@@ -299,15 +299,21 @@ async def test_frames_from_another_user_or_malformed_are_refused(deployment: Dep
         b"R127.0.0.1 5060" + response,  # no header line
         b"R127.0.0.1 http\n" + response,  # bad port
         b"R127.0.0.1 5060\nOPTIONS sip:x SIP/2.0\r\n\r\n",  # not a response
-        b"S127.0.0.1 5 127.0.0.1\n" + response,  # a send without its local address
+        b"S127.0.0.1 5 127.0.0.1 5060\n" + response,  # a send, on the response socket
         b"X127.0.0.1 5060\n" + response,  # unknown kind
     ):
         _send_frame_as(None, name, frame)
+    sender = socket_name(deployment.name, "s000")
+    for frame in (
+        b"S127.0.0.1 5 127.0.0.1\n" + response,  # a send without its local address
+        b"R127.0.0.1 5060\n" + response,  # a response, on the sender socket
+    ):
+        _send_frame_as(None, sender, frame)
     for _ in range(100):
-        if worker.handoff.stats.refused == 6:
+        if worker.handoff.stats.refused == 8:
             break
         await asyncio.sleep(0.01)
-    assert worker.handoff.stats.refused == 6
+    assert worker.handoff.stats.refused == 8
     assert worker.handoff.stats.received == worker.handoff.stats.sent_for_leader == 0
 
 
@@ -316,10 +322,13 @@ async def test_live_workers_names_the_bound_workers_only(deployment: Deployment)
     await deployment.start(WORKER, 0x1A)
     await deployment.start(LEADER, 3)
     assert live_workers(deployment.name) == [
-        socket_name(deployment.name, "w000"),
-        socket_name(deployment.name, "w01a"),
+        socket_name(deployment.name, "s000"),
+        socket_name(deployment.name, "s01a"),
     ]
     assert live_workers("another-deployment") == []
+    # A worker that stopped listening sends for nobody: the others no longer find it.
+    deployment.procs[0].transports.stop_listening()
+    assert live_workers(deployment.name) == [socket_name(deployment.name, "s01a")]
 
 
 async def test_a_response_spelling_branch_otherwise_is_handed_over_once_parsed(

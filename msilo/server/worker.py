@@ -218,8 +218,8 @@ class Worker:
         self.counters: Counters = self.stats.counters(row)
         self.row = row
         self.run_leader = run_leader
-        # listen=False: only the client UDP socket (the supervisor's leader process sends
-        # reminders and dumps but takes no SIP traffic).
+        # listen=False: no listener (the supervisor's leader process sends reminders and
+        # dumps, through a worker's listener, but takes no SIP traffic).
         self.listen = listen
         # Set when this process shares its UDP port with others (the supervisor's
         # children): names the hand-off sockets, and ``row`` (the process's slot) names

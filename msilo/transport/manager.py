@@ -251,6 +251,8 @@ class Transports:
         family = family_of(host)
         listeners = self._senders.get(family)
         if listeners:
+            if len(listeners) == 1:
+                return listeners[0].local
             local: Address = listeners[pick_local([str(e.local[0]) for e in listeners], host)].local
             return local
         shared = self._shared.get(family)

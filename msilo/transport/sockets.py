@@ -25,6 +25,7 @@ DEFAULT_BACKLOG: Final = 1024
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every UDP request we send (Via, then send)
 def family_of(host: str) -> socket.AddressFamily:
     """AF_INET6 for an IPv6 literal (brackets allowed), AF_INET otherwise."""
     try:

@@ -144,6 +144,7 @@ async def main(args: argparse.Namespace) -> None:
     await other.start(port)
     sock = owner.transports.udp_listeners[0].transport.get_extra_info("socket")  # type: ignore[union-attr]
     results: dict[str, list[float]] = {"direct": [], "handed off": []}
+    started = time.monotonic()
     try:
         await _round(owner, ua_port, min(1000, args.count), args.window)  # warm-up
         for _ in range(args.rounds):
@@ -151,6 +152,9 @@ async def main(args: argparse.Namespace) -> None:
                 attach(sock, always(index))
                 results[name].append(await _round(owner, ua_port, args.count, args.window))
         forwarded = other.layer.stats.responses_forwarded
+        retransmitted = owner.layer.stats.requests_retransmitted
+        undeliverable = other.handoff.stats.undeliverable
+        wall = time.monotonic() - started
     finally:
         stop.set()
         ua.join(5)
@@ -170,7 +174,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"hand-off:   {delta:6.1f} us per handed-off response, median of the rounds' "
           f"differences (+{delta / direct * 100:.0f} %); with 2 workers half the responses: "
           f"+{delta / direct * 50:.0f} % per transaction")  # fmt: skip
-    print(f"responses handed off in all: {forwarded}")
+    print(f"responses handed off in all: {forwarded}, lost on the way: {undeliverable}, "
+          f"requests retransmitted (Timer E): {retransmitted}, wall time {wall:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

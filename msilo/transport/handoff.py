@@ -6,7 +6,7 @@ from the address and port it registered to.  The price: the response can reach a
 worker of the ``SO_REUSEPORT`` group.  The branch of every request we send names the
 process that sent it (:func:`branch_with_tag`); a worker that receives a response it
 holds no transaction for, and whose tag names another process, forwards the datagram
-to that process over a Unix datagram socket in the abstract namespace.  The leader,
+to that process over a Unix socket in the abstract namespace.  The leader,
 which binds no listening socket, asks a worker to send its requests the same way, so
 reminders leave from the listening port too.
 
@@ -15,15 +15,20 @@ the group's socket array, which is the order the sockets joined and is reshuffle
 one leaves (the kernel moves the last socket into the hole); a worker cannot learn its
 own index, a rolling restart doubles the group, and the leader is not in it at all.
 
-Each process binds ``msilo/<deployment>/<tag>`` for the responses handed to it; a worker
-also binds ``msilo/<deployment>/s<slot>`` for the requests it sends for others, and closes
-it when it stops listening, so those that look for a worker to send through
-(:func:`live_workers`) find only workers that still listen.  Abstract names vanish with
-their socket (no stale files) and are private to the network namespace, but any local
-process may write to them: every frame's sender credentials (``SO_PASSCRED``) must be our
-own user's, else it is dropped.
+Each process listens on ``msilo/<deployment>/<tag>`` for the responses handed to it; a
+worker also listens on ``msilo/<deployment>/s<slot>`` for the requests it sends for
+others, and closes it (and the connections it accepted there) when it stops listening,
+so those that look for a worker to send through (:func:`live_workers`) find only workers
+that still listen.  Abstract names vanish with their socket (no stale files) and are
+private to the network namespace, but any local process may connect to them: a
+connection whose peer (``SO_PEERCRED``) is not our own user is closed at once.
 
-Frames are one datagram each: a kind byte, an ASCII header line, the SIP datagram::
+``SOCK_SEQPACKET`` rather than datagrams: a Unix datagram socket queues at most
+``net.unix.max_dgram_qlen`` (10 by default) datagrams, and a worker that took a burst
+of responses in one loop iteration overflowed it; a connection's queue is bounded by
+its buffer in bytes (4 MB asked).  Each process connects once to each peer it needs and
+keeps the connection.  Frames are one packet each: a kind byte, an ASCII header line,
+the SIP datagram::
 
     R<ip> <port>\\n<response>                       response from ip:port, for you
     S<ip> <port> <local ip> <local port>\\n<request>  send this from your listener
@@ -57,6 +62,8 @@ _HEX: Final = frozenset("0123456789abcdef")
 _CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_FRAME: Final = 65535 + 128
 _BATCH: Final = 64  # frames read per wake-up before yielding to the loop
+_BACKLOG: Final = 512
+_BUFFER: Final = 4 * 1024 * 1024  # per connection: a burst of responses, not 10 datagrams
 _RESCAN_AFTER: Final = 1.0  # seconds between looks for workers when none answered
 
 OnResponse = Callable[[bytes, Address], None]
@@ -138,7 +145,7 @@ class HandoffStats:
 
 
 class Handoff:
-    """One process's hand-off socket (see the module docstring).
+    """One process's hand-off sockets (see the module docstring).
 
     ``on_response(data, peer)`` gets every response forwarded to us; ``on_send(data,
     dest, local)`` every request the leader wants sent (workers only).
@@ -157,8 +164,11 @@ class Handoff:
         self.stats = HandoffStats()
         self._on_response = on_response
         self._on_send = on_send
-        self._sock: socket.socket | None = None
+        self._listener: socket.socket | None = None
         self._sender: socket.socket | None = None
+        # fd -> (connection from a peer, accepted on the sender socket)
+        self._accepted: dict[int, tuple[socket.socket, bool]] = {}
+        self._peers: dict[bytes, socket.socket] = {}  # name -> our connection to it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._uid = os.getuid()
         self._workers: list[bytes] = []
@@ -176,44 +186,56 @@ class Handoff:
         return socket_name(self.deployment, SENDER + self.tag[1:])
 
     def open(self) -> None:
-        """Bind the socket(s) and start reading (in the running loop)."""
+        """Bind the listening socket(s) and start accepting (in the running loop)."""
         self._loop = asyncio.get_running_loop()
-        self._sock = self._bind(self.name, sending=False)
+        self._listener = self._listen(self.name, sending=False)
         if self._on_send is not None:
             try:
-                self._sender = self._bind(self.sender_name, sending=True)
+                self._sender = self._listen(self.sender_name, sending=True)
             except OSError:
                 self.close()
                 raise
 
-    def _bind(self, name: bytes, *, sending: bool) -> socket.socket:
+    def _listen(self, name: bytes, *, sending: bool) -> socket.socket:
         assert self._loop is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            with contextlib.suppress(OSError):  # a bigger queue absorbs a burst of responses
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
             sock.setblocking(False)
             sock.bind(name)
+            sock.listen(_BACKLOG)
         except OSError:
             sock.close()
             raise
-        self._loop.add_reader(sock.fileno(), self._readable, sock, sending)
+        self._loop.add_reader(sock.fileno(), self._accept, sock, sending)
         return sock
 
     def stop_sending(self) -> None:
-        """Send for nobody any more (we stopped listening): close the sender socket."""
+        """Send for nobody any more (we stopped listening): close the sender socket.
+
+        The connections accepted on it are closed too, so their peers look for another
+        worker (frames still queued on them are lost; the sender's Timer E resends).
+        """
         sock, self._sender = self._sender, None
         self._close(sock)
+        for fd, (conn, sending) in list(self._accepted.items()):
+            if sending:
+                del self._accepted[fd]
+                self._close(conn)
 
     def close(self) -> None:
-        """Stop reading and close the sockets (their names are free at once)."""
+        """Close every socket (the names are free at once)."""
         self.stop_sending()
-        sock, self._sock = self._sock, None
+        sock, self._listener = self._listener, None
         self._close(sock)
+        for conn, _sending in list(self._accepted.values()):
+            self._close(conn)
+        self._accepted.clear()
+        for conn in self._peers.values():
+            conn.close()
+        self._peers.clear()
 
     def _close(self, sock: socket.socket | None) -> None:
-        if sock is None:
+        if sock is None or sock.fileno() < 0:
             return
         if self._loop is not None:
             self._loop.remove_reader(sock.fileno())
@@ -251,18 +273,45 @@ class Handoff:
         return False
 
     def _frame(self, name: bytes, header: bytes, data: bytes) -> bool:
-        sock = self._sock
-        if sock is None:
+        if self._listener is None:  # closed
             return False
+        frame = b"".join((header, b"\n", data))
+        for _ in range(2):  # a connection the peer closed (it restarted) is made again once
+            conn = self._peers.get(name)
+            try:
+                if conn is None:
+                    conn = self._connect(name)
+                conn.send(frame, socket.MSG_NOSIGNAL)
+                return True
+            except BlockingIOError as exc:
+                # Its queue is full: drop this one (Timer E resends the request).
+                return self._undeliverable(name, exc)
+            except OSError as exc:
+                self._peers.pop(name, None)
+                if conn is not None:
+                    conn.close()
+                if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+                    return self._undeliverable(name, exc)  # nobody has that name
+        return self._undeliverable(name, None)
+
+    def _connect(self, name: bytes) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            sock.sendto(b"".join((header, b"\n", data)), name)
-        except OSError as exc:
-            # ECONNREFUSED / ENOENT: the process is gone; EAGAIN: its queue is full. The
-            # request's retransmission (Timer E) tries again either way.
-            self.stats.undeliverable += 1
-            log.debug("event=handoff_failed to=%r error=%r", name[1:], exc)
-            return False
-        return True
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):  # room for a burst of responses
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER)
+            # A Unix connect completes at once or fails (EAGAIN: its backlog is full).
+            conn.connect(name)
+        except OSError:
+            conn.close()
+            raise
+        self._peers[name] = conn
+        return conn
+
+    def _undeliverable(self, name: bytes, exc: BaseException | None) -> bool:
+        self.stats.undeliverable += 1
+        log.debug("event=handoff_failed to=%r error=%r", name[1:], exc)
+        return False
 
     def _rescan(self) -> bool:
         now = time.monotonic()
@@ -276,28 +325,44 @@ class Handoff:
 
     # -- receiving --------------------------------------------------------------------
 
-    def _readable(self, sock: socket.socket, sending: bool) -> None:
-        space = socket.CMSG_SPACE(_CREDS.size)
+    def _accept(self, listener: socket.socket, sending: bool) -> None:
+        assert self._loop is not None
         for _ in range(_BATCH):
-            if sock.fileno() < 0:  # closed by a frame we just handled
-                return
             try:
-                frame, ancillary, _flags, _addr = sock.recvmsg(_MAX_FRAME, space)
+                conn, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # pragma: no cover - nothing else is expected here
-                log.warning("event=handoff_read_failed error=%r", exc)
+            except OSError as exc:  # pragma: no cover - e.g. out of file descriptors
+                log.warning("event=handoff_accept_failed error=%r", exc)
                 return
-            self._handle(frame, ancillary, sending)
+            # Abstract names have no permissions: the peer must be our own user.
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+            if _CREDS.unpack(creds)[1] != self._uid:
+                self.stats.refused += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._accepted[conn.fileno()] = (conn, sending)
+            self._loop.add_reader(conn.fileno(), self._readable, conn, sending)
 
-    def _handle(self, frame: bytes, ancillary: list[tuple[int, int, bytes]], sending: bool) -> None:
-        uid = None
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                uid = _CREDS.unpack(value[: _CREDS.size])[1]
+    def _readable(self, conn: socket.socket, sending: bool) -> None:
+        for _ in range(_BATCH):
+            try:
+                frame = conn.recv(_MAX_FRAME)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                frame = b""
+            if not frame:  # the peer went away
+                self._accepted.pop(conn.fileno(), None)
+                self._close(conn)
+                return
+            self._handle(frame, sending)
+
+    def _handle(self, frame: bytes, sending: bool) -> None:
         head, sep, data = frame.partition(b"\n")
         parts = head[1:].split(b" ")
-        if uid != self._uid or not sep or not data:
+        if not sep or not data:
             self.stats.refused += 1
             return
         try:

@@ -280,8 +280,9 @@ def _send_frame_as(uid: int | None, name: bytes, frame: bytes) -> None:
         try:
             if uid is not None:
                 os.setuid(uid)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(frame, name)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.connect(name)
+                sock.send(frame)
             code = 0
         finally:
             os._exit(code)

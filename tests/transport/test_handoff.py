@@ -373,3 +373,70 @@ async def test_a_handed_response_is_never_handed_on(deployment: Deployment) -> N
     assert worker.layer.stats.responses_forwarded == 0
     assert worker.layer.stats.stray_responses == 1
     assert other.handoff.stats.received == 0
+
+
+async def test_a_worker_that_stops_listening_is_no_longer_asked_to_send(
+    deployment: Deployment,
+) -> None:
+    first = await deployment.start(WORKER, 0)
+    second = await deployment.start(WORKER, 1)
+    leader = await deployment.start(LEADER, 2)
+    peer = await udp_peer()
+    try:
+        txn = leader.message(peer)
+        await answer(peer)
+        assert (await asyncio.wait_for(txn.wait(), 3)).status == 200
+        [used] = [w for w in (first, second) if w.handoff.stats.sent_for_leader == 1]
+        spare = second if used is first else first
+        used.transports.stop_listening()  # draining: it closes its sender connections
+        await asyncio.sleep(0.05)
+        txn = leader.message(peer)
+        _, addr = await answer(peer)
+        assert (await asyncio.wait_for(txn.wait(), 3)).status == 200
+    finally:
+        peer.close()
+    assert addr == ("127.0.0.1", deployment.port)
+    assert spare.handoff.stats.sent_for_leader == 1
+    assert used.handoff.stats.sent_for_leader == 1 and used.handoff.stats.refused == 0
+
+
+async def test_a_process_restarted_under_the_same_tag_is_reached_again(
+    deployment: Deployment,
+) -> None:
+    sender = await deployment.start(WORKER, 0)
+    owner = await deployment.start(WORKER, 1)
+    response = b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert sender.handoff.forward("w001", response, ("127.0.0.1", 5))
+    await owner.close()
+    deployment.procs.remove(owner)
+    await asyncio.sleep(0.05)
+    assert not sender.handoff.forward("w001", response, ("127.0.0.1", 5))  # gone
+    again = await deployment.start(WORKER, 1)
+    assert sender.handoff.forward("w001", response, ("127.0.0.1", 5))
+    for _ in range(100):
+        if again.handoff.stats.received:
+            break
+        await asyncio.sleep(0.01)
+    assert again.handoff.stats.received == 1
+    assert sender.handoff.stats.undeliverable == 1
+
+
+async def test_a_peer_that_does_not_read_makes_frames_undeliverable_not_errors(
+    deployment: Deployment,
+) -> None:
+    sender = await deployment.start(WORKER, 0)
+    # Something holding w001's name that accepts nothing and reads nothing.
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stuck.bind(socket_name(deployment.name, "w001"))
+    stuck.listen(1)
+    response = b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n" + b"x" * 60000
+    try:
+        for _ in range(10_000):
+            if not sender.handoff.forward("w001", response, ("127.0.0.1", 5)):
+                break
+        else:
+            raise AssertionError("the connection's buffer never filled")
+    finally:
+        stuck.close()
+    assert sender.handoff.stats.undeliverable == 1
+    assert sender.handoff.stats.forwarded > 0

@@ -12,15 +12,20 @@ compile:            ## build the Cython parser in place (editable install)
 debug:              ## debug build: annotate HTML, line tracing, invariant checks
 	MSILO_DEBUG=1 $(PIP) install -q -e '.[test]'
 
-test-deps:          ## Python test dependencies, plus sipp, sipsak, dnsmasq, baresip and linphonec from Debian when missing
+# Debian packages the tests drive, as command:package (a missing command installs its package).
+TEST_TOOLS = sipp:sip-tester sipsak:sipsak dnsmasq:dnsmasq-base baresip:baresip-core \
+             linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables
+
+test-deps:          ## Python test dependencies, plus the SIP tools, clients and network tools the tests drive (Debian, when missing)
 	$(PIP) install -q -e '.[test]'
-	@if ! command -v sipp >/dev/null || ! command -v sipsak >/dev/null || ! command -v dnsmasq >/dev/null \
-	        || ! command -v baresip >/dev/null || ! command -v linphonec >/dev/null || ! command -v stdbuf >/dev/null; then \
+	@missing=""; for pair in $(TEST_TOOLS); do \
+	    command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	            sip-tester sipsak dnsmasq-base baresip-core linphone-cli coreutils >/dev/null; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	    else \
-	        echo "install sipp, sipsak, dnsmasq, baresip and linphonec (Debian: apt-get install sip-tester sipsak dnsmasq-base baresip-core linphone-cli)"; exit 1; \
+	        echo "install these Debian packages:$$missing"; exit 1; \
 	    fi; \
 	fi
 

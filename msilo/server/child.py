@@ -1,10 +1,11 @@
 """Process mains of the supervisor's children: a SIP worker, or the leader.
 
 Both are a :class:`~msilo.server.worker.Worker` in their own process with their
-own event loop, store and client UDP socket: a worker listens (``SO_REUSEPORT``)
-and never runs the timer cycles; the leader listens to nothing, competes for the
-deployment-wide lock and, while it holds it, runs the cycles (reminders and
-dumps go out from its client socket, whose replies come back to it).
+own event loop and store: a worker listens (``SO_REUSEPORT``) and never runs the
+timer cycles; the leader listens to nothing, competes for the deployment-wide
+lock and, while it holds it, runs the cycles.  UDP requests of either leave from
+the shared listening port (the leader's through a worker), and responses reach
+their sender through the hand-off (:mod:`msilo.transport.handoff`).
 
 The lifecycle reads top to bottom: :func:`child_main` → :func:`_serve` →
 ``startup`` (boot errors are reported, not retried) → wait for a stop →
@@ -60,6 +61,7 @@ class ChildSpec:
     beats_name: str
     beats_slots: int
     parent_pid: int
+    deployment: str  # names this deployment's hand-off sockets (msilo.transport.handoff)
     drain_seconds: float
     heartbeat_interval: float
 
@@ -133,6 +135,7 @@ async def _serve(spec: ChildSpec, conn: Connection, early_stop: list[int]) -> in
                 row=spec.slot,
                 run_leader=spec.role == LEADER,
                 listen=spec.role == WORKER,
+                deployment=spec.deployment,
             )
             await worker.start()
         except Exception as exc:

@@ -56,6 +56,9 @@ SERVER_COUNTERS: dict[str, str] = {
     "leases_recovered": "delivery leases recovered after their deadline",
     "expired_messages": "stored messages deleted because they expired",
     "expiry_notices_sent": "notices sent to senders whose message expired undelivered",
+    "responses_handed_off": (
+        "responses to our requests that reached another worker, handed to the sender"
+    ),
 }
 
 COUNTERS: dict[str, str] = {**MSILO_COUNTERS, **SERVER_COUNTERS}

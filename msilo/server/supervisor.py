@@ -31,6 +31,7 @@ import errno
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import threading
 import time
@@ -127,6 +128,9 @@ class Supervisor:
         self.reload = reload
         self.heartbeat_timeout = heartbeat_timeout
         self.ctx = multiprocessing.get_context("spawn")
+        # Unique on the host even across PID namespaces sharing a network namespace; the
+        # same for every generation, so an old child can still hand off to a new one.
+        self.deployment = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.children: list[Child] = []
         self.generation = 1
         self._serving_generation = 0  # the last generation whose children all became ready
@@ -303,6 +307,7 @@ class Supervisor:
             beats_name=self.beats.name,
             beats_slots=SLOTS,
             parent_pid=os.getpid(),
+            deployment=self.deployment,
             drain_seconds=_drain_seconds(grace),
             heartbeat_interval=HEARTBEAT_INTERVAL,
         )

@@ -41,8 +41,9 @@ from msilo.storage.batch import BatchWriter
 from msilo.transaction.client import ClientResult, ClientTransaction
 from msilo.transaction.clock import TimerValues
 from msilo.transaction.layer import TransactionLayer
-from msilo.transport.base import Target
+from msilo.transport.base import UDP, Address, Source, Target
 from msilo.transport.dns import Resolver
+from msilo.transport.handoff import LEADER, WORKER, Handoff, process_tag
 from msilo.transport.manager import Transports
 from msilo.transport.tls import client_context, server_context
 
@@ -212,16 +213,23 @@ class Worker:
         run_leader: bool = True,
         timers: TimerValues | None = None,
         listen: bool = True,
+        deployment: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.stats = stats or StatsBlock()
         self._own_stats = stats is None
         self.counters: Counters = self.stats.counters(row)
+        self.row = row
         self.run_leader = run_leader
-        # listen=False: only the client UDP socket (the supervisor's leader process sends
-        # reminders and dumps but takes no SIP traffic).
+        # listen=False: no listener (the supervisor's leader process sends reminders and
+        # dumps, through a worker's listener, but takes no SIP traffic).
         self.listen = listen
+        # Set when this process shares its UDP port with others (the supervisor's
+        # children): names the hand-off sockets, and ``row`` (the process's slot) names
+        # this process in the branches it sends (msilo.transport.handoff).
+        self.deployment = deployment
+        self.handoff: Handoff | None = None
         self.timers = timers
         self.transports: Transports | None = None
         self.layer: TransactionLayer | None = None
@@ -265,8 +273,22 @@ class Worker:
             advertise=config.server.advertise.split(":")[0] or None,
             resolver=Resolver(config.server.dns),
         )
+        tag = None
+        if self.deployment is not None:
+            tag = process_tag(WORKER if self.listen else LEADER, self.row)
+            self.handoff = Handoff(
+                self.deployment,
+                tag,
+                on_response=self._handed_response,
+                on_send=self.transports.send_from_listener if self.listen else None,
+            )
         self.layer = TransactionLayer(
-            self._handle, self.transports.send, sent_by=self.transports.sent_by, timers=self.timers
+            self._handle,
+            self.transports.send,
+            sent_by=self.transports.sent_by,
+            timers=self.timers,
+            tag=tag,
+            forward=self._forward if self.handoff is not None else None,
         )
         self.transports.on_message = self._receive
         requester = LayerRequester(self.layer)
@@ -315,9 +337,17 @@ class Worker:
 
     async def _bind(self) -> None:
         assert self.transports is not None
-        client_hosts: dict[str, str] = {}  # family -> address for our client socket
+        if self.handoff is not None:
+            self.handoff.open()
+        client_hosts: dict[str, str] = {}  # family -> address for a client socket
+        shared: list[Address] = []  # the UDP listening addresses of the deployment
+        udp_families: set[str] = set()
         for item in self.config.server.listen:
             transport, host, port = parse_listen(item)
+            family = "6" if ":" in host else "4"
+            if transport == "udp":
+                shared.append((host, port))
+                udp_families.add(family)
             if not self.listen:
                 pass
             elif transport == "udp":
@@ -326,14 +356,33 @@ class Worker:
                 await self.transports.listen_tcp(host, port)
             else:
                 await self.transports.listen_tls(host, port)
-            # Send from the address we listen on (so our Via names it and a firewall
-            # rule for the listener covers us too); several addresses -> the wildcard.
-            family = "6" if ":" in host else "4"
+            # A client socket sends from the address we listen on (a firewall rule for the
+            # listener covers it too); several addresses -> the wildcard.
             wildcard = "::" if family == "6" else "0.0.0.0"
             known = client_hosts.get(family)
             client_hosts[family] = host if known in (None, host) else wildcard
-        for host in client_hosts.values():
-            await self.transports.open_client_udp(host)
+        if self.handoff is not None:
+            self.transports.use_handoff(self.handoff, shared)
+        for family, host in client_hosts.items():
+            # UDP requests leave from the listener (a device behind NAT only hears the
+            # port it registered to, RFC 4787 §5); a client socket is left for a family
+            # with no UDP listener, and for the leader when no worker can send for it.
+            if family not in udp_families or not self.listen:
+                await self.transports.open_client_udp(host)
+
+    def _forward(self, tag: str, data: bytes, peer: Address) -> bool:
+        """Hand a response to the process that sent its request (the layer's ``forward``)."""
+        assert self.handoff is not None
+        if self.handoff.forward(tag, data, peer):
+            self.count("responses_handed_off")
+            return True
+        return False
+
+    def _handed_response(self, data: bytes, peer: Address) -> None:
+        """A response another worker received for one of our requests."""
+        assert self.handoff is not None
+        with contextlib.suppress(ParseError):
+            self._receive(data, Source(UDP, peer, self.handoff), handed=True)
 
     def _start_leader(self, deliverer: Deliverer) -> None:
         assert self.service is not None
@@ -373,10 +422,10 @@ class Worker:
 
     # -- per message ----------------------------------------------------------------------
 
-    def _receive(self, data: bytes, source: Any) -> None:
+    def _receive(self, data: bytes, source: Any, *, handed: bool = False) -> None:
         assert self.layer is not None
         try:
-            self.layer.receive(data, source)
+            self.layer.receive(data, source, handed=handed)
         except ParseError:
             self.count("parse_errors")
             raise  # the transport answers 400 (or drops what cannot be answered)
@@ -426,8 +475,8 @@ class Worker:
         if self.transports is not None:
             for server in self.transports.tcp_servers:
                 server.close()
-            for endpoint in self.transports.udp_listeners:
-                endpoint.close()
+            # In-flight requests go on through the hand-off while we drain.
+            self.transports.stop_listening()
         if self.layer is not None:
             await self.layer.drain(grace)
         if self.writer is not None:

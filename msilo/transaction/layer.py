@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from msilo.errors import ParseError, SipError, TransportError
-from msilo.sip.build import HeaderLine, OutgoingRequest, build_request
+from msilo.sip.build import HeaderLine, OutgoingRequest, build_request, new_branch
 from msilo.sip.message import SipRequest, SipResponse
 from msilo.transaction.client import ClientTransaction
 from msilo.transaction.clock import Clock, DeadlineQueue, ExpiringKeys, TimerValues
@@ -29,13 +29,23 @@ from msilo.transaction.server import (
     replay_address,
     server_key,
 )
-from msilo.transport.base import RELIABLE, SendFunction, Source, Target, select_transport
+from msilo.transport.base import (
+    RELIABLE,
+    Address,
+    SendFunction,
+    Source,
+    Target,
+    select_transport,
+)
+from msilo.transport.handoff import branch_tag, branch_with_tag, datagram_tag
 
 log = logging.getLogger("msilo.txn")
 
 RequestHandler = Callable[[SipRequest, ServerTransaction], Awaitable[None] | None]
 Parser = Callable[[bytes], SipRequest | SipResponse]
-SentBy = Callable[[str], tuple[str, int]]
+SentBy = Callable[[str, str], tuple[str, int]]  # (transport, destination host) -> Via sent-by
+# (owner tag, datagram, peer) -> True when the owner took it (msilo.transport.handoff)
+Forward = Callable[[str, bytes, Address], bool]
 
 
 @dataclass(slots=True)
@@ -53,6 +63,7 @@ class TransactionStats:
     requests_retransmitted: int = 0  # Timer E firings
     responses_absorbed: int = 0  # response retransmissions during Timer K
     stray_responses: int = 0  # responses matching no client transaction
+    responses_forwarded: int = 0  # responses handed to the process that sent the request
     client_timeouts: int = 0
     transport_errors: int = 0
 
@@ -69,7 +80,12 @@ class TransactionLayer:
     :class:`SipError` it raises is answered with its status; any other
     exception with 500.  ``send(data, target, on_error)`` sends a request; it
     may raise (OSError, TransportError) or report a later failure to
-    ``on_error``.  ``sent_by(transport)`` gives the host/port for our Via.
+    ``on_error``.  ``sent_by(transport, host)`` gives the host/port for our Via.
+
+    ``tag`` names this process in the branch of every request it sends; a
+    response matching none of our transactions whose branch names another
+    process goes to ``forward`` (the processes share one UDP port, so a response
+    may reach any of them).
     """
 
     def __init__(
@@ -83,6 +99,8 @@ class TransactionLayer:
         parse: Parser | None = None,
         max_pending: int = 10_000,
         abandon_after: float | None = None,
+        tag: str | None = None,
+        forward: Forward | None = None,
     ) -> None:
         if parse is None:
             from msilo.sip.parser import parse_message
@@ -96,6 +114,8 @@ class TransactionLayer:
         self._handler_is_async = inspect.iscoroutinefunction(handler)
         self._parse: Parser = parse
         self._sent_by = sent_by
+        self.tag = tag
+        self._forward = forward
         self._max_pending = max_pending
         self._pending = 0  # server transactions without a final response
         # A completed UDP transaction waits out Timer J as a plain (response, rport,
@@ -133,17 +153,29 @@ class TransactionLayer:
 
     # -- inbound ----------------------------------------------------------------
 
-    def receive(self, data: bytes, source: Source) -> None:
+    def receive(self, data: bytes, source: Source, *, handed: bool = False) -> None:
         """Transport callback: parse ``data`` and dispatch it.
 
-        Raises :class:`ParseError` for bytes that are not a usable SIP message;
-        the transport answers those (400) or drops them.
+        A response whose branch names another process is handed to it unparsed;
+        ``handed``: the datagram came through the hand-off and is never handed on
+        again (no response can travel in a loop).  Raises :class:`ParseError` for
+        bytes that are not a usable SIP message; the transport answers those (400)
+        or drops them.
         """
+        if self._forward is not None and not handed and data.startswith(b"SIP/2.0 "):
+            owner = datagram_tag(data)
+            if owner is not None and owner != self.tag:
+                # Another process's request: never one of ours, whether or not it still runs.
+                if self._forward(owner, data, source.addr):
+                    self.stats.responses_forwarded += 1
+                else:
+                    self.stats.stray_responses += 1
+                return
         message = self._parse(data)
         if message.is_request:
             self.receive_request(message, source)  # type: ignore[arg-type]
         else:
-            self.receive_response(message)  # type: ignore[arg-type]
+            self.receive_response(message, b"" if handed else data, source)  # type: ignore[arg-type]
 
     def receive_request(self, request: SipRequest, source: Source) -> None:
         """Match a parsed request to its server transaction, or start a new one."""
@@ -185,8 +217,14 @@ class TransactionLayer:
             return
         self._run_handler(request, txn)
 
-    def receive_response(self, response: SipResponse) -> None:
-        """Match a parsed response to its client transaction (RFC 3261 §17.1.3)."""
+    def receive_response(
+        self, response: SipResponse, data: bytes = b"", source: Source | None = None
+    ) -> None:
+        """Match a parsed response to its client transaction (RFC 3261 §17.1.3).
+
+        One we do not hold goes to the process its branch names, when that is
+        another process and ``data`` (the datagram as received) is given.
+        """
         via = response.via
         cseq = response.cseq
         if via is None or via.branch is None or cseq is None:
@@ -194,6 +232,17 @@ class TransactionLayer:
             return
         txn = self._client.get((via.branch, cseq.method))
         if txn is None:
+            owner = branch_tag(via.branch) if self._forward is not None else None
+            if (
+                owner is not None
+                and owner != self.tag
+                and data
+                and source is not None
+                and self._forward is not None
+                and self._forward(owner, data, source.addr)
+            ):
+                self.stats.responses_forwarded += 1
+                return
             self.stats.stray_responses += 1
             return
         txn._on_response(response)
@@ -326,9 +375,12 @@ class TransactionLayer:
         transport = target.transport
         headers = tuple(headers)
         routes = (route,) if isinstance(route, str) else tuple(route)
+        if self.tag is not None and "branch" not in build:
+            build["branch"] = branch_with_tag(new_branch(), self.tag)
         outgoing = self._build(
             method,
             uri,
+            target.host,
             transport,
             from_=from_,
             to=to,
@@ -342,9 +394,11 @@ class TransactionLayer:
         chosen = select_transport(target, len(outgoing.data))
         if chosen != transport:
             target = target._replace(transport=chosen)
+            build.pop("branch", None)
             outgoing = self._build(
                 method,
                 uri,
+                target.host,
                 chosen,
                 from_=from_,
                 to=to,
@@ -364,11 +418,13 @@ class TransactionLayer:
             )
         return self.start_client(outgoing, target)
 
-    def _build(self, method: str, uri: str, transport: str, **kwargs: Any) -> OutgoingRequest:
+    def _build(
+        self, method: str, uri: str, host: str, transport: str, **kwargs: Any
+    ) -> OutgoingRequest:
         if self._sent_by is None:
             raise TransportError("no local address to put in Via (sent_by not configured)")
         return build_request(
-            method, uri, sent_by=self._sent_by(transport), transport=transport, **kwargs
+            method, uri, sent_by=self._sent_by(transport, host), transport=transport, **kwargs
         )
 
     def _client_completed(self, txn: ClientTransaction) -> None:

@@ -1,9 +1,17 @@
-"""One process's SIP sockets: listeners, the client UDP socket, TCP connections, sending.
+"""One process's SIP sockets: listeners, the hand-off, TCP connections, sending.
 
 :class:`Transports` is what the server wires up: it binds the listeners, hands
 every received message to ``on_message`` (the transaction layer's
 ``receive``), and offers :meth:`Transports.send` and :meth:`Transports.sent_by`
 for the requests the process originates.
+
+UDP requests leave from a listening socket of the destination's family (the one
+the kernel routes from when there are several), and our Via names it, so a device
+behind NAT hears us at the address and port it registered to.  A process without
+a listener of that family (the leader, a worker that stopped listening while it
+drains) asks a worker to send for it through the hand-off
+(:mod:`msilo.transport.handoff`); failing that, or for a family we do not listen on
+over UDP at all, it sends from its own client socket.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from msilo.transport.base import (
     TCP,
     TLS,
     UDP,
+    Address,
     ErrorCallback,
     MessageCallback,
     Source,
@@ -25,6 +34,7 @@ from msilo.transport.base import (
     is_ip,
 )
 from msilo.transport.dns import Resolver
+from msilo.transport.handoff import Handoff
 from msilo.transport.sockets import (
     bind_client_udp,
     bind_tcp,
@@ -32,6 +42,7 @@ from msilo.transport.sockets import (
     family_of,
     is_wildcard,
     local_ip,
+    pick_local,
 )
 from msilo.transport.spread import spread_by_content
 from msilo.transport.tcp import DEFAULT_IDLE_TIMEOUT, ConnectionPool
@@ -41,7 +52,7 @@ log = logging.getLogger("msilo.transport")
 
 
 class Transports:
-    """Listening sockets, the per-process client socket and the TCP pool of one process.
+    """Listening sockets, the hand-off, client sockets and the TCP pool of one process.
 
     ``advertise`` is the host put in our Via when a socket is bound to a
     wildcard address (otherwise the bound address is used; failing both, the
@@ -74,6 +85,12 @@ class Transports:
         self.tcp_servers: list[asyncio.Server] = []
         self.tls_servers: list[asyncio.Server] = []
         self._client_udp: dict[int, UdpEndpoint] = {}  # by address family
+        # The UDP listeners requests leave from, by family (emptied by stop_listening()).
+        self._senders: dict[int, list[UdpEndpoint]] = {}
+        # The deployment's shared UDP listening addresses, by family: what a process
+        # without a listener of its own names in Via and asks a worker to send from.
+        self._shared: dict[int, list[Address]] = {}
+        self.handoff: Handoff | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -107,8 +124,44 @@ class Transports:
             spread_by_content(sock, spread)
         endpoint = await self._endpoint(sock)
         self.udp_listeners.append(endpoint)
+        self._senders.setdefault(family_of(host), []).append(endpoint)
         log.info("event=listening transport=UDP address=%s:%s", *endpoint.local[:2])
         return endpoint
+
+    def stop_listening(self) -> None:
+        """Close the UDP listeners (leave the shared port); sending goes on through the
+        hand-off while transactions drain."""
+        self._senders.clear()
+        for endpoint in self.udp_listeners:
+            endpoint.close()
+        if self.handoff is not None:
+            self.handoff.stop_sending()
+
+    def use_handoff(self, handoff: Handoff, shared: list[Address]) -> None:
+        """Send through ``handoff`` when this process has no listener of a family.
+
+        ``shared`` are the deployment's UDP listening addresses (host, port) as
+        configured: what our Via names and the worker sends from.
+        """
+        self.handoff = handoff
+        self._shared = {}
+        for host, port in shared:
+            self._shared.setdefault(family_of(host), []).append((host.strip("[]"), int(port)))
+
+    def send_from_listener(self, data: bytes, dest: Address, local: Address) -> None:
+        """Send ``data`` from the listener bound to ``local`` (the leader asked us to).
+
+        Raises OSError when we no longer listen (the leader's Timer E resends).
+        """
+        family = family_of(str(dest[0]))
+        listeners = self._senders.get(family)
+        if not listeners:
+            raise OSError(f"no UDP listener for {dest[0]}")
+        for endpoint in listeners:
+            if endpoint.local[0] == local[0] and endpoint.local[1] == local[1]:
+                endpoint.sendto(data, dest)
+                return
+        listeners[pick_local([str(e.local[0]) for e in listeners], str(dest[0]))].sendto(data, dest)
 
     async def listen_tcp(self, host: str, port: int, *, reuse_port: bool = True) -> asyncio.Server:
         """Bind a TCP listener (SO_REUSEPORT: shared with the other workers)."""
@@ -164,17 +217,20 @@ class Transports:
 
     # -- our address ----------------------------------------------------------------
 
-    def sent_by(self, transport: str) -> tuple[str, int]:
-        """Host and port for the Via of a request we send over ``transport``.
+    def sent_by(self, transport: str, host: str = "") -> tuple[str, int]:
+        """Host and port for the Via of a request we send over ``transport`` to ``host``.
 
-        UDP: the client socket (its port is where responses must come back,
-        DESIGN.md); TCP: the first TCP listener (RFC 3261 §18.1.1: sent-by names
-        where we listen; responses come back on the same connection anyway).
+        UDP: the address the request leaves from, the listener chosen for ``host``
+        (RFC 3261 §18.1.1: sent-by names where we listen; responses come back there,
+        §18.2.2); TCP: the first TCP listener (responses come back on the same
+        connection anyway).
         """
         if transport == UDP:
-            endpoint = self._udp_for(socket.AF_INET) or self._udp_for(socket.AF_INET6)
-            if endpoint is not None:
-                return self._host_for(endpoint.local[0]), int(endpoint.local[1])
+            local = self._udp_local(host) if host else None
+            if local is None:
+                local = self._udp_local("0.0.0.0") or self._udp_local("::")
+            if local is not None:
+                return self._host_for(local[0]), int(local[1])
         else:
             servers = self.tls_servers if transport == TLS else self.tcp_servers
             if servers:
@@ -190,14 +246,20 @@ class Transports:
             return local_ip(socket.AF_INET6 if ":" in bound else socket.AF_INET)
         return bound
 
-    def _udp_for(self, family: int) -> UdpEndpoint | None:
+    def _udp_local(self, host: str) -> Address | None:
+        """The local address a UDP request to ``host`` leaves from (see the module docstring)."""
+        family = family_of(host)
+        listeners = self._senders.get(family)
+        if listeners:
+            if len(listeners) == 1:
+                return listeners[0].local
+            local: Address = listeners[pick_local([str(e.local[0]) for e in listeners], host)].local
+            return local
+        shared = self._shared.get(family)
+        if shared:
+            return shared[pick_local([a[0] for a in shared], host)]
         endpoint = self._client_udp.get(family)
-        if endpoint is not None:
-            return endpoint
-        for listener in self.udp_listeners:
-            if family_of(str(listener.local[0])) == family:
-                return listener
-        return None
+        return endpoint.local if endpoint is not None else None
 
     # -- sending -----------------------------------------------------------------------
 
@@ -224,16 +286,34 @@ class Transports:
     ) -> None:
         host = target.host
         if target.transport == UDP:
-            endpoint = self._udp_for(family_of(host))
-            if endpoint is None:
-                raise TransportError(f"no UDP socket for {host}")
-            endpoint.sendto(data, (host, target.port))
+            self._send_udp(data, (host, target.port))
         elif target.transport == TCP:
             self.pool.send(data, host, target.port, on_error)
         elif target.transport == TLS and self.tls_pool is not None:
             self.tls_pool.send(data, host, target.port, on_error, server_name=server_name)
         else:
             raise TransportError(f"transport {target.transport} is not supported")
+
+    def _send_udp(self, data: bytes, dest: Address) -> None:
+        host = str(dest[0])
+        family = family_of(host)
+        listeners = self._senders.get(family)
+        if listeners:
+            one = len(listeners) == 1
+            index = 0 if one else pick_local([str(e.local[0]) for e in listeners], host)
+            listeners[index].sendto(data, dest)
+            return
+        shared = self._shared.get(family)
+        if (
+            shared
+            and self.handoff is not None
+            and self.handoff.relay(data, dest, shared[pick_local([a[0] for a in shared], host)])
+        ):
+            return
+        endpoint = self._client_udp.get(family)
+        if endpoint is None:
+            raise TransportError(f"no UDP socket for {host}")
+        endpoint.sendto(data, dest)
 
     async def _resolve_and_send(self, data: bytes, target: Target, on_error: ErrorCallback) -> None:
         try:
@@ -276,6 +356,8 @@ class Transports:
             server.close()
         for endpoint in (*self.udp_listeners, *self._client_udp.values()):
             endpoint.close()
+        if self.handoff is not None:
+            self.handoff.close()
         for task in list(self._tasks):
             task.cancel()
         await self.pool.close()
@@ -286,4 +368,5 @@ class Transports:
         self.tcp_servers.clear()
         self.tls_servers.clear()
         self.udp_listeners.clear()
+        self._senders.clear()
         self._client_udp.clear()

@@ -2,17 +2,21 @@
 
 Every worker binds its own listening sockets with ``SO_REUSEPORT`` so several
 processes share one port and the kernel spreads datagrams and connections
-between them.  Replies to requests *we* send would then land on any worker, so
-each worker also binds a private UDP socket (ephemeral or configured port)
-that it sends its own requests from and names in its Via (DESIGN.md,
-"Responses to our own requests").
+between them.  Requests we send over UDP leave from the listening socket too (a
+device behind NAT only hears the address and port it registered to); their
+responses, which may land on any worker, are handed to the sender
+(:mod:`msilo.transport.handoff`).  A private client socket (no SO_REUSEPORT) is
+left only for an address family we do not listen on over UDP, and for the
+leader when no worker can send for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
+from collections.abc import Sequence
 from typing import Final
 
 DEFAULT_BACKLOG: Final = 1024
@@ -21,6 +25,7 @@ DEFAULT_BACKLOG: Final = 1024
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every UDP request we send (Via, then send)
 def family_of(host: str) -> socket.AddressFamily:
     """AF_INET6 for an IPv6 literal (brackets allowed), AF_INET otherwise."""
     try:
@@ -114,6 +119,46 @@ def local_ip(family: socket.AddressFamily = socket.AF_INET) -> str:
             return str(sock.getsockname()[0])
         except OSError:
             return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+
+
+@functools.lru_cache(maxsize=4096)  # asked once per destination, not per request
+def route_source(host: str) -> str | None:
+    """The source address the kernel picks towards the IP literal ``host`` (None: no route)."""
+    family = family_of(host)
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((host.strip("[]"), 9))  # sends nothing: only picks a route
+        except OSError:
+            return None
+        return str(sock.getsockname()[0])
+
+
+def pick_local(bound: Sequence[str], host: str) -> int:
+    """Which of the listening addresses ``bound`` (one family) to send to ``host`` from.
+
+    One address: it.  Several: the one the kernel would pick as source towards ``host``
+    (the address a device on that route reached us at), else a wildcard, else the first.
+    ``host`` must be an IP literal for the route lookup; a host name takes the first.
+    """
+    if len(bound) == 1:
+        return 0
+    if ipaddress_or_none(host) is not None:
+        source = route_source(host.strip("[]"))
+        for index, address in enumerate(bound):
+            if address.strip("[]") == source:
+                return index
+    for index, address in enumerate(bound):
+        if is_wildcard(address):
+            return index
+    return 0
+
+
+def ipaddress_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address, or None for a host name."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
 
 
 def is_wildcard(host: str) -> bool:

@@ -96,6 +96,20 @@ def program(groups: int) -> list[Insn]:
     return head + body + tail
 
 
+def attach(sock: socket.socket, insns: list[Insn]) -> None:
+    """Attach a classic BPF program choosing the socket of ``sock``'s reuseport group."""
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in insns)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
+    fprog = struct.pack("@HP", len(insns), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def always(index: int) -> list[Insn]:
+    """A program sending every datagram to the socket at ``index`` (tests steer with it)."""
+    return [(_RET, 0, 0, index)]
+
+
 def spread_by_content(sock: socket.socket, groups: int) -> bool:
     """Attach the spreading program to ``sock``'s reuseport group; False if unsupported.
 
@@ -104,13 +118,8 @@ def spread_by_content(sock: socket.socket, groups: int) -> bool:
     """
     if groups <= 1:
         return False
-    insns = program(groups)
-    raw = b"".join(struct.pack("HBBI", *insn) for insn in insns)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
-    fprog = struct.pack("@HP", len(insns), ctypes.addressof(buf))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+        attach(sock, program(groups))
     except OSError as exc:
         log.warning(
             "event=spread_unavailable reason=%r detail=%s "

@@ -48,7 +48,8 @@ async def test_two_workers_share_the_traffic_and_every_path_works(serve, pg_url:
         assert "msilo_stored_messages_total 80.0" in srv.text("/metrics")
 
         # Each user registers from its own port: whichever worker gets the REGISTER dumps
-        # from its own client socket, and the 200s come back to it (else: failed_messages).
+        # from the shared port; a 200 that reaches the other worker is handed to the
+        # sender (else: failed_messages).
         for i in range(16):
             ua = await UserAgent(srv.address, user=f"user{i}", domain="127.0.0.1").start()
             receivers.append(ua)
@@ -61,6 +62,8 @@ async def test_two_workers_share_the_traffic_and_every_path_works(serve, pg_url:
         )
         assert stats["failed_messages"] == 0
         assert all(n > 0 for n in _by_worker(stats, "dumped_messages")), stats["workers"]
+        # 80 responses spread by content over 2 workers: some reached the other one.
+        assert stats["responses_handed_off"] > 0
 
         # Relays: bob is online; senders on 40 ports reach both workers, every relay answers.
         bob = await UserAgent(srv.address, user="bob", domain="127.0.0.1").start()

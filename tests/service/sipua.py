@@ -54,14 +54,25 @@ class UserAgent:
     received: list[Received] = field(default_factory=list)
     port: int = 0
     bind_host: str = "127.0.0.1"
+    # A socket bound elsewhere (e.g. inside a network namespace) to use instead of binding.
+    sock: socket.socket | None = None
+    # Where each received request came from, in order (what a NAT let through).
+    sources: list[tuple[str, int]] = field(default_factory=list)
 
     async def start(self) -> UserAgent:
         loop = asyncio.get_running_loop()
         self._responses: dict[str, asyncio.Future[SipResponse]] = {}
         self._got_request = asyncio.Event()
-        self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(self.bind_host, self.port)
-        )
+        if self.sock is not None:
+            self.sock.setblocking(False)
+            self.bind_host, self.port = self.sock.getsockname()[:2]
+            self.transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), sock=self.sock
+            )
+        else:
+            self.transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(self.bind_host, self.port)
+            )
         self.port = self.transport.get_extra_info("sockname")[1]
         return self
 
@@ -81,6 +92,7 @@ class UserAgent:
         if message.is_request:
             assert isinstance(message, SipRequest)
             self.received.append(Received(message, data))
+            self.sources.append((addr[0], addr[1]))
             self._got_request.set()
             answer = self.answer(message)
             if answer is not None:

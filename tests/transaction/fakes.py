@@ -77,7 +77,7 @@ class FakeNetwork:
             self.send,
             clock=self.clock,
             parse=parse_message_py,
-            sent_by=lambda transport: ("198.51.100.1", 40000),
+            sent_by=lambda transport, host="": ("198.51.100.1", 40000),
             **kwargs,  # type: ignore[arg-type]
         )
         return self.layer

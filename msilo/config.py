@@ -540,6 +540,22 @@ class LimitsConfig:
         default=3600,
         metadata=_doc("seconds before an idle TCP/TLS connection is closed", _int(1)),
     )
+    message_timeout: float = field(
+        default=20.0,
+        metadata=_doc(
+            "seconds a TCP/TLS message may take to arrive whole (from its first byte; from the"
+            " connection's opening for the first one); slower connections are closed",
+            _number(0.1),
+        ),
+    )
+    max_buffered: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc(
+            "bytes of incomplete TCP/TLS messages a worker holds; the connection that would"
+            " exceed it is closed (each connection holds at most max_message_size)",
+            _int(65536),
+        ),
+    )
 
 
 SECTIONS: dict[str, type] = {

@@ -258,6 +258,8 @@ class Worker:
             max_message=limits.max_message_size,
             idle_timeout=limits.idle_timeout,
             max_connections=limits.max_connections,
+            message_timeout=limits.message_timeout,
+            max_buffered=limits.max_buffered,
             advertise=config.server.advertise.split(":")[0] or None,
             resolver=Resolver(config.server.dns),
         )

@@ -508,6 +508,28 @@ class AuthConfig:
         default=("SHA-256", "MD5"),
         metadata=_doc("digest algorithms offered: SHA-512-256, SHA-256, MD5", _algorithms),
     )
+    source_failures: int = field(
+        default=10,
+        metadata=_doc(
+            "failed authentications per source address per failure_window (every worker and"
+            " host together) before its requests needing auth are dropped unanswered for the"
+            " rest of the window; 0 = no limit",
+            _int(0),
+        ),
+    )
+    user_failures: int = field(
+        default=10,
+        metadata=_doc(
+            "failed authentications per user per failure_window after which only a source's"
+            " first attempt in the window is judged (others get a fresh challenge); 0 = no"
+            " limit",
+            _int(0),
+        ),
+    )
+    failure_window: int = field(
+        default=600,
+        metadata=_doc("seconds over which failed authentications are counted", _int(1)),
+    )
 
 
 @dataclass(frozen=True)
@@ -528,10 +550,16 @@ class LimitsConfig:
         metadata=_doc("largest request accepted, bytes; larger gets 513", _int(1024, 16 << 20)),
     )
     rate: int = field(
-        default=0, metadata=_doc("requests per second per source address; 0 = off", _int(0))
+        default=0,
+        metadata=_doc(
+            "requests per second per source address, counted by each worker on its own (a"
+            " source whose requests reach N workers may get up to N x rate); 0 = off",
+            _int(0),
+        ),
     )
     burst: int = field(
-        default=0, metadata=_doc("token-bucket burst per source address; 0 = 2 x rate", _int(0))
+        default=0,
+        metadata=_doc("token-bucket burst per source address, per worker; 0 = 2 x rate", _int(0)),
     )
     max_connections: int = field(
         default=10000, metadata=_doc("open TCP/TLS connections per worker", _int(1))

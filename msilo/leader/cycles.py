@@ -117,6 +117,7 @@ class TimerCycles:
             await self._purge_bindings(now)
         # Digest nonce-counts of nonces that can no longer be used (D14).
         await self.store.delete_expired_nonces(now)
+        await self.store.delete_expired_auth_failures(now)
         return expired
 
     async def _expire_and_tell(self, now: int, settings: ExpirySettings) -> int:

@@ -21,7 +21,14 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from msilo.auth import Authenticator, require_registrar_owner, require_sender
+from msilo.auth import (
+    Authenticator,
+    AuthOutcome,
+    Verdict,
+    require_registrar_owner,
+    require_sender,
+)
+from msilo.auth.throttle import AuthThrottle
 from msilo.errors import (
     ConfigError,
     InvalidRecord,
@@ -30,6 +37,7 @@ from msilo.errors import (
     SipError,
     StorageError,
 )
+from msilo.lograte import LogRate
 from msilo.routing import mstore
 from msilo.routing.dbhealth import DatabaseHealth
 from msilo.routing.delivery import (
@@ -101,6 +109,9 @@ class AuthSettings:
     nonce_expires: int = 300
     algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     message: bool = False  # also challenge MESSAGE (407) and bind From to the identity
+    source_failures: int = 10  # per source per window, then banned (0 = no limit)
+    user_failures: int = 10  # per identity per window, then only fresh sources are judged
+    failure_window: int = 600
 
 
 class RouteContext:
@@ -179,11 +190,17 @@ class MsiloService:
         self.route = route
         self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
         self.db = DatabaseHealth()
+        # A guesser decides how many failures there are: a few lines a second, not one each.
+        self._auth_log = LogRate(log)
         auth = settings.auth
         self.auth = (
             Authenticator(
                 store, auth.realm, auth.secret, nonce_expires=auth.nonce_expires,
                 algorithms=auth.algorithms,
+                throttle=AuthThrottle(
+                    store, source_failures=auth.source_failures,
+                    user_failures=auth.user_failures, window=auth.failure_window,
+                ),
             )
             if auth is not None
             else None
@@ -250,18 +267,38 @@ class MsiloService:
             proxy = True
         else:
             return True
-        outcome = await self.auth.check(request, proxy=proxy)
+        ip = txn.source.ip
+        throttle = self.auth.throttle
+        if throttle is not None and throttle.banned(ip):
+            self.count("auth_dropped")
+            txn.drop()  # a banned source: silence, and no database round trip
+            return False
+        outcome = await self.auth.check(request, proxy=proxy, source=ip)
         identity = outcome.identity
         if identity is None:
-            log.info("event=auth_%s method=%s status=%d detail=%r", outcome.verdict.name.lower(),
-                     request.method, outcome.status, outcome.detail)  # fmt: skip
-            self.reply(txn, outcome.status, outcome.reason, outcome.headers)
+            self._auth_failed(request, txn, outcome)
             return False
         if proxy:
             require_sender(request, identity)
         else:
             require_registrar_owner(request, identity)
         return True
+
+    def _auth_failed(
+        self, request: SipRequest, txn: ServerTransaction, outcome: AuthOutcome
+    ) -> None:
+        if outcome.verdict is Verdict.DROPPED:
+            self.count("auth_dropped")
+            txn.drop()
+            return
+        if outcome.throttled:
+            self.count("auth_throttled")
+        elif outcome.judged and not outcome.judged_right:
+            self.count("auth_failures")
+        self._auth_log.log(logging.INFO, f"auth_{outcome.verdict.name.lower()}",
+                      "method=%s status=%d detail=%r source=%s", request.method, outcome.status,
+                      outcome.detail, txn.source.ip)  # fmt: skip
+        self.reply(txn, outcome.status, outcome.reason, outcome.headers)
 
     def reply(
         self,

@@ -174,6 +174,9 @@ def auth_settings(config: Config) -> AuthSettings | None:
         nonce_expires=auth.nonce_expires,
         algorithms=auth.algorithms,
         message=auth.message,
+        source_failures=auth.source_failures,
+        user_failures=auth.user_failures,
+        failure_window=auth.failure_window,
     )
 
 

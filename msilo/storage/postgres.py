@@ -57,7 +57,12 @@ from msilo.storage.location import (
     live_bindings,
     location_sql,
 )
-from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.subscriber import (
+    Subscriber,
+    validate_auth_key,
+    validate_nonce,
+    validate_subscriber,
+)
 
 log = logging.getLogger("msilo.store")
 
@@ -587,6 +592,10 @@ class PostgresStore(Store):
             for stmt in subscriber.nonce_table_ddl():
                 await conn.execute(stmt)
             actions.append(f"created table {subscriber.NONCE_TABLE}")
+        if await self._columns(conn, subscriber.AUTH_FAIL_TABLE) is None:
+            for stmt in subscriber.auth_fail_table_ddl():
+                await conn.execute(stmt)
+            actions.append(f"created table {subscriber.AUTH_FAIL_TABLE}")
 
     async def _create_indexes(self, conn: Conn, actions: list[str]) -> None:
         # Checked by name first: CREATE INDEX IF NOT EXISTS would still lock the table.
@@ -984,6 +993,29 @@ class PostgresStore(Store):
         """Forget the counts of expired nonces."""
         sql = _sql.to_pg(subscriber.DELETE_EXPIRED_NONCES)
         return await self._execute("expire nonces", sql, now)
+
+    async def count_auth_failure(self, who: str, *, now: int, window: int) -> tuple[int, int]:
+        """One more failure for ``who``: (count in the window, window end)."""
+        validate_auth_key(who)
+        sql = _sql.to_pg(subscriber.COUNT_AUTH_FAILURE)
+
+        async def run(conn: Conn) -> tuple[int, int]:
+            row = await conn.fetchrow(sql, who, now, now + window)
+            return int(row[0]), int(row[1])
+
+        # Not retried: a lost first attempt that committed would count twice.
+        return await self._run("count auth failure", run, idempotent=False)
+
+    async def forgive_auth_failure(self, who: str, *, now: int) -> None:
+        """Take back one failure of ``who``."""
+        validate_auth_key(who)
+        sql = _sql.to_pg(subscriber.FORGIVE_AUTH_FAILURE)
+        await self._execute("forgive auth failure", sql, who, now, idempotent=False)
+
+    async def delete_expired_auth_failures(self, now: int) -> int:
+        """Forget ended failure windows."""
+        sql = _sql.to_pg(subscriber.DELETE_EXPIRED_AUTH_FAILURES)
+        return await self._execute("expire auth failures", sql, now)
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

@@ -41,7 +41,12 @@ from msilo.storage.location import (
     binding_row,
     location_sql,
 )
-from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.subscriber import (
+    Subscriber,
+    validate_auth_key,
+    validate_nonce,
+    validate_subscriber,
+)
 
 log = logging.getLogger("msilo.store")
 
@@ -258,6 +263,10 @@ class SQLiteStore(Store):
         if self._columns(conn, subscriber.NONCE_TABLE) is None:
             actions.append(f"created table {subscriber.NONCE_TABLE}")
         for stmt in subscriber.nonce_table_ddl():
+            conn.execute(stmt)
+        if self._columns(conn, subscriber.AUTH_FAIL_TABLE) is None:
+            actions.append(f"created table {subscriber.AUTH_FAIL_TABLE}")
+        for stmt in subscriber.auth_fail_table_ddl():
             conn.execute(stmt)
 
     def _create(self, conn: Conn) -> list[str]:
@@ -614,6 +623,28 @@ class SQLiteStore(Store):
         """Forget the counts of expired nonces."""
         sql = _sql.to_sqlite(subscriber.DELETE_EXPIRED_NONCES)
         return await self._exec("expire nonces", sql, (now,))
+
+    async def count_auth_failure(self, who: str, *, now: int, window: int) -> tuple[int, int]:
+        """One more failure for ``who``: (count in the window, window end)."""
+        validate_auth_key(who)
+        sql = _sql.to_sqlite(subscriber.COUNT_AUTH_FAILURE)
+
+        def run(conn: Conn) -> tuple[int, int]:
+            row = conn.execute(sql, (who, now, now + window)).fetchone()
+            return int(row[0]), int(row[1])
+
+        return await self._call("count auth failure", lambda c: self._write(c, run))
+
+    async def forgive_auth_failure(self, who: str, *, now: int) -> None:
+        """Take back one failure of ``who``."""
+        validate_auth_key(who)
+        sql = _sql.to_sqlite(subscriber.FORGIVE_AUTH_FAILURE)
+        await self._exec("forgive auth failure", sql, (who, now))
+
+    async def delete_expired_auth_failures(self, now: int) -> int:
+        """Forget ended failure windows."""
+        sql = _sql.to_sqlite(subscriber.DELETE_EXPIRED_AUTH_FAILURES)
+        return await self._exec("expire auth failures", sql, (now,))
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

@@ -489,6 +489,14 @@ class RegistrarConfig:
     max_expires: int = field(
         default=86400, metadata=_doc("longer requested expiries are cut to this", _int(1))
     )
+    max_contacts: int = field(
+        default=10,
+        metadata=_doc(
+            "bindings per address-of-record; a REGISTER that would exceed it gets 403 Too Many"
+            " Contacts and changes nothing; 0 = no limit",
+            _int(0),
+        ),
+    )
 
 
 @dataclass(frozen=True)

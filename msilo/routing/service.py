@@ -63,6 +63,7 @@ from msilo.routing.registrar import (
     path_lines,
     plan_register,
     requested_bindings,
+    udp_contact_budget,
 )
 from msilo.routing.timefmt import parse_snd_time
 from msilo.sip.message import SipRequest, SipURI
@@ -328,8 +329,13 @@ class MsiloService:
             bindings = await self.save_bindings(request, txn, wanted)
             if bindings is None:
                 return False
-            lines = contact_lines(bindings, int(time.time())) + path_lines(request)
-            self.reply(txn, 200, "OK", lines)
+            paths = path_lines(request)
+            # Over UDP nobody verified the source: never answer with more than a datagram.
+            udp = not txn.source.reliable
+            budget = udp_contact_budget(request, paths) if udp else 0
+            own = [want.contact.uri for want in wanted]
+            lines = contact_lines(bindings, int(time.time()), budget=budget, own=own)
+            self.reply(txn, 200, "OK", lines + paths)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
@@ -552,6 +558,7 @@ class MsiloService:
             now=now,
             received=format_received(source.transport, source.ip, source.port),
             transport=source.transport.lower(),
+            max_contacts=self.settings.registrar.max_contacts,
         )
         outcome = await self.store.update_bindings(user, host, plan, now=now)
         self.db.ok()

@@ -141,7 +141,9 @@ def service_settings(config: Config) -> ServiceSettings:
         snd_time_avp=avp,
         transient_types=frozenset(m.transient_types),
         tz=zone(m.timezone),
-        registrar=RegistrarPolicy(r.default_expires, r.min_expires, r.max_expires),
+        registrar=RegistrarPolicy(
+            r.default_expires, r.min_expires, r.max_expires, max_contacts=r.max_contacts
+        ),
         notify=notify,
         outbound_proxy=proxy_target(m.outbound_proxy),
         rate=config.limits.rate,

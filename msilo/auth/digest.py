@@ -36,8 +36,9 @@ from msilo.auth.credentials import (
 )
 from msilo.auth.nonce import NonceSigner
 from msilo.auth.throttle import Admission, AuthThrottle
-from msilo.errors import BadCredentials
+from msilo.errors import BadCredentials, ParseError
 from msilo.sip.message import SipRequest
+from msilo.sip.parser import parse_uri
 from msilo.storage.subscriber import Subscriber
 
 _MAX_NC: Final = 0xFFFFFFFF  # nonce-count = 8LHEX (RFC 3261 §25.1)
@@ -96,6 +97,22 @@ def subscriber_ha1(sub: Subscriber, algorithm: str, realm: str) -> str | None:
         return compute_ha1(algorithm, sub.username, realm, sub.password)
     value: str = getattr(sub, _HA1_COLUMN[algorithm])
     return value.strip().lower() or None
+
+
+def same_resource(digest_uri: str, request_uri: str) -> bool:
+    """True when a digest ``uri`` names the Request-URI (RFC 7616 §3.4.6).
+
+    Clients copy the Request-URI, so the usual test is string equality; otherwise the
+    two must be the same SIP URI by RFC 3261 §19.1.4 (scheme, user, host in any case,
+    port; parameters are not compared, a proxy on the way may have added some).
+    """
+    if digest_uri == request_uri:
+        return True
+    try:
+        a, b = parse_uri(digest_uri), parse_uri(request_uri)
+    except ParseError:
+        return False
+    return (a.scheme, a.user, a.host.lower(), a.port) == (b.scheme, b.user, b.host.lower(), b.port)
 
 
 def _quote(text: str) -> str:
@@ -284,6 +301,11 @@ class Authenticator:
         if isinstance(found, str):
             return self.challenge(proxy=proxy, detail=f"credentials: {found}")
         creds = found
+        if not same_resource(creds.uri, request.uri):
+            # RFC 7616 §3.4.6: the "uri" must designate the Request-URI's resource, or a
+            # response captured for one request could be replayed on another; "SHOULD
+            # return a 400".  Decided before any password check: it says nothing of users.
+            return self._refuse(400, "digest uri is not the Request-URI")
         if creds.algorithm not in self.algorithms:
             # Not offered (e.g. MD5 when only SHA-256 is allowed): no downgrade.
             return self.challenge(proxy=proxy, detail=f"algorithm {creds.algorithm} not offered")

@@ -89,8 +89,9 @@ def check_request(request: SipRequest, domains: Collection[str]) -> SipURI | Non
         if method == "REGISTER" and request.to is not None:
             try:
                 host = parse_uri(request.to.uri).host.lower()
-            except ParseError:
-                raise Forbidden("unparsable To URI") from None
+            except ParseError as exc:
+                # A To that is no SIP URI is the request's fault (RFC 4475 §3.3.3: 400).
+                raise ParseError(f"To URI: {exc.detail or exc.reason}") from None
         if host not in domains:
             raise Forbidden(f"domain {host} is not served here")
     return uri

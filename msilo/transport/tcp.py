@@ -80,6 +80,8 @@ class TcpConnection(asyncio.Protocol):
         self.messages = 0
         self._deadline: asyncio.TimerHandle | None = None  # the current message's, if any
         self._held = 0  # bytes of this connection counted in the pool's budget
+        self._awaiting = 0  # requests handed up whose final response is not written yet
+        self._closing = False  # framing failed: close once those responses are out
 
     @property
     def is_open(self) -> bool:
@@ -141,11 +143,17 @@ class TcpConnection(asyncio.Protocol):
                 continue
             assert isinstance(item, bytes)
             self.messages += 1
+            request = not item.startswith(b"SIP/")
+            if request:
+                self._awaiting += 1
             try:
                 on_message(item, Source(self._pool.transport, self.peer, self))
             except SipError as exc:
-                _answer_error(self, item, self.peer, exc)
+                if not _answer_error(self, item, self.peer, exc) and request:
+                    self._awaiting -= 1
             except Exception:
+                if request:
+                    self._awaiting -= 1
                 log.exception(
                     "event=message_failed transport=%s peer=%s:%s",
                     self._pool.transport,
@@ -183,20 +191,40 @@ class TcpConnection(asyncio.Protocol):
         return False
 
     def _framing_failed(self, exc: SipError) -> None:
-        log.info(
-            "event=framing_error status=%d detail=%r peer=%s:%s",
+        rated.log(
+            logging.INFO,
+            "framing_error",
+            "status=%d detail=%r peer=%s:%s",
             exc.status,
             exc.detail,
             self.peer[0],
             self.peer[1],
         )
-        _answer_error(self, self._framer.pending_head(), self.peer, exc)
-        self.close()
+        self._awaiting += 1  # the error answer below is one more response to write
+        if not _answer_error(self, self._framer.pending_head(), self.peer, exc):
+            self._awaiting -= 1
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._awaiting <= 0 or self.transport is None:
+            self.close()
+            return
+        # Requests framed before the garbage are being handled: their answers still go
+        # out on this connection (the client is waiting on it), then it closes.  Nothing
+        # more is read; a handler that never answers cannot hold it past the deadline.
+        self._closing = True
+        self.transport.pause_reading()
+        timeout = self._pool.message_timeout or DEFAULT_MESSAGE_TIMEOUT
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self.close)
 
     def reply(self, data: bytes, addr: Address, via: Via | None) -> None:
         """Send a response over this connection, or a new one if it closed (§18.2.2)."""
         if self.is_open:
             self.write(data)
+            if self._awaiting and not data.startswith(b"SIP/2.0 1"):  # a final response
+                self._awaiting -= 1
+                if self._closing and not self._awaiting:
+                    self.close()
             return
         # §18.2.2: the connection is gone: connect to the source IP (the received
         # parameter) and the sent-by port.

@@ -477,3 +477,17 @@ async def test_a_subscriber_without_credentials_for_any_offered_algorithm_is_cha
     sha_only = make_auth(algorithms=("SHA-256",))
     outcome = await sha_only.check(register(realm, to=f"erin@{realm}", auth=creds), proxy=False)
     assert (outcome.verdict, outcome.status) == (Verdict.CHALLENGE, 401)  # as for nobody
+
+
+async def test_a_digest_uri_that_is_not_the_request_uri_gets_400(
+    make_auth: MakeAuth, realm: str, alice: DigestClient
+) -> None:
+    # RFC 7616 §3.4.6: a response computed for another resource is not accepted.
+    auth = make_auth()
+    ch = header_of(await challenge_for(auth, realm), "SHA-256")
+    elsewhere = alice.authorization(ch, method="REGISTER", uri="sip:elsewhere.example.org")
+    outcome = await auth.check(register(realm, auth=elsewhere), proxy=False)
+    assert (outcome.verdict, outcome.status) == (Verdict.REFUSED, 400)
+    # The same URI spelt with another host case is the same resource (RFC 3261 §19.1.4).
+    same = alice.authorization(ch, method="REGISTER", uri=f"sip:{realm.upper()}")
+    assert (await auth.check(register(realm, auth=same), proxy=False)).accepted

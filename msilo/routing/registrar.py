@@ -51,11 +51,6 @@ class RequestedBinding:
 
 def requested_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[RequestedBinding]:
     """Each Contact with its effective expiry; raises 400 / 423 as §10.3 steps 6-7 say."""
-    to = request.to
-    if to is not None and to.uri.partition(":")[0].lower() not in ("sip", "sips"):
-        # §10.3 step 5: the To is the address-of-record, a SIP or SIPS URI.  Another scheme
-        # there is a bad request (400, RFC 4475 §3.3.3); 416 is about the Request-URI.
-        raise SipError(f"To is not a SIP URI: {to.uri[:40]!r}", status=400, reason="Bad Request")
     if request.contact_star:
         # "*" is only allowed alone and with Expires: 0 (§10.3 step 6).
         if request.contacts or request.expires != 0:

@@ -91,3 +91,14 @@ async def test_a_register_followed_by_garbage_gets_its_200_before_the_close(
         writer.close()
     bindings = await srv.store.lookup_bindings("alice", "127.0.0.1", now=0)
     assert len(bindings) == 1
+
+
+@pytest.mark.parametrize("mode", ["registrar", "silo"])
+async def test_a_register_whose_to_is_no_sip_uri_gets_400_in_every_mode(
+    server: ServerFactory, mode: str
+) -> None:
+    srv = await server(f"server.mode={mode}", 'server.domains=["example.com"]')
+    ua = await srv.agent("alice")
+    data = _from_here((TORTURE / "valid" / "unksm2.dat").read_bytes(), ua.port)
+    reply = await _answer(ua, data)
+    assert reply.split(b"\r\n", 1)[0] == b"SIP/2.0 400 Bad Request"

@@ -34,9 +34,11 @@ MAX_REMEMBERED: Final = 100_000
 class FailureStore(Protocol):
     """What the throttle needs from storage (``msilo.storage.base.Store`` has it)."""
 
-    async def count_auth_failure(self, who: str, *, now: int, window: int) -> tuple[int, int]: ...
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]: ...
 
-    async def forgive_auth_failure(self, who: str, *, now: int) -> None: ...
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None: ...
 
 
 class Admission(enum.Enum):
@@ -93,25 +95,21 @@ class AuthThrottle:
     async def admit(self, ip: str, username: str, realm: str) -> Admission:
         """Count this attempt for its source and identity; say whether to judge it."""
         now = int(self._clock())
-        window = self.window
-        by_source, source_end = await self.store.count_auth_failure(
-            source_key(ip), now=now, window=window
+        (by_source, source_end), (by_user, _) = await self.store.count_auth_failures(
+            source_key(ip), identity_key(username, realm), now=now, window=self.window
         )
         if self.source_failures and by_source > self.source_failures:
             self._remember(ip, source_end)
             return Admission.DROP
-        by_user, _ = await self.store.count_auth_failure(
-            identity_key(username, realm), now=now, window=window
-        )
         if self.user_failures and by_user > self.user_failures and by_source > 1:
             return Admission.CHALLENGE
         return Admission.JUDGE
 
     async def succeeded(self, ip: str, username: str, realm: str) -> None:
         """The attempt was right: it is not a failure of its source or identity."""
-        now = int(self._clock())
-        await self.store.forgive_auth_failure(source_key(ip), now=now)
-        await self.store.forgive_auth_failure(identity_key(username, realm), now=now)
+        await self.store.forgive_auth_failures(
+            source_key(ip), identity_key(username, realm), now=int(self._clock())
+        )
 
     def _remember(self, ip: str, until: int) -> None:
         if ip not in self._banned and len(self._banned) >= MAX_REMEMBERED:

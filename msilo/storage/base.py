@@ -386,15 +386,17 @@ class Store(abc.ABC):
         """Forget the counts of nonces whose ``expires`` has passed; returns how many."""
 
     @abc.abstractmethod
-    async def count_auth_failure(self, who: str, *, now: int, window: int) -> tuple[int, int]:
-        """Count one failed (or pending) authentication for ``who`` in its current window
-        (a new one of ``window`` seconds starts when the last has ended); returns the count
-        so far, this one included, and when the window ends.  Atomic across processes and
-        hosts."""
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Count one failed (or pending) authentication for each key in its current window
+        (a new one of ``window`` seconds starts when the last has ended); returns, per key,
+        the count so far (this one included) and when its window ends.  Atomic across
+        processes and hosts; one round trip."""
 
     @abc.abstractmethod
-    async def forgive_auth_failure(self, who: str, *, now: int) -> None:
-        """Take back one counted failure of ``who`` (the attempt succeeded)."""
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None:
+        """Take back one counted failure of each key (the attempt succeeded)."""
 
     @abc.abstractmethod
     async def delete_expired_auth_failures(self, now: int) -> int:

@@ -59,7 +59,7 @@ from msilo.storage.location import (
 )
 from msilo.storage.subscriber import (
     Subscriber,
-    validate_auth_key,
+    validate_auth_keys,
     validate_nonce,
     validate_subscriber,
 )
@@ -994,23 +994,27 @@ class PostgresStore(Store):
         sql = _sql.to_pg(subscriber.DELETE_EXPIRED_NONCES)
         return await self._execute("expire nonces", sql, now)
 
-    async def count_auth_failure(self, who: str, *, now: int, window: int) -> tuple[int, int]:
-        """One more failure for ``who``: (count in the window, window end)."""
-        validate_auth_key(who)
-        sql = _sql.to_pg(subscriber.COUNT_AUTH_FAILURE)
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One more failure for each key: (count in the window, window end) per key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_pg(subscriber.COUNT_AUTH_FAILURES)
 
-        async def run(conn: Conn) -> tuple[int, int]:
-            row = await conn.fetchrow(sql, who, now, now + window)
-            return int(row[0]), int(row[1])
+        async def run(conn: Conn) -> tuple[tuple[int, int], tuple[int, int]]:
+            rows = {r[0]: (int(r[1]), int(r[2])) for r in await conn.fetch(
+                sql, source, identity, now, now + window
+            )}  # fmt: skip
+            return rows[source], rows[identity]
 
         # Not retried: a lost first attempt that committed would count twice.
-        return await self._run("count auth failure", run, idempotent=False)
+        return await self._run("count auth failures", run, idempotent=False)
 
-    async def forgive_auth_failure(self, who: str, *, now: int) -> None:
-        """Take back one failure of ``who``."""
-        validate_auth_key(who)
-        sql = _sql.to_pg(subscriber.FORGIVE_AUTH_FAILURE)
-        await self._execute("forgive auth failure", sql, who, now, idempotent=False)
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None:
+        """Take back one failure of each key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_pg(subscriber.FORGIVE_AUTH_FAILURES)
+        await self._execute("forgive auth failures", sql, source, identity, now, idempotent=False)
 
     async def delete_expired_auth_failures(self, now: int) -> int:
         """Forget ended failure windows."""

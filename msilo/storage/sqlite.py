@@ -43,7 +43,7 @@ from msilo.storage.location import (
 )
 from msilo.storage.subscriber import (
     Subscriber,
-    validate_auth_key,
+    validate_auth_keys,
     validate_nonce,
     validate_subscriber,
 )
@@ -624,22 +624,25 @@ class SQLiteStore(Store):
         sql = _sql.to_sqlite(subscriber.DELETE_EXPIRED_NONCES)
         return await self._exec("expire nonces", sql, (now,))
 
-    async def count_auth_failure(self, who: str, *, now: int, window: int) -> tuple[int, int]:
-        """One more failure for ``who``: (count in the window, window end)."""
-        validate_auth_key(who)
-        sql = _sql.to_sqlite(subscriber.COUNT_AUTH_FAILURE)
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One more failure for each key: (count in the window, window end) per key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_sqlite(subscriber.COUNT_AUTH_FAILURES)
 
-        def run(conn: Conn) -> tuple[int, int]:
-            row = conn.execute(sql, (who, now, now + window)).fetchone()
-            return int(row[0]), int(row[1])
+        def run(conn: Conn) -> tuple[tuple[int, int], tuple[int, int]]:
+            cursor = conn.execute(sql, (source, identity, now, now + window))
+            rows = {r[0]: (int(r[1]), int(r[2])) for r in cursor.fetchall()}
+            return rows[source], rows[identity]
 
-        return await self._call("count auth failure", lambda c: self._write(c, run))
+        return await self._call("count auth failures", lambda c: self._write(c, run))
 
-    async def forgive_auth_failure(self, who: str, *, now: int) -> None:
-        """Take back one failure of ``who``."""
-        validate_auth_key(who)
-        sql = _sql.to_sqlite(subscriber.FORGIVE_AUTH_FAILURE)
-        await self._exec("forgive auth failure", sql, (who, now))
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None:
+        """Take back one failure of each key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_sqlite(subscriber.FORGIVE_AUTH_FAILURES)
+        await self._exec("forgive auth failures", sql, (source, identity, now))
 
     async def delete_expired_auth_failures(self, now: int) -> int:
         """Forget ended failure windows."""

@@ -146,10 +146,13 @@ USE_NONCE = (
 DELETE_EXPIRED_NONCES = f"DELETE FROM {NONCE_TABLE} WHERE expires <= {{0}}"
 
 
-def validate_auth_key(who: str) -> None:
-    """Raise ``InvalidRecord`` when ``who`` cannot key a failure count."""
-    if not isinstance(who, str) or not who or len(who) > AUTH_KEY_MAX or not who.isascii():
-        raise InvalidRecord(f"auth key must be 1..{AUTH_KEY_MAX} ASCII characters")
+def validate_auth_keys(*keys: str) -> None:
+    """Raise ``InvalidRecord`` unless the keys are distinct and each can key a failure count."""
+    for who in keys:
+        if not isinstance(who, str) or not who or len(who) > AUTH_KEY_MAX or not who.isascii():
+            raise InvalidRecord(f"auth key must be 1..{AUTH_KEY_MAX} ASCII characters")
+    if len(set(keys)) != len(keys):
+        raise InvalidRecord("auth keys must be distinct")
 
 
 def auth_fail_table_ddl() -> list[str]:
@@ -168,20 +171,22 @@ def auth_fail_table_ddl() -> list[str]:
     ]
 
 
-# One more failure for {0} at time {1}; {2} = the end of a window that starts now.  Atomic
-# (the row is locked by ON CONFLICT DO UPDATE, or the SQLite write lock), so concurrent
-# attempts on several hosts are each counted: the count returned is this attempt's rank.
-COUNT_AUTH_FAILURE = (
-    f"INSERT INTO {AUTH_FAIL_TABLE} (who, failures, window_end) VALUES ({{0}}, 1, {{2}}) "
+# One more failure for each of {0} and {1} at time {2}; {3} = the end of a window that starts
+# now.  Atomic (the rows are locked by ON CONFLICT DO UPDATE, or the SQLite write lock), so
+# concurrent attempts on several hosts are each counted: a count returned is this attempt's
+# rank in its window.  One statement for both keys: one round trip per attempt.
+COUNT_AUTH_FAILURES = (
+    f"INSERT INTO {AUTH_FAIL_TABLE} (who, failures, window_end) "
+    f"VALUES ({{0}}, 1, {{3}}), ({{1}}, 1, {{3}}) "
     f"ON CONFLICT (who) DO UPDATE SET "
-    f"failures = CASE WHEN {AUTH_FAIL_TABLE}.window_end <= {{1}} THEN 1 "
+    f"failures = CASE WHEN {AUTH_FAIL_TABLE}.window_end <= {{2}} THEN 1 "
     f"ELSE {AUTH_FAIL_TABLE}.failures + 1 END, "
-    f"window_end = CASE WHEN {AUTH_FAIL_TABLE}.window_end <= {{1}} THEN excluded.window_end "
+    f"window_end = CASE WHEN {AUTH_FAIL_TABLE}.window_end <= {{2}} THEN excluded.window_end "
     f"ELSE {AUTH_FAIL_TABLE}.window_end END "
-    f"RETURNING failures, window_end"
+    f"RETURNING who, failures, window_end"
 )
-FORGIVE_AUTH_FAILURE = (
+FORGIVE_AUTH_FAILURES = (
     f"UPDATE {AUTH_FAIL_TABLE} SET failures = failures - 1 "
-    f"WHERE who = {{0}} AND failures > 0 AND window_end > {{1}}"
+    f"WHERE who IN ({{0}}, {{1}}) AND failures > 0 AND window_end > {{2}}"
 )
 DELETE_EXPIRED_AUTH_FAILURES = f"DELETE FROM {AUTH_FAIL_TABLE} WHERE window_end <= {{0}}"

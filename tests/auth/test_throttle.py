@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from msilo.auth import Authenticator, Verdict
-from msilo.auth.throttle import Admission, AuthThrottle
+from msilo.auth.throttle import Admission, AuthThrottle, identity_key, source_key
+from msilo.errors import InvalidRecord
 from msilo.storage import Store
 
 from .conftest import ManualClock, StoreFactory
@@ -100,3 +103,21 @@ async def test_wrong_answers_are_counted_and_right_ones_are_not(
         assert outcome.verdict is Verdict.CHALLENGE and not outcome.judged
     assert await throttle.admit(other, "alice", realm) is Admission.JUDGE
     assert alice.password == PASSWORD  # the right answers above used the real password
+
+
+async def test_keys_the_table_cannot_hold_are_refused(store: Store) -> None:
+    with pytest.raises(InvalidRecord):
+        await store.count_auth_failures("s:1.2.3.4", "s:1.2.3.4", now=0, window=60)
+    with pytest.raises(InvalidRecord):
+        await store.count_auth_failures("s:1.2.3.4", "u:ä", now=0, window=60)
+    with pytest.raises(InvalidRecord):
+        await store.forgive_auth_failures("s:" + "9" * 80, "u:x", now=0)
+
+
+def test_keys_fit_the_column_whatever_the_client_sent() -> None:
+    long_v6 = "fe80::1234:5678:9abc:def0%" + "very-long-interface-name" * 4
+    assert len(source_key(long_v6)) <= 80 and source_key(long_v6).isascii()
+    assert source_key("192.0.2.1") == "s:192.0.2.1"
+    weird = identity_key("\udcff\x00" + "a" * 500, "realm")
+    assert len(weird) <= 80 and weird.isascii()
+    assert identity_key("alice", "a.example") != identity_key("alice", "b.example")

@@ -339,6 +339,21 @@ cdef object _CSeq = CSeq
 cdef object _ContentType = ContentType
 cdef object _SipURI = SipURI
 cdef object _ParseError = ParseError
+
+
+cdef int _raise_missing(object to, object from_, object call_id, object cseq,
+                        object via) except -1:
+    # 400 naming every missing mandatory header, in the reason phrase too (twin: _missing)
+    labels = [
+        label
+        for field, label in (
+            (to, "To"), (from_, "From"), (call_id, "Call-ID"), (cseq, "CSeq"), (via, "Via")
+        )
+        if field is None
+    ]
+    names = ", ".join(labels)
+    plural = "s" if len(labels) > 1 else ""
+    raise _ParseError(f"missing {names} header{plural}", reason=f"Missing {names}")
 cdef object _InvalidURI = InvalidURI
 cdef object _COMPACT = COMPACT_FORMS
 cdef object _PENDING = PENDING
@@ -2129,16 +2144,8 @@ def parse_message(object data, *, Py_ssize_t max_size=MAX_MESSAGE_SIZE):
         else:
             _finish_folded(src, idx, ns, ne, folded)
     # §8.2.2 / §16.3: To, From, Call-ID, CSeq and Via are mandatory
-    if f.to is None:
-        raise _ParseError("missing To header")
-    if f.from_ is None:
-        raise _ParseError("missing From header")
-    if f.call_id is None:
-        raise _ParseError("missing Call-ID header")
-    if f.cseq is None:
-        raise _ParseError("missing CSeq header")
-    if f.via is None:
-        raise _ParseError("missing Via header")
+    if f.to is None or f.from_ is None or f.call_id is None or f.cseq is None or f.via is None:
+        _raise_missing(f.to, f.from_, f.call_id, f.cseq, f.via)
     if is_request and f.cseq_method is not f.method and f.cseq_method != f.method:
         raise _ParseError(f"CSeq method {f.cseq_method!r} does not match {f.method!r}")
     # §18.3: Content-Length frames the body; absent on a datagram means "the rest"

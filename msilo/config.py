@@ -528,6 +528,14 @@ class RegistrarConfig:
     max_expires: int = field(
         default=86400, metadata=_doc("longer requested expiries are cut to this", _int(1))
     )
+    max_contacts: int = field(
+        default=10,
+        metadata=_doc(
+            "bindings per address-of-record; a REGISTER that would exceed it gets 403 Too Many"
+            " Contacts and changes nothing; 0 = no limit",
+            _int(0),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -546,6 +554,28 @@ class AuthConfig:
     algorithms: tuple[str, ...] = field(
         default=("SHA-256", "MD5"),
         metadata=_doc("digest algorithms offered: SHA-512-256, SHA-256, MD5", _algorithms),
+    )
+    source_failures: int = field(
+        default=10,
+        metadata=_doc(
+            "failed authentications per source address per failure_window (every worker and"
+            " host together) before its requests needing auth are dropped unanswered for the"
+            " rest of the window; 0 = no limit",
+            _int(0),
+        ),
+    )
+    user_failures: int = field(
+        default=10,
+        metadata=_doc(
+            "failed authentications per user per failure_window after which only a source's"
+            " first attempt in the window is judged (others get a fresh challenge); 0 = no"
+            " limit",
+            _int(0),
+        ),
+    )
+    failure_window: int = field(
+        default=600,
+        metadata=_doc("seconds over which failed authentications are counted", _int(1)),
     )
 
 
@@ -567,10 +597,16 @@ class LimitsConfig:
         metadata=_doc("largest request accepted, bytes; larger gets 513", _int(1024, 16 << 20)),
     )
     rate: int = field(
-        default=0, metadata=_doc("requests per second per source address; 0 = off", _int(0))
+        default=0,
+        metadata=_doc(
+            "requests per second per source address, counted by each worker on its own (a"
+            " source whose requests reach N workers may get up to N x rate); 0 = off",
+            _int(0),
+        ),
     )
     burst: int = field(
-        default=0, metadata=_doc("token-bucket burst per source address; 0 = 2 x rate", _int(0))
+        default=0,
+        metadata=_doc("token-bucket burst per source address, per worker; 0 = 2 x rate", _int(0)),
     )
     max_connections: int = field(
         default=10000, metadata=_doc("open TCP/TLS connections per worker", _int(1))
@@ -586,6 +622,22 @@ class LimitsConfig:
             " seconds, new requests get 503 + Retry-After at once (0.2-0.3 keeps answers"
             " within T1 = 0.5 s on a host with steady latency); 0 = off",
             _number(0),
+        ),
+    )
+    message_timeout: float = field(
+        default=20.0,
+        metadata=_doc(
+            "seconds a TCP/TLS message may take to arrive whole (from its first byte; from the"
+            " connection's opening for the first one); slower connections are closed",
+            _number(0.1),
+        ),
+    )
+    max_buffered: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc(
+            "bytes of incomplete TCP/TLS messages a worker holds; the connection that would"
+            " exceed it is closed (each connection holds at most max_message_size)",
+            _int(65536),
         ),
     )
 

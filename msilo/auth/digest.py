@@ -7,12 +7,15 @@ what to answer:
 * accepted -- with the identity ``user@domain`` from the ``subscriber`` table;
 * a challenge -- 401 (``WWW-Authenticate``, REGISTER) or 407 (``Proxy-Authenticate``,
   MESSAGE), one header per offered algorithm, strongest first (RFC 8760 §2.4, RFC 7616
-  §3.7), ``stale=true`` when the digest was right but the nonce is used up or expired;
-* refused -- 403 (unknown user, or credentials for another realm), 400 (malformed).
+  §3.7), ``stale=true`` when the digest was right but the nonce is used up or expired.
+  Every failed check gets one (unknown user and wrong password alike: no enumeration);
+* refused -- 400 (malformed credentials);
+* dropped -- the source is banned by the throttle (``throttle.AuthThrottle``): no answer.
 
 Nonces are stateless (``nonce.NonceSigner``); only their *use* is stored: the highest
 nonce-count seen per nonce lives in the database, and "nc must increase" is one atomic
-statement there, so a replay is refused whichever worker or host receives it.
+statement there, so a replay is refused whichever worker or host receives it.  A wrong
+answer uses its nonce up.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from msilo.auth.credentials import (
     parse_credentials,
 )
 from msilo.auth.nonce import NonceSigner
-from msilo.errors import BadCredentials
+from msilo.auth.throttle import Admission, AuthThrottle
+from msilo.errors import BadCredentials, ParseError
 from msilo.sip.message import SipRequest
+from msilo.sip.parser import parse_uri
 from msilo.storage.subscriber import Subscriber
 
+_MAX_NC: Final = 0xFFFFFFFF  # nonce-count = 8LHEX (RFC 3261 §25.1)
 #: Seconds a peer's clock may be ahead of ours (nonces "from the future") and the margin
 #: kept before a nonce-count row is deleted (a peer whose clock lags still honours it).
 CLOCK_SKEW: Final = 60
@@ -93,6 +99,22 @@ def subscriber_ha1(sub: Subscriber, algorithm: str, realm: str) -> str | None:
     return value.strip().lower() or None
 
 
+def same_resource(digest_uri: str, request_uri: str) -> bool:
+    """True when a digest ``uri`` names the Request-URI (RFC 7616 §3.4.6).
+
+    Clients copy the Request-URI, so the usual test is string equality; otherwise the
+    two must be the same SIP URI by RFC 3261 §19.1.4 (scheme, user, host in any case,
+    port; parameters are not compared, a proxy on the way may have added some).
+    """
+    if digest_uri == request_uri:
+        return True
+    try:
+        a, b = parse_uri(digest_uri), parse_uri(request_uri)
+    except ParseError:
+        return False
+    return (a.scheme, a.user, a.host.lower(), a.port) == (b.scheme, b.user, b.host.lower(), b.port)
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -113,6 +135,7 @@ class Verdict(enum.Enum):
     ACCEPTED = "accepted"
     CHALLENGE = "challenge"
     REFUSED = "refused"
+    DROPPED = "dropped"  # a banned source: send nothing back
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +154,9 @@ class AuthOutcome:
     domain: str = ""
     detail: str = ""
     stale: bool = False
+    judged: bool = False  # the password was checked
+    judged_right: bool = False  # ... and was right (even if the nonce was stale)
+    throttled: bool = False  # the throttle answered without checking the password
 
     @property
     def accepted(self) -> bool:
@@ -160,6 +186,7 @@ class Authenticator:
         nonce_expires: int = 300,
         algorithms: Sequence[str] = ("SHA-256", "MD5"),
         clock: Callable[[], float] = time.time,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         if not realm:
             raise ValueError("realm must not be empty")
@@ -182,6 +209,7 @@ class Authenticator:
         self.algorithms = tuple(a for a in ALGORITHMS if a in algorithms)
         self._clock = clock
         self._nonces = NonceSigner(key, realm)
+        self.throttle = throttle
 
     def _now(self) -> int:
         return int(self._clock())
@@ -195,6 +223,9 @@ class Authenticator:
         stale: bool = False,
         algorithms: Sequence[str] | None = None,
         detail: str = "no credentials",
+        judged: bool = False,
+        right: bool = False,
+        throttled: bool = False,
     ) -> AuthOutcome:
         """A fresh 401 / 407 challenge, one header per algorithm (RFC 3261 §22.1, §22.3)."""
         name = "Proxy-Authenticate" if proxy else "WWW-Authenticate"
@@ -216,12 +247,14 @@ class Authenticator:
             headers=headers,
             detail=detail,
             stale=stale,
+            judged=judged,
+            judged_right=right,
+            throttled=throttled,
         )
 
     @staticmethod
     def _refuse(status: int, detail: str) -> AuthOutcome:
-        reason = "Forbidden" if status == 403 else "Bad Request"
-        return AuthOutcome(Verdict.REFUSED, status=status, reason=reason, detail=detail)
+        return AuthOutcome(Verdict.REFUSED, status=status, reason="Bad Request", detail=detail)
 
     # --- the check ------------------------------------------------------------------------
 
@@ -242,25 +275,37 @@ class Authenticator:
         return found
 
     async def check(
-        self, request: SipRequest, *, proxy: bool, domain: str | None = None
+        self,
+        request: SipRequest,
+        *,
+        proxy: bool,
+        domain: str | None = None,
+        source: str | None = None,
     ) -> AuthOutcome:
         """Authenticate ``request``.
 
         ``proxy=False``: Authorization, answered 401 (REGISTER, RFC 3261 §22.2);
         ``proxy=True``: Proxy-Authorization, answered 407 (MESSAGE, §22.3).  ``domain``:
-        where to look the username up (default: the realm).  Raises only ``StorageError``.
+        where to look the username up (default: the realm).  ``source``: the sender's
+        address, for the throttle.  Raises only ``StorageError``.
+
+        Every failed check -- unknown user, wrong password, a nonce we did not issue,
+        another realm, an algorithm not offered -- gets the same answer: a fresh challenge,
+        so the answer never tells whether a user exists (only malformed credentials get
+        400, and a nonce past its lifetime ``stale=true``, for a right digest only).
         """
         try:
             found = self._find_credentials(request, proxy)
         except BadCredentials as exc:
             return self._refuse(400, f"malformed credentials: {exc}")
         if isinstance(found, str):
-            if found == "other-realm" and not proxy:
-                # A registrar is the only recipient of Authorization: a realm that is not
-                # ours can only be a misconfigured client, and re-challenging would loop.
-                return self._refuse(403, "credentials for another realm")
-            return self.challenge(proxy=proxy)
+            return self.challenge(proxy=proxy, detail=f"credentials: {found}")
         creds = found
+        if not same_resource(creds.uri, request.uri):
+            # RFC 7616 §3.4.6: the "uri" must designate the Request-URI's resource, or a
+            # response captured for one request could be replayed on another; "SHOULD
+            # return a 400".  Decided before any password check: it says nothing of users.
+            return self._refuse(400, "digest uri is not the Request-URI")
         if creds.algorithm not in self.algorithms:
             # Not offered (e.g. MD5 when only SHA-256 is allowed): no downgrade.
             return self.challenge(proxy=proxy, detail=f"algorithm {creds.algorithm} not offered")
@@ -269,45 +314,87 @@ class Authenticator:
         issued = self._nonces.verify(creds.nonce)
         if issued is None or issued.issued > now + CLOCK_SKEW:
             return self.challenge(proxy=proxy, detail="nonce not issued by us")
-        sub = await self.store.get_subscriber(creds.username, domain or self.realm)
-        if sub is None:
-            return self._refuse(403, f"unknown user {creds.username!r}")
-        ha1 = subscriber_ha1(sub, creds.algorithm, self.realm)
-        if ha1 is None:
+        lookup_domain = domain or self.realm
+        throttle = self.throttle
+        if throttle is not None and source is not None:
+            admission = await throttle.admit(source, creds.username, lookup_domain)
+            if admission is Admission.DROP:
+                return AuthOutcome(Verdict.DROPPED, detail="source banned")
+            if admission is Admission.CHALLENGE:
+                return self.challenge(proxy=proxy, detail="identity throttled", throttled=True)
+        outcome = await self._judge(request, creds, issued.issued, now, lookup_domain, proxy)
+        if throttle is not None and source is not None and outcome.judged == outcome.judged_right:
+            # Not a wrong password (right, or not checked at all): take the count back.
+            await throttle.succeeded(source, creds.username, lookup_domain)
+        return outcome
+
+    async def _judge(
+        self,
+        request: SipRequest,
+        creds: DigestCredentials,
+        issued: int,
+        now: int,
+        domain: str,
+        proxy: bool,
+    ) -> AuthOutcome:
+        """Check the password (the nonce's MAC already verified)."""
+        expires = issued + self.nonce_expires + CLOCK_SKEW
+        sub = await self.store.get_subscriber(creds.username, domain)
+        ha1 = subscriber_ha1(sub, creds.algorithm, self.realm) if sub is not None else None
+        if sub is not None and ha1 is None:
             usable = [a for a in self.algorithms if subscriber_ha1(sub, a, self.realm)]
-            if not usable:
-                return self._refuse(403, f"no usable credentials stored for {sub.aor}")
-            # Offer only what this user can answer, or a client that picks the first
-            # challenge would never get in.
-            return self.challenge(
-                proxy=proxy,
-                algorithms=usable,
-                detail=f"no {creds.algorithm} credentials for {sub.aor}",
+            if usable:
+                # Offer only what this user can answer, or a client that picks the first
+                # challenge would never get in.  (Only a table without every HA1 column
+                # filled, e.g. an old OpenSIPS one, makes this differ from the challenge
+                # an unknown user gets.)
+                await self._use_up(creds.nonce, expires)
+                return self.challenge(
+                    proxy=proxy,
+                    algorithms=usable,
+                    detail=f"no {creds.algorithm} credentials for {sub.aor}",
+                )
+        right = False
+        if ha1 is not None:
+            expected = compute_response(
+                creds.algorithm,
+                ha1,
+                nonce=creds.nonce,
+                method=request.method,
+                uri=creds.uri,
+                qop=creds.qop,
+                nc=creds.nc_text,
+                cnonce=creds.cnonce,
             )
-        expected = compute_response(
-            creds.algorithm,
-            ha1,
-            nonce=creds.nonce,
-            method=request.method,
-            uri=creds.uri,
-            qop=creds.qop,
-            nc=creds.nc_text,
-            cnonce=creds.cnonce,
-        )
-        if not hmac.compare_digest(expected, creds.response):
-            # As common registrars do: a fresh challenge, so the user may try again.
-            return self.challenge(proxy=proxy, detail=f"wrong password for {sub.aor}")
+            right = hmac.compare_digest(expected, creds.response)
+        if not right:
+            # The same fresh challenge whether the user exists or not (no enumeration), and
+            # the nonce is used up: a guesser cannot go on with it (nor with higher counts).
+            await self._use_up(creds.nonce, expires)
+            who = "unknown user" if sub is None else f"wrong password for {sub.aor}"
+            return self.challenge(proxy=proxy, detail=who, judged=True)
         # RFC 7616 §3.3: stale=true only for a valid digest with a nonce no longer good.
-        if now - issued.issued > self.nonce_expires:
-            return self.challenge(proxy=proxy, stale=True, detail="nonce expired")
+        if now - issued > self.nonce_expires:
+            return self.challenge(
+                proxy=proxy, stale=True, detail="nonce expired", judged=True, right=True
+            )
         # Without qop (RFC 2069) there is no count: the nonce is good for one request.
-        if not await self.store.use_nonce(
-            creds.nonce, creds.nc, expires=issued.issued + self.nonce_expires + CLOCK_SKEW
-        ):
-            return self.challenge(proxy=proxy, stale=True, detail="nonce-count replayed")
+        if not await self.store.use_nonce(creds.nonce, creds.nc, expires=expires):
+            return self.challenge(
+                proxy=proxy, stale=True, detail="nonce used up or replayed", judged=True, right=True
+            )
         return AuthOutcome(
-            Verdict.ACCEPTED, username=sub.username, domain=sub.domain, detail=creds.algorithm
+            Verdict.ACCEPTED,
+            username=sub.username,  # type: ignore[union-attr]
+            domain=sub.domain,  # type: ignore[union-attr]
+            detail=creds.algorithm,
+            judged=True,
+            judged_right=True,
         )
+
+    async def _use_up(self, nonce: str, expires: int) -> None:
+        # The highest count there is: every later count with this nonce is a replay.
+        await self.store.use_nonce(nonce, _MAX_NC, expires=expires)
 
     async def delete_expired_nonces(self) -> int:
         """Forget the nonce-counts of nonces that can no longer be used (run periodically)."""

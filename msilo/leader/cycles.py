@@ -121,6 +121,7 @@ class TimerCycles:
         forgotten = await self.store.forget_old_devices(now - self.deliverer.settings.device_memory)
         if forgotten:
             log.info("event=devices_forgotten count=%d", forgotten)
+        await self.store.delete_expired_auth_failures(now)
         return expired
 
     async def _expire_and_tell(self, now: int, settings: ExpirySettings) -> int:

@@ -2,8 +2,9 @@
 
 Max-Forwards exhausted → 483; a method we do not serve → 405 with Allow; a
 Require naming an extension we do not implement → 420 with Unsupported; a
-MESSAGE whose Request-URI has no user → 484; a domain we do not serve → 403;
-in silo mode, a source outside ``server.trusted`` → 403.
+MESSAGE whose Request-URI has no user → 484; a REGISTER whose To is not a SIP
+URI → 400; a domain we do not serve → 403; in silo mode, a source outside
+``server.trusted`` → 403.
 """
 
 from __future__ import annotations
@@ -84,13 +85,21 @@ def check_request(request: SipRequest, domains: Collection[str]) -> SipURI | Non
     uri = parse_uri(request.uri)
     if method == "MESSAGE" and not uri.user:
         raise AddressIncomplete(f"no user in {request.uri}")
+    if method == "REGISTER" and request.to is not None:
+        scheme = request.to.uri.partition(":")[0].lower()
+        if scheme not in ("sip", "sips"):
+            # RFC 3261 §10.3 step 5: the To of a REGISTER is the address-of-record, a SIP
+            # or SIPS URI.  Another scheme is a bad request (RFC 4475 §3.3.3 unksm2: 400);
+            # 416 is about the Request-URI (§21.4.16).
+            raise ParseError(f"the To of a REGISTER is not a SIP URI: {request.to.uri[:40]!r}")
     if domains:
         host = uri.host.lower()
         if method == "REGISTER" and request.to is not None:
             try:
                 host = parse_uri(request.to.uri).host.lower()
-            except ParseError:
-                raise Forbidden("unparsable To URI") from None
+            except ParseError as exc:
+                # A To that is no SIP URI is the request's fault (RFC 4475 §3.3.3: 400).
+                raise ParseError(f"To URI: {exc.detail or exc.reason}") from None
         if host not in domains:
             raise Forbidden(f"domain {host} is not served here")
     return uri

@@ -1,8 +1,11 @@
 """Per-source request rate limit: a token bucket per source address (``[limits]`` rate/burst).
 
 Over the limit a request is answered 503 with Retry-After and counted; other
-sources are not affected.  Buckets of quiet sources are dropped so a flood from
-many addresses cannot grow the table without bound.
+sources are not affected.  The buckets are this worker's own: a source whose
+requests are spread over N workers gets up to N x rate (documented as such;
+the deployment-wide protection against guessing is ``msilo.auth.throttle``).
+Buckets of quiet sources are dropped so a flood from many addresses cannot grow
+the table without bound.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ layer runs inside its per-user transaction against the current bindings
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from msilo.errors import ParseError, SipError
@@ -16,6 +17,13 @@ from msilo.sip.message import Contact, SipRequest
 from msilo.sip.parser import parse_uri, route_uris
 from msilo.storage.location import Binding, BindingPlan, PlanFunction
 from msilo.storage.values import OWNER_LIMIT
+from msilo.transport.base import UDP_SIZE_LIMIT
+
+# RFC 3261 has no code for "too many bindings".  403: the registrar understood and refuses,
+# and the same request "SHOULD NOT be repeated" (§21.4.3) -- a UA must remove bindings
+# first.  Not 503 (Kamailio's choice): that tells RFC 3263 clients to fail over and retry,
+# and reads as an outage on dashboards.  The reason phrase says why (as OpenSIPS's 403).
+TOO_MANY_CONTACTS = (403, "Too Many Contacts")
 
 
 class IntervalTooBrief(SipError):
@@ -32,6 +40,7 @@ class RegistrarPolicy:
     default_expires: int = 3600
     min_expires: int = 60
     max_expires: int = 86400
+    max_contacts: int = 10  # bindings per AoR; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +104,22 @@ def plan_register(
     now: int,
     received: str | None,
     transport: str | None,
+    max_contacts: int = 0,
 ) -> PlanFunction:
     """The plan to apply to the user's current bindings for this REGISTER.
 
     Raises 400 naming the field for a value the location table cannot hold (RFC 4475
     §3.1.1.10 ``escnull`` is a valid REGISTER whose user holds a NUL): checked here, before
-    the database, so it is never taken for a database failure."""
+    the database, so it is never taken for a database failure.
+
+    ``max_contacts`` > 0: a REGISTER that would leave the AoR with more bindings is
+    refused with :data:`TOO_MANY_CONTACTS` and changes nothing.
+    """
+    if max_contacts and len(wanted) > max_contacts:
+        # Refused before any database work: one datagram listing 2,000 contacts costs us
+        # nothing but this count.
+        status, reason = TOO_MANY_CONTACTS
+        raise SipError(f"{len(wanted)} contacts > {max_contacts}", status=status, reason=reason)
     call_id = request.call_id or ""
     cseq = request.cseq.number if request.cseq is not None else 0
     allow = request.allow
@@ -168,6 +187,10 @@ def plan_register(
                     last_modified=now,
                 )
             )
+        if max_contacts:
+            kept = {b.contact for b in live}.difference(removes)
+            if len(kept.union(b.contact for b in upserts)) > max_contacts:
+                return BindingPlan(error=TOO_MANY_CONTACTS)
         # Expired rows of this user go too: the table only holds what a lookup may return.
         removes.extend(b.contact for b in existing if b.expires <= now)
         return BindingPlan(upserts=tuple(upserts), removes=tuple(dict.fromkeys(removes)))
@@ -184,6 +207,7 @@ def single_binding(
     now: int,
     received: str | None,
     transport: str | None,
+    max_contacts: int = 0,
 ) -> Binding | None:
     """The one binding a REGISTER adds or refreshes, when that is all it does (one contact,
     a positive expiry: a device's first REGISTER and every refresh); None otherwise.
@@ -198,14 +222,56 @@ def single_binding(
     [plan] = [
         plan_register(
             request, wanted, username=username, domain=domain, now=now,
-            received=received, transport=transport,
+            received=received, transport=transport, max_contacts=max_contacts,
         )([])
     ]  # fmt: skip
     return plan.upserts[0] if len(plan.upserts) == 1 else None
 
 
-def contact_lines(bindings: list[Binding], now: int) -> list[tuple[str, str]]:
-    """Contact headers of the 200 OK: every current binding with its remaining expiry."""
+def contact_lines(
+    bindings: list[Binding],
+    now: int,
+    *,
+    budget: int = 0,
+    own: Collection[str] = (),
+) -> list[tuple[str, str]]:
+    """Contact headers of the 200 OK: every current binding with its remaining expiry.
+
+    ``budget`` > 0 (an answer over UDP, whose source nobody verified): when every binding
+    does not fit in that many bytes, only the contacts of this REGISTER (``own``) are
+    listed, as many as fit.  Else one spoofed 265-byte REGISTER would send 15 KB to its
+    victim.  This departs from RFC 3261 §10.3 step 8 (list every binding) only when the
+    list is too long for a datagram; over TCP/TLS the whole list is always sent.
+    """
+    lines = _contact_lines(bindings, now)
+    if not budget or _size(lines) <= budget:
+        return lines
+    mine = _contact_lines([b for b in bindings if b.contact in own], now)
+    fitted: list[tuple[str, str]] = []
+    for line in mine:
+        if _size([*fitted, line]) > budget:
+            break
+        fitted.append(line)
+    return fitted
+
+
+def udp_contact_budget(request: SipRequest, others: list[tuple[str, str]]) -> int:
+    """Bytes left for Contact lines in a 200 over UDP that must stay within
+    ``UDP_SIZE_LIMIT`` (RFC 3261 §18.1.1's 1300): what the response copies from the
+    request (§8.2.6), ``others`` and room for the status line, To tag and received/rport."""
+    copied = sum(
+        len(name) + len(value) + 4
+        for name in ("via", "from", "to", "call-id", "cseq")
+        for value in request.get_headers(name)
+    )
+    return max(UDP_SIZE_LIMIT - copied - _size(others) - 120, 1)
+
+
+def _size(lines: list[tuple[str, str]]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in lines)  # "Name: value\r\n"
+
+
+def _contact_lines(bindings: list[Binding], now: int) -> list[tuple[str, str]]:
     lines = []
     for b in bindings:
         remaining = b.expires - now

@@ -22,7 +22,14 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from msilo.auth import Authenticator, require_registrar_owner, require_sender
+from msilo.auth import (
+    Authenticator,
+    AuthOutcome,
+    Verdict,
+    require_registrar_owner,
+    require_sender,
+)
+from msilo.auth.throttle import AuthThrottle
 from msilo.errors import (
     ConfigError,
     InvalidRecord,
@@ -31,6 +38,7 @@ from msilo.errors import (
     SipError,
     StorageError,
 )
+from msilo.lograte import LogRate
 from msilo.routing import mstore
 from msilo.routing.dbhealth import DatabaseHealth
 from msilo.routing.delivery import (
@@ -61,6 +69,7 @@ from msilo.routing.registrar import (
     requested_bindings,
     single_binding,
     takes_message,
+    udp_contact_budget,
 )
 from msilo.routing.timefmt import parse_snd_time
 from msilo.sip.message import SipRequest, SipURI
@@ -111,6 +120,9 @@ class AuthSettings:
     nonce_expires: int = 300
     algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     message: bool = False  # also challenge MESSAGE (407) and bind From to the identity
+    source_failures: int = 10  # per source per window, then banned (0 = no limit)
+    user_failures: int = 10  # per identity per window, then only fresh sources are judged
+    failure_window: int = 600
 
 
 class RouteContext:
@@ -197,11 +209,17 @@ class MsiloService:
         )
         self.db = DatabaseHealth()
         self._background: set[asyncio.Future[None]] = set()  # relay branches followed
+        # A guesser decides how many failures there are: a few lines a second, not one each.
+        self._auth_log = LogRate(log)
         auth = settings.auth
         self.auth = (
             Authenticator(
                 store, auth.realm, auth.secret, nonce_expires=auth.nonce_expires,
                 algorithms=auth.algorithms,
+                throttle=AuthThrottle(
+                    store, source_failures=auth.source_failures,
+                    user_failures=auth.user_failures, window=auth.failure_window,
+                ),
             )
             if auth is not None
             else None
@@ -283,18 +301,38 @@ class MsiloService:
             proxy = True
         else:
             return True
-        outcome = await self.auth.check(request, proxy=proxy)
+        ip = txn.source.ip
+        throttle = self.auth.throttle
+        if throttle is not None and throttle.banned(ip):
+            self.count("auth_dropped")
+            txn.drop()  # a banned source: silence, and no database round trip
+            return False
+        outcome = await self.auth.check(request, proxy=proxy, source=ip)
         identity = outcome.identity
         if identity is None:
-            log.info("event=auth_%s method=%s status=%d detail=%r", outcome.verdict.name.lower(),
-                     request.method, outcome.status, outcome.detail)  # fmt: skip
-            self.reply(txn, outcome.status, outcome.reason, outcome.headers)
+            self._auth_failed(request, txn, outcome)
             return False
         if proxy:
             require_sender(request, identity)
         else:
             require_registrar_owner(request, identity)
         return True
+
+    def _auth_failed(
+        self, request: SipRequest, txn: ServerTransaction, outcome: AuthOutcome
+    ) -> None:
+        if outcome.verdict is Verdict.DROPPED:
+            self.count("auth_dropped")
+            txn.drop()
+            return
+        if outcome.throttled:
+            self.count("auth_throttled")
+        elif outcome.judged and not outcome.judged_right:
+            self.count("auth_failures")
+        self._auth_log.log(logging.INFO, f"auth_{outcome.verdict.name.lower()}",
+                      "method=%s status=%d detail=%r source=%s", request.method, outcome.status,
+                      outcome.detail, txn.source.ip)  # fmt: skip
+        self.reply(txn, outcome.status, outcome.reason, outcome.headers)
 
     def reply(
         self,
@@ -333,8 +371,13 @@ class MsiloService:
                 bindings = await self.save_bindings(request, txn, wanted)
             if bindings is None:
                 return False
-            lines = contact_lines(bindings, int(time.time())) + path_lines(request)
-            self.reply(txn, 200, "OK", lines)
+            paths = path_lines(request)
+            # Over UDP nobody verified the source: never answer with more than a datagram.
+            udp = not txn.source.reliable
+            budget = udp_contact_budget(request, paths) if udp else 0
+            own = [want.contact.uri for want in wanted]
+            lines = contact_lines(bindings, int(time.time()), budget=budget, own=own)
+            self.reply(txn, 200, "OK", lines + paths)
             await self.track_devices(ctx, wanted)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
@@ -352,7 +395,9 @@ class MsiloService:
             return None
         aor, facts = _register_facts(request, ctx.txn)
         now = facts["now"]
-        binding = single_binding(request, wanted, **facts)
+        binding = single_binding(
+            request, wanted, max_contacts=self.settings.registrar.max_contacts, **facts
+        )
         if binding is None:
             return None
         contact = wanted[0].contact
@@ -361,7 +406,9 @@ class MsiloService:
             if self.settings.deliver_to == "all" and takes_message(contact, request.allow)
             else None
         )
-        outcome = await self.store.register_contact(binding, now=now, device=device)
+        outcome = await self.store.register_contact(
+            binding, now=now, device=device, max_contacts=self.settings.registrar.max_contacts
+        )
         if outcome is None:
             return None
         self.db.ok()
@@ -780,7 +827,9 @@ class MsiloService:
             raise ParseError("missing To header")
         aor, facts = _register_facts(request, txn)
         user, host, now = facts["username"], facts["domain"], facts["now"]
-        plan = plan_register(request, wanted, **facts)
+        plan = plan_register(
+            request, wanted, max_contacts=self.settings.registrar.max_contacts, **facts
+        )
         outcome = await self.store.update_bindings(user, host, plan, now=now)
         self.db.ok()
         if outcome.error is not None:

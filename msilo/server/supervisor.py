@@ -56,6 +56,7 @@ from msilo.server.child import (
     child_main,
 )
 from msilo.server.heartbeat import Heartbeats
+from msilo.server.portguard import PortGuard
 from msilo.server.stats import NAMES, StatsBlock
 from msilo.server.status import ChildView, StatusEndpoint
 from msilo.storage.base import Store
@@ -149,6 +150,7 @@ class Supervisor:
         self.stats: StatsBlock | None = None
         self.beats: Heartbeats | None = None
         self.http: StatusEndpoint | None = None
+        self.guard = PortGuard()
 
     # -- the main loop -----------------------------------------------------------------------
 
@@ -168,6 +170,8 @@ class Supervisor:
         try:
             for sig in SIGNAMES:
                 signal.signal(sig, self._enqueue)
+            # Before anything binds: one deployment per SIP address (server/portguard.py).
+            self.guard.claim(self.config.server.listen)
             self._start_http()
             log.info(
                 "event=starting pid=%d workers=%d grace_period=%s",
@@ -195,6 +199,7 @@ class Supervisor:
             os.close(wake_w)
             if self.http is not None:
                 self.http.stop()
+            self.guard.release()
             self.stats.close()
             self.beats.close()
         if self._boot_error is not None:
@@ -256,6 +261,8 @@ class Supervisor:
             return
         try:
             config = self.reload() if self.reload is not None else self.config
+            # The same supervisor keeps its addresses; only new ones are checked.
+            self.guard.claim(config.server.listen)
         except MsiloError as exc:
             log.error("event=reload_failed error=%s action=keep_running", exc)
             return
@@ -436,6 +443,7 @@ class Supervisor:
             return
         if self._serving_generation != self.generation:
             self._serving_generation = self.generation
+            self.guard.keep_only(self.config.server.listen)
             log.info(
                 "event=ready generation=%d workers=%d pids=%s",
                 self.generation,
@@ -457,6 +465,7 @@ class Supervisor:
                 self._stop_child(child, signal.SIGTERM)
         if self._previous_config is not None:
             self.config = self._previous_config
+            self.guard.keep_only(self.config.server.listen)
         # The survivors carry on as the current generation.
         self.generation += 1
         self._serving_generation = self.generation

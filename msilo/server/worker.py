@@ -145,7 +145,9 @@ def service_settings(config: Config) -> ServiceSettings:
         device_memory=m.device_memory,
         relay_timeout=m.relay_timeout,
         tz=zone(m.timezone),
-        registrar=RegistrarPolicy(r.default_expires, r.min_expires, r.max_expires),
+        registrar=RegistrarPolicy(
+            r.default_expires, r.min_expires, r.max_expires, max_contacts=r.max_contacts
+        ),
         notify=notify,
         outbound_proxy=proxy_target(m.outbound_proxy),
         max_queue_delay=config.limits.max_queue_delay,
@@ -179,6 +181,9 @@ def auth_settings(config: Config) -> AuthSettings | None:
         nonce_expires=auth.nonce_expires,
         algorithms=auth.algorithms,
         message=auth.message,
+        source_failures=auth.source_failures,
+        user_failures=auth.user_failures,
+        failure_window=auth.failure_window,
     )
 
 
@@ -270,6 +275,8 @@ class Worker:
             max_message=limits.max_message_size,
             idle_timeout=limits.idle_timeout,
             max_connections=limits.max_connections,
+            message_timeout=limits.message_timeout,
+            max_buffered=limits.max_buffered,
             advertise=config.server.advertise.split(":")[0] or None,
             resolver=Resolver(config.server.dns),
         )

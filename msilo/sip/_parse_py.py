@@ -144,6 +144,14 @@ def _unquote(text: str) -> str:
     return text
 
 
+def _missing(labels: list[str]) -> ParseError:
+    """400 naming every missing mandatory header, in the reason phrase too (the sender
+    sees it: Kamailio's sanity module answers the same way)."""
+    names = ", ".join(labels)
+    plural = "s" if len(labels) > 1 else ""
+    return ParseError(f"missing {names} header{plural}", reason=f"Missing {names}")
+
+
 def _split(text: str, sep: str, *, first_only: bool = False) -> list[str]:
     """Split on ``sep`` outside quoted strings and ``<...>`` (RFC 3261 §7.3.1).
 
@@ -762,15 +770,19 @@ def _fill(msg: SipRequest | SipResponse, headers: list[tuple[str, str]]) -> None
     msg.contacts = contacts
     msg.contact_star = star
     # §8.2.2 / §16.3: To, From, Call-ID, CSeq and Via are mandatory (RFC 4475 §3.3.1)
-    for field, label in (
-        (msg.to, "To"),
-        (msg.from_, "From"),
-        (msg.call_id, "Call-ID"),
-        (msg.cseq, "CSeq"),
-        (msg.via, "Via"),
-    ):
-        if field is None:
-            raise ParseError(f"missing {label} header")
+    missing = [
+        label
+        for field, label in (
+            (msg.to, "To"),
+            (msg.from_, "From"),
+            (msg.call_id, "Call-ID"),
+            (msg.cseq, "CSeq"),
+            (msg.via, "Via"),
+        )
+        if field is None
+    ]
+    if missing:
+        raise _missing(missing)
     if isinstance(msg, SipRequest) and msg.cseq is not None and msg.cseq.method != msg.method:
         # §8.1.1.5: the CSeq method MUST match the request (RFC 4475 §3.1.2.17)
         raise ParseError(f"CSeq method {msg.cseq.method!r} does not match {msg.method!r}")

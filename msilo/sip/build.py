@@ -12,6 +12,7 @@ parsers decode, so bytes that were not UTF-8 go back out unchanged.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import secrets
 import time
@@ -28,9 +29,8 @@ DEFAULT_MAX_FORWARDS: Final = 70  # RFC 3261 §8.1.1.6
 
 HeaderLine = str | tuple[str, str]
 
-# Tags and branches need global uniqueness (RFC 3261 §19.3, §8.1.1.7): a random
-# per-process prefix (48 bits) plus a counter is unique without paying for
-# os.urandom on every response.
+# Branches need global uniqueness (RFC 3261 §8.1.1.7): a random per-process prefix
+# (48 bits) plus a counter is unique without paying for os.urandom on every request.
 _PREFIX: Final = secrets.token_hex(6)
 _counter = itertools.count(1)
 
@@ -52,9 +52,34 @@ _MONTHS: Final = "JanFebMarAprMayJunJulAugSepOctNovDec"  # three letters each
 _BARE_RPORT: Final = re.compile(r";[ \t]*rport(?=[ \t]*(?:;|,|$))", re.IGNORECASE)
 
 
+# RFC 3261 §19.3: a tag "MUST be globally unique and cryptographically random with at least
+# 32 bits of randomness" (a counter would let anyone predict the next one).  64 bits from
+# os.urandom, drawn from a buffer refilled 256 tags at a time (one syscall, not one a tag).
+_TAG_CHARS: Final = 16
+_RANDOM_BYTES: Final = _TAG_CHARS // 2 * 256
+_random_hex = ""
+_random_pos = 0
+
+
+def _reset_random() -> None:
+    global _random_hex, _random_pos
+    _random_hex, _random_pos = "", 0
+
+
+# A forked child must not hand out its parent's buffered tags again.
+os.register_at_fork(after_in_child=_reset_random)
+
+
 def new_tag() -> str:
-    """A fresh From/To tag (RFC 3261 §19.3)."""
-    return _PREFIX + str(next(_counter))
+    """A fresh From/To tag: 64 random bits in hex (RFC 3261 §19.3)."""
+    global _random_hex, _random_pos
+    pos = _random_pos
+    end = pos + _TAG_CHARS
+    if end > len(_random_hex):
+        _random_hex = os.urandom(_RANDOM_BYTES).hex()
+        pos, end = 0, _TAG_CHARS
+    _random_pos = end
+    return _random_hex[pos:end]
 
 
 def new_branch() -> str:
@@ -275,14 +300,18 @@ _ERROR_COPIED: Final = ("via", "from", "to", "call-id", "cseq")
 def build_error_response(data: bytes, status: int, reason: str) -> bytes | None:
     """Answer raw bytes that failed to parse, or None when they must not be answered.
 
-    RFC 3261 §8.2.6 needs Via, From, To, Call-ID and CSeq; a response, an ACK
-    (§17.1.1.3: never answered) or a request missing any of them is dropped.
-    The scan is deliberately forgiving: it only picks header lines out.
+    RFC 3261 §8.2.6 copies Via, From, To, Call-ID and CSeq.  The answer needs a Via (the
+    client matches a response to its request by the top Via's branch, §17.1.3): a
+    request without one, a response or an ACK (§17.1.1.3: never answered) is dropped.
+    A request missing the others is still answered with what it has, so the sender
+    learns what is wrong (RFC 4475 §3.3.1 expects 400).  The scan is deliberately
+    forgiving: it only picks header lines out, and takes the start line's first and
+    last words (extra spaces are what RFC 4475 §3.1.2.8-9 send).
     """
     text = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "surrogateescape")
     lines = text.replace("\r\n", "\n").split("\n")
-    start = lines[0].split(" ")
-    if len(start) < 3 or not start[2].startswith("SIP/") or not start[0].isalpha():
+    start = lines[0].split()
+    if len(start) < 3 or not start[-1].startswith("SIP/") or not start[0].isalpha():
         return None
     if start[0].upper() == "ACK":
         return None
@@ -300,11 +329,11 @@ def build_error_response(data: bytes, status: int, reason: str) -> bytes | None:
         if key in _ERROR_COPIED:
             previous = found.setdefault(key, [])
             previous.append(value.strip())
-    if any(key not in found for key in _ERROR_COPIED):
+    if "via" not in found:
         return None
     out = [f"SIP/2.0 {status} {reason}\r\n"]
     for key in _ERROR_COPIED:
-        for value in found[key]:
+        for value in found.get(key, ()):
             if key == "to" and ";tag=" not in value.replace(" ", "").lower():
                 value = f"{value};tag={new_tag()}"
             out.append(f"{pretty_name(key)}: {value}\r\n")

@@ -471,6 +471,23 @@ class Store(abc.ABC):
     async def delete_expired_nonces(self, now: int) -> int:
         """Forget the counts of nonces whose ``expires`` has passed; returns how many."""
 
+    @abc.abstractmethod
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Count one failed (or pending) authentication for each key in its current window
+        (a new one of ``window`` seconds starts when the last has ended); returns, per key,
+        the count so far (this one included) and when its window ends.  Atomic across
+        processes and hosts; one round trip."""
+
+    @abc.abstractmethod
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None:
+        """Take back one counted failure of each key (the attempt succeeded)."""
+
+    @abc.abstractmethod
+    async def delete_expired_auth_failures(self, now: int) -> int:
+        """Forget failure counts whose window has ended; returns how many."""
+
     # Defined last: inside the class body ``list`` names this method from here on.
     @abc.abstractmethod
     async def list(self, username: str, domain: str) -> list[StoredMessage]:

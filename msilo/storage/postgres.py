@@ -59,7 +59,12 @@ from msilo.storage.location import (
     validate_binding,
     validate_owner,
 )
-from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.subscriber import (
+    Subscriber,
+    validate_auth_keys,
+    validate_nonce,
+    validate_subscriber,
+)
 from msilo.storage.values import owner_storable
 
 log = logging.getLogger("msilo.store")
@@ -718,6 +723,7 @@ class PostgresStore(Store):
         # Checked first: CREATE ... IF NOT EXISTS would still take locks on every start.
         for table, statements in (
             (subscriber.NONCE_TABLE, subscriber.nonce_table_ddl()),
+            (subscriber.AUTH_FAIL_TABLE, subscriber.auth_fail_table_ddl()),
             (ledger.DEVICE_TABLE, ledger.device_ddl()),
             (ledger.ledger_table(self.names), ledger.ledger_ddl(self.names)),
         ):
@@ -1321,6 +1327,33 @@ class PostgresStore(Store):
         """Forget the counts of expired nonces."""
         sql = _sql.to_pg(subscriber.DELETE_EXPIRED_NONCES)
         return await self._execute("expire nonces", sql, now)
+
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One more failure for each key: (count in the window, window end) per key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_pg(subscriber.COUNT_AUTH_FAILURES)
+
+        async def run(conn: Conn) -> tuple[tuple[int, int], tuple[int, int]]:
+            rows = {r[0]: (int(r[1]), int(r[2])) for r in await conn.fetch(
+                sql, source, identity, now, now + window
+            )}  # fmt: skip
+            return rows[source], rows[identity]
+
+        # Not retried: a lost first attempt that committed would count twice.
+        return await self._run("count auth failures", run, idempotent=False)
+
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None:
+        """Take back one failure of each key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_pg(subscriber.FORGIVE_AUTH_FAILURES)
+        await self._execute("forgive auth failures", sql, source, identity, now, idempotent=False)
+
+    async def delete_expired_auth_failures(self, now: int) -> int:
+        """Forget ended failure windows."""
+        sql = _sql.to_pg(subscriber.DELETE_EXPIRED_AUTH_FAILURES)
+        return await self._execute("expire auth failures", sql, now)
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

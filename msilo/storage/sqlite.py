@@ -44,7 +44,12 @@ from msilo.storage.location import (
     validate_binding,
     validate_owner,
 )
-from msilo.storage.subscriber import Subscriber, validate_nonce, validate_subscriber
+from msilo.storage.subscriber import (
+    Subscriber,
+    validate_auth_keys,
+    validate_nonce,
+    validate_subscriber,
+)
 from msilo.storage.values import owner_storable
 
 log = logging.getLogger("msilo.store")
@@ -320,6 +325,10 @@ class SQLiteStore(Store):
                 actions.append(f"created table {table}")
             for stmt in statements:
                 conn.execute(stmt)
+        if self._columns(conn, subscriber.AUTH_FAIL_TABLE) is None:
+            actions.append(f"created table {subscriber.AUTH_FAIL_TABLE}")
+        for stmt in subscriber.auth_fail_table_ddl():
+            conn.execute(stmt)
 
     def _create(self, conn: Conn) -> list[str]:
         actions: list[str] = []
@@ -823,6 +832,31 @@ class SQLiteStore(Store):
         """Forget the counts of expired nonces."""
         sql = _sql.to_sqlite(subscriber.DELETE_EXPIRED_NONCES)
         return await self._exec("expire nonces", sql, (now,))
+
+    async def count_auth_failures(
+        self, source: str, identity: str, *, now: int, window: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One more failure for each key: (count in the window, window end) per key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_sqlite(subscriber.COUNT_AUTH_FAILURES)
+
+        def run(conn: Conn) -> tuple[tuple[int, int], tuple[int, int]]:
+            cursor = conn.execute(sql, (source, identity, now, now + window))
+            rows = {r[0]: (int(r[1]), int(r[2])) for r in cursor.fetchall()}
+            return rows[source], rows[identity]
+
+        return await self._call("count auth failures", lambda c: self._write(c, run))
+
+    async def forgive_auth_failures(self, source: str, identity: str, *, now: int) -> None:
+        """Take back one failure of each key."""
+        validate_auth_keys(source, identity)
+        sql = _sql.to_sqlite(subscriber.FORGIVE_AUTH_FAILURES)
+        await self._exec("forgive auth failures", sql, (source, identity, now))
+
+    async def delete_expired_auth_failures(self, now: int) -> int:
+        """Forget ended failure windows."""
+        sql = _sql.to_sqlite(subscriber.DELETE_EXPIRED_AUTH_FAILURES)
+        return await self._exec("expire auth failures", sql, (now,))
 
     async def count(self, username: str, domain: str) -> int:
         """Rows of the owner."""

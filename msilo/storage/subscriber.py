@@ -6,6 +6,9 @@ means "not set", as in OpenSIPS (the columns are ``NOT NULL DEFAULT ''``).
 
 ``msilo_nonce_use`` is ours: the highest nonce-count accepted per nonce, so a replayed
 request is refused by whichever worker or host sees it (RFC 7616 §3.4.5 / RFC 2617 §3.2.2).
+``msilo_auth_fail`` is ours too: failed authentications counted per key (a source address or
+an identity, opaque here) in fixed windows, so every worker on every host throttles the same
+password guesser.
 
 Storage knows nothing of SIP: the SQL below is written with ``{0}`` placeholders and
 rendered per dialect by the backends (see ``_sql.to_pg`` / ``_sql.to_sqlite``).
@@ -22,6 +25,10 @@ from msilo.storage.values import check_text, text_problem
 
 #: Name of the nonce-count table (ours; OpenSIPS has no equivalent, it keeps nc in shm).
 NONCE_TABLE = "msilo_nonce_use"
+#: Name of the failed-authentication table (ours).
+AUTH_FAIL_TABLE = "msilo_auth_fail"
+#: The longest key counted there (callers hash what they do not control).
+AUTH_KEY_MAX = 80
 
 # Character limits of OpenSIPS's subscriber columns (VARCHAR(n)).
 _LIMITS = {
@@ -136,3 +143,49 @@ USE_NONCE = (
     f"WHERE {NONCE_TABLE}.nc < excluded.nc"
 )
 DELETE_EXPIRED_NONCES = f"DELETE FROM {NONCE_TABLE} WHERE expires <= {{0}}"
+
+
+def validate_auth_keys(*keys: str) -> None:
+    """Raise ``InvalidRecord`` unless the keys are distinct and each can key a failure count."""
+    for who in keys:
+        if not isinstance(who, str) or not who or len(who) > AUTH_KEY_MAX or not who.isascii():
+            raise InvalidRecord(f"auth key must be 1..{AUTH_KEY_MAX} ASCII characters")
+    if len(set(keys)) != len(keys):
+        raise InvalidRecord("auth keys must be distinct")
+
+
+def auth_fail_table_ddl() -> list[str]:
+    """CREATE statements of ``msilo_auth_fail`` (idempotent; same text on both dialects).
+
+    ``failures`` counts attempts in the window that ends at ``window_end`` (epoch seconds);
+    after it the row is dead and the next failure starts a new window.
+    """
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {AUTH_FAIL_TABLE} (
+    who VARCHAR({AUTH_KEY_MAX}) NOT NULL PRIMARY KEY,
+    failures BIGINT NOT NULL,
+    window_end BIGINT NOT NULL
+)""",
+        f"CREATE INDEX IF NOT EXISTS {AUTH_FAIL_TABLE}_end_idx ON {AUTH_FAIL_TABLE} (window_end)",
+    ]
+
+
+# One more failure for each of {0} and {1} at time {2}; {3} = the end of a window that starts
+# now.  Atomic (the rows are locked by ON CONFLICT DO UPDATE, or the SQLite write lock), so
+# concurrent attempts on several hosts are each counted: a count returned is this attempt's
+# rank in its window.  One statement for both keys: one round trip per attempt.
+COUNT_AUTH_FAILURES = (
+    f"INSERT INTO {AUTH_FAIL_TABLE} (who, failures, window_end) "
+    f"VALUES ({{0}}, 1, {{3}}), ({{1}}, 1, {{3}}) "
+    f"ON CONFLICT (who) DO UPDATE SET "
+    f"failures = CASE WHEN {AUTH_FAIL_TABLE}.window_end <= {{2}} THEN 1 "
+    f"ELSE {AUTH_FAIL_TABLE}.failures + 1 END, "
+    f"window_end = CASE WHEN {AUTH_FAIL_TABLE}.window_end <= {{2}} THEN excluded.window_end "
+    f"ELSE {AUTH_FAIL_TABLE}.window_end END "
+    f"RETURNING who, failures, window_end"
+)
+FORGIVE_AUTH_FAILURES = (
+    f"UPDATE {AUTH_FAIL_TABLE} SET failures = failures - 1 "
+    f"WHERE who IN ({{0}}, {{1}}) AND failures > 0 AND window_end > {{2}}"
+)
+DELETE_EXPIRED_AUTH_FAILURES = f"DELETE FROM {AUTH_FAIL_TABLE} WHERE window_end <= {{0}}"

@@ -59,6 +59,7 @@ class TransactionStats:
     rejected_busy: int = 0  # 503 because too many requests were in progress
     handler_errors: int = 0
     abandoned: int = 0  # server transactions the handler never answered
+    dropped: int = 0  # server transactions ended on purpose without an answer
     client_started: int = 0
     requests_retransmitted: int = 0  # Timer E firings
     responses_absorbed: int = 0  # response retransmissions during Timer K
@@ -295,6 +296,13 @@ class TransactionLayer:
             if self._server.get(txn.key) is txn and txn.last_response is not None:
                 self._server[txn.key] = txn.replay_state()
             self._timer_j.push(txn.key)
+
+    def _server_dropped(self, txn: ServerTransaction) -> None:
+        self._pending -= 1
+        self.stats.dropped += 1
+        self._abandon.discard(txn.key)
+        if self._server.get(txn.key) is txn:
+            del self._server[txn.key]
 
     def _replay(self, entry: Replay, source: Source) -> None:
         """A retransmission of a completed request: send the final response again."""

@@ -191,6 +191,17 @@ class ServerTransaction:
             self.state = State.PROCEEDING
         return True
 
+    def drop(self) -> None:
+        """End the transaction without any answer (a source we refuse to talk to).
+
+        Nothing is kept: a retransmission starts a new transaction and is judged again.
+        """
+        if self.final:
+            return
+        self.state = State.TERMINATED
+        self.request = None
+        self._layer._server_dropped(self)
+
     def absorb(self, source: Source) -> None:
         """Handle a retransmission of our request: replay the last response, if any.
 

@@ -45,7 +45,13 @@ from msilo.transport.sockets import (
     pick_local,
 )
 from msilo.transport.spread import spread_by_content
-from msilo.transport.tcp import DEFAULT_IDLE_TIMEOUT, ConnectionPool
+from msilo.transport.tcp import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MESSAGE_TIMEOUT,
+    BufferBudget,
+    ConnectionPool,
+)
 from msilo.transport.udp import UdpEndpoint
 
 log = logging.getLogger("msilo.transport")
@@ -68,6 +74,8 @@ class Transports:
         max_connections: int = 0,
         advertise: str | None = None,
         resolver: Resolver | None = None,
+        message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
         self._on_message = on_message
         self.resolver = resolver or Resolver()
@@ -78,6 +86,9 @@ class Transports:
             max_message=max_message,
             idle_timeout=idle_timeout,
             max_connections=max_connections,
+            message_timeout=message_timeout,
+            # One budget for TCP and TLS: the cap is on what the process holds.
+            budget=BufferBudget(max_buffered),
         )
         self.tls_pool: ConnectionPool | None = None  # set up by configure_tls()
         self._tls_server: ssl.SSLContext | None = None
@@ -180,6 +191,8 @@ class Transports:
             max_message=self.max_message,
             idle_timeout=self.pool.idle_timeout,
             max_connections=self.pool.max_connections,
+            message_timeout=self.pool.message_timeout,
+            budget=self.pool.budget,
             transport=TLS,
             client_ssl=client,
         )

@@ -164,3 +164,22 @@ def ipaddress_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
 def is_wildcard(host: str) -> bool:
     """True for 0.0.0.0, :: and the empty host."""
     return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
+def check_unused(transport: str, host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when another socket already serves ``host:port``.
+
+    Our listeners share their port with SO_REUSEPORT, and the kernel lets any process of
+    the same user join that group: a second server started on the same address would
+    silently take part of the first one's traffic.  A probe bound *without*
+    SO_REUSEPORT fails when anybody holds the address (or an overlapping wildcard).  For
+    TCP it keeps SO_REUSEADDR, so connections in TIME_WAIT from a previous run do not
+    count; only a listener does.  UDP gets neither option (with SO_REUSEADDR Linux lets
+    UDP sockets share a port).
+    """
+    kind = socket.SOCK_DGRAM if transport.lower() == "udp" else socket.SOCK_STREAM
+    probe = _new_socket(host, kind, reuse_port=False, reuse_addr=kind == socket.SOCK_STREAM)
+    try:
+        probe.bind((host.strip("[]"), port))
+    finally:
+        probe.close()

@@ -1,7 +1,13 @@
 """SIP over TCP: framed connections and the pool that reuses them.
 
 Each connection frames its stream with :class:`StreamFramer` and hands every
-message up, like UDP.  A framing error (no Content-Length, oversize) loses the
+message up, like UDP.  A message must arrive whole within ``message_timeout``
+of its first byte (of the connection's opening, for the first message of an
+inbound connection): bytes trickling in do not extend it, so a slow client
+cannot hold a connection slot for longer (Kamailio's ``tcp_msg_read_timeout``).
+The bytes held for incomplete messages are capped per connection (the largest
+message) and per process (:class:`BufferBudget`): a connection that would
+push the process over its budget is closed.  A framing error (no Content-Length, oversize) loses the
 stream's boundaries, so the connection is answered 400/513 and closed; a
 message that frames but fails to parse is answered and the connection kept.
 Responses go back over the connection the request came on (RFC 3261
@@ -20,14 +26,19 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from msilo.errors import SipError, TransportError
-from msilo.sip.framing import PING, PONG, StreamFramer
+from msilo.lograte import LogRate
+from msilo.sip.framing import PING, PONG, KeepAlive, StreamFramer
 from msilo.sip.message import Via
 from msilo.transport.base import TCP, Address, ErrorCallback, MessageCallback, Source
 from msilo.transport.base import answer_error as _answer_error
 
 log = logging.getLogger("msilo.transport")
+# Refusals are caused by the peer, at its will: a line a second each, not one a packet.
+rated = LogRate(log)
 
 DEFAULT_IDLE_TIMEOUT: Final = 300.0  # s without a byte in either direction → close
+DEFAULT_MESSAGE_TIMEOUT: Final = 20.0  # s from a message's first byte to its last → else close
+DEFAULT_MAX_BUFFERED: Final = 64 * 1024 * 1024  # bytes of incomplete messages per process
 CONNECT_TIMEOUT: Final = 10.0  # below Timer F, so a dead peer fails the transaction as 503
 # Close a peer that stops reading rather than buffer for it without bound.
 MAX_WRITE_BUFFER: Final = 4 * 1024 * 1024
@@ -35,6 +46,24 @@ MAX_WRITE_BUFFER: Final = 4 * 1024 * 1024
 
 def _key(addr: Address) -> tuple[str, int]:
     return (str(addr[0]), int(addr[1]))
+
+
+class BufferBudget:
+    """Bytes of incomplete messages held by every connection of a process (TCP and TLS).
+
+    Without it 1,000 connections that each announce a 60 KB body and stop one byte
+    short hold 60 MB until they time out.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int = DEFAULT_MAX_BUFFERED) -> None:
+        self.limit = limit  # 0 = no limit
+        self.held = 0
+
+    def over(self) -> bool:
+        """True when the connections hold more than the limit."""
+        return bool(self.limit) and self.held > self.limit
 
 
 class TcpConnection(asyncio.Protocol):
@@ -49,6 +78,10 @@ class TcpConnection(asyncio.Protocol):
         self.dialled: tuple[str, int] | None = None  # the address we connected to, if outbound
         self.last_activity = time.monotonic()
         self.messages = 0
+        self._deadline: asyncio.TimerHandle | None = None  # the current message's, if any
+        self._held = 0  # bytes of this connection counted in the pool's budget
+        self._awaiting = 0  # requests handed up whose final response is not written yet
+        self._closing = False  # framing failed: close once those responses are out
 
     @property
     def is_open(self) -> bool:
@@ -59,11 +92,38 @@ class TcpConnection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio's: trust the protocol contract.
         self.transport = cast(asyncio.Transport, transport)
         self.peer = transport.get_extra_info("peername")
-        self._pool._register(self)
+        if self._pool._register(self) and not self.outbound:
+            # An inbound connection owes us its first message within the timeout: a
+            # connection that never sends one would otherwise hold its slot until idle.
+            self._arm_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._pool.budget.held -= self._held
+        self._held = 0
         self._pool._unregister(self)
+
+    def _arm_deadline(self) -> None:
+        timeout = self._pool.message_timeout
+        if timeout > 0 and self._deadline is None:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(timeout, self._message_timed_out)
+
+    def _message_timed_out(self) -> None:
+        self._deadline = None
+        log.debug(
+            "event=message_timeout peer=%s:%s buffered=%d",
+            self.peer[0],
+            self.peer[1],
+            self._framer.buffered,
+        )
+        self._pool.message_timeouts += 1
+        # abort, not close: a peer this slow may not read either, and the slot must free now.
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -73,6 +133,8 @@ class TcpConnection(asyncio.Protocol):
         except SipError as exc:
             self._framing_failed(exc)
             return
+        if self._track(items):
+            return
         on_message = self._pool.on_message
         for item in items:
             if item is PING:
@@ -81,11 +143,17 @@ class TcpConnection(asyncio.Protocol):
                 continue
             assert isinstance(item, bytes)
             self.messages += 1
+            request = not item.startswith(b"SIP/")
+            if request:
+                self._awaiting += 1
             try:
                 on_message(item, Source(self._pool.transport, self.peer, self))
             except SipError as exc:
-                _answer_error(self, item, self.peer, exc)
+                if not _answer_error(self, item, self.peer, exc) and request:
+                    self._awaiting -= 1
             except Exception:
+                if request:
+                    self._awaiting -= 1
                 log.exception(
                     "event=message_failed transport=%s peer=%s:%s",
                     self._pool.transport,
@@ -95,21 +163,68 @@ class TcpConnection(asyncio.Protocol):
         if framer.error is not None:  # the messages before the bad one were handled
             self._framing_failed(framer.error)
 
+    def _track(self, items: list[bytes | KeepAlive]) -> bool:
+        """Restart the message deadline and count the bytes held; True when closed for
+        holding too much."""
+        if self._deadline is not None and any(item is not PING for item in items):
+            self._deadline.cancel()  # a whole message arrived: the deadline was met
+            self._deadline = None
+        held = self._framer.buffered
+        if held and self._deadline is None:
+            self._arm_deadline()  # the first bytes of the next message start its clock
+        budget = self._pool.budget
+        budget.held += held - self._held
+        self._held = held
+        if held and budget.over():
+            rated.log(
+                logging.WARNING,
+                "buffer_limit",
+                "peer=%s:%s held=%d limit=%d action=close",
+                self.peer[0],
+                self.peer[1],
+                budget.held,
+                budget.limit,
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return True
+        return False
+
     def _framing_failed(self, exc: SipError) -> None:
-        log.info(
-            "event=framing_error status=%d detail=%r peer=%s:%s",
+        rated.log(
+            logging.INFO,
+            "framing_error",
+            "status=%d detail=%r peer=%s:%s",
             exc.status,
             exc.detail,
             self.peer[0],
             self.peer[1],
         )
-        _answer_error(self, self._framer.pending_head(), self.peer, exc)
-        self.close()
+        self._awaiting += 1  # the error answer below is one more response to write
+        if not _answer_error(self, self._framer.pending_head(), self.peer, exc):
+            self._awaiting -= 1
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._awaiting <= 0 or self.transport is None:
+            self.close()
+            return
+        # Requests framed before the garbage are being handled: their answers still go
+        # out on this connection (the client is waiting on it), then it closes.  Nothing
+        # more is read; a handler that never answers cannot hold it past the deadline.
+        self._closing = True
+        self.transport.pause_reading()
+        timeout = self._pool.message_timeout or DEFAULT_MESSAGE_TIMEOUT
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self.close)
 
     def reply(self, data: bytes, addr: Address, via: Via | None) -> None:
         """Send a response over this connection, or a new one if it closed (§18.2.2)."""
         if self.is_open:
             self.write(data)
+            if self._awaiting and not data.startswith(b"SIP/2.0 1"):  # a final response
+                self._awaiting -= 1
+                if self._closing and not self._awaiting:
+                    self.close()
             return
         # §18.2.2: the connection is gone: connect to the source IP (the received
         # parameter) and the sent-by port.
@@ -154,6 +269,8 @@ class ConnectionPool:
         connect_timeout: float = CONNECT_TIMEOUT,
         transport: str = TCP,
         client_ssl: ssl.SSLContext | None = None,
+        message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.on_message = on_message
         self.transport = transport
@@ -162,6 +279,9 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections  # 0 = no limit
         self.connect_timeout = connect_timeout
+        self.message_timeout = message_timeout  # 0 = no deadline
+        self.budget = budget or BufferBudget()  # shared with the TLS pool by the caller
+        self.message_timeouts = 0  # connections closed for a message that took too long
         self._by_peer: dict[tuple[str, int], TcpConnection] = {}
         self._connecting: dict[tuple[str, int], list[tuple[bytes, ErrorCallback]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -180,17 +300,22 @@ class ConnectionPool:
         """Factory for ``loop.create_server``."""
         return lambda: TcpConnection(self)
 
-    def _register(self, conn: TcpConnection) -> None:
+    def _register(self, conn: TcpConnection) -> bool:
         if self._closed or (self.max_connections and len(self._by_peer) >= self.max_connections):
-            log.warning(
-                "event=connection_refused reason=limit peer=%s:%s", conn.peer[0], conn.peer[1]
+            rated.log(
+                logging.WARNING,
+                "connection_refused",
+                "reason=limit peer=%s:%s",
+                conn.peer[0],
+                conn.peer[1],
             )
             assert conn.transport is not None
             conn.transport.abort()
-            return
+            return False
         self._by_peer[_key(conn.peer)] = conn
         if self._sweeper is None and self.idle_timeout > 0:
             self._arm_sweeper()
+        return True
 
     def _unregister(self, conn: TcpConnection) -> None:
         for key in (_key(conn.peer), conn.dialled):

@@ -18,7 +18,7 @@ from msilo.auth import Authenticator
 from msilo.storage import SiloNames, Store
 from msilo.storage.postgres import PostgresStore
 from msilo.storage.sqlite import SQLiteStore
-from msilo.storage.subscriber import NONCE_TABLE
+from msilo.storage.subscriber import AUTH_FAIL_TABLE, NONCE_TABLE
 
 StoreFactory = Callable[[], Awaitable[Store]]
 SECRET = "correct horse battery staple"
@@ -96,6 +96,8 @@ async def make_store(backend: str, db_url: str, realm: str) -> AsyncIterator[Sto
                 )
             if await conn.fetchval(f"SELECT to_regclass('{NONCE_TABLE}')") is not None:
                 await conn.execute(f"DELETE FROM {NONCE_TABLE}")
+            if await conn.fetchval(f"SELECT to_regclass('{AUTH_FAIL_TABLE}')") is not None:
+                await conn.execute(f"DELETE FROM {AUTH_FAIL_TABLE}")
         finally:
             await conn.close()
 

@@ -197,40 +197,68 @@ async def test_wrong_password_gets_a_fresh_challenge(
     assert "wrong password" in outcome.detail and "guess" not in outcome.detail
 
 
-async def test_a_wrong_password_does_not_burn_the_nonce_count(
+async def test_a_wrong_answer_uses_up_its_nonce(
     make_auth: MakeAuth, realm: str, alice: DigestClient
 ) -> None:
-    # Only a verified digest touches the count, so an attacker who saw the nonce cannot
-    # block the user by sending nc=ffffffff with a made-up response.
+    # A guesser cannot go on with one nonce (higher counts included): every guess costs a
+    # challenge.  The right answer with that nonce is then told stale=true, so a phone that
+    # mistyped retries on the fresh nonce without asking for the password again.
     auth = make_auth()
     ch = header_of(await challenge_for(auth, realm), "SHA-256")
-    bad = alice.authorization(
-        ch, method="REGISTER", uri=f"sip:{realm}", nc=0xFFFFFFFF, password="x"
-    )
+    bad = alice.authorization(ch, method="REGISTER", uri=f"sip:{realm}", nc=1, password="x")
     assert (await auth.check(register(realm, auth=bad), proxy=False)).status == 401
-    good = alice.authorization(ch, method="REGISTER", uri=f"sip:{realm}", nc=1)
+    later = alice.authorization(ch, method="REGISTER", uri=f"sip:{realm}", nc=2)
+    stale = await auth.check(register(realm, auth=later), proxy=False)
+    assert stale.verdict is Verdict.CHALLENGE and stale.stale
+    fresh = header_of(stale, "SHA-256")
+    good = alice.authorization(fresh, method="REGISTER", uri=f"sip:{realm}", nc=1)
     assert (await auth.check(register(realm, auth=good), proxy=False)).accepted
 
 
-async def test_unknown_user_is_forbidden(make_auth: MakeAuth, realm: str) -> None:
-    auth = make_auth()
-    ch = header_of(await challenge_for(auth, realm), "SHA-256")
-    creds = DigestClient("mallory", "pw").authorization(ch, method="REGISTER", uri=f"sip:{realm}")
-    outcome = await auth.check(register(realm, auth=creds), proxy=False)
-    assert (outcome.verdict, outcome.status, outcome.reason) == (
-        Verdict.REFUSED, 403, "Forbidden",
-    )  # fmt: skip
+def _shape(outcome: AuthOutcome) -> tuple[object, ...]:
+    """What a client can see of an outcome, nonces left out."""
+    headers = [
+        (name, {k: v for k, v in challenge_params(value).items() if k != "nonce"})
+        for name, value in outcome.headers
+    ]
+    return outcome.verdict, outcome.status, outcome.reason, headers
 
 
-async def test_credentials_for_another_realm_are_forbidden_at_the_registrar(
-    make_auth: MakeAuth, realm: str, alice: DigestClient
+async def test_every_failed_check_gets_the_same_fresh_challenge(
+    store: Store, make_auth: MakeAuth, realm: str, alice: DigestClient
 ) -> None:
+    # Unknown user, wrong password, a nonce we never issued, another realm, a user with no
+    # credentials at all: one answer, so it never tells who exists (svwar-style enumeration).
+    await store.set_subscriber("erin", realm, ha1="", ha1_sha256="")  # nothing usable
     auth = make_auth()
     ch = header_of(await challenge_for(auth, realm), "SHA-256")
-    creds = alice.authorization(ch, method="REGISTER", uri=f"sip:{realm}", realm="elsewhere.org")
-    outcome = await auth.check(register(realm, auth=creds), proxy=False)
-    assert (outcome.status, outcome.reason) == (403, "Forbidden")
-    assert "realm" in outcome.detail
+    uri = f"sip:{realm}"
+    forged = ch.replace(challenge_params(ch)["nonce"], "A" * 44)
+    attempts = {
+        "wrong password": register(
+            realm, auth=alice.authorization(ch, method="REGISTER", uri=uri, password="x")
+        ),
+        "unknown user": register(
+            realm,
+            to=f"mallory@{realm}",
+            auth=DigestClient("mallory", "pw").authorization(ch, method="REGISTER", uri=uri),
+        ),
+        "no credentials stored": register(
+            realm,
+            to=f"erin@{realm}",
+            auth=DigestClient("erin", "pw").authorization(ch, method="REGISTER", uri=uri),
+        ),
+        "another realm": register(
+            realm, auth=alice.authorization(ch, method="REGISTER", uri=uri, realm="elsewhere.org")
+        ),
+        "forged nonce": register(
+            realm, auth=alice.authorization(forged, method="REGISTER", uri=uri)
+        ),
+    }
+    shapes = {why: _shape(await auth.check(req, proxy=False)) for why, req in attempts.items()}
+    expected = _shape(await challenge_for(auth, realm))
+    assert expected[:3] == (Verdict.CHALLENGE, 401, "Unauthorized")
+    assert shapes == dict.fromkeys(attempts, expected)
 
 
 @pytest.mark.parametrize(
@@ -439,7 +467,7 @@ async def test_a_message_with_a_spoofed_from_is_forbidden(realm: str) -> None:
         require_sender(genuine, f"Alice@{realm}")  # users are case-sensitive
 
 
-async def test_a_subscriber_without_credentials_for_any_offered_algorithm_is_forbidden(
+async def test_a_subscriber_without_credentials_for_any_offered_algorithm_is_challenged(
     store: Store, make_auth: MakeAuth, realm: str
 ) -> None:
     await store.set_subscriber("erin", realm, ha1=compute_ha1("MD5", "erin", realm, "pw"))
@@ -448,4 +476,18 @@ async def test_a_subscriber_without_credentials_for_any_offered_algorithm_is_for
     creds = DigestClient("erin", "pw").authorization(ch, method="REGISTER", uri=f"sip:{realm}")
     sha_only = make_auth(algorithms=("SHA-256",))
     outcome = await sha_only.check(register(realm, to=f"erin@{realm}", auth=creds), proxy=False)
-    assert (outcome.status, outcome.reason) == (403, "Forbidden")
+    assert (outcome.verdict, outcome.status) == (Verdict.CHALLENGE, 401)  # as for nobody
+
+
+async def test_a_digest_uri_that_is_not_the_request_uri_gets_400(
+    make_auth: MakeAuth, realm: str, alice: DigestClient
+) -> None:
+    # RFC 7616 §3.4.6: a response computed for another resource is not accepted.
+    auth = make_auth()
+    ch = header_of(await challenge_for(auth, realm), "SHA-256")
+    elsewhere = alice.authorization(ch, method="REGISTER", uri="sip:elsewhere.example.org")
+    outcome = await auth.check(register(realm, auth=elsewhere), proxy=False)
+    assert (outcome.verdict, outcome.status) == (Verdict.REFUSED, 400)
+    # The same URI spelt with another host case is the same resource (RFC 3261 §19.1.4).
+    same = alice.authorization(ch, method="REGISTER", uri=f"sip:{realm.upper()}")
+    assert (await auth.check(register(realm, auth=same), proxy=False)).accepted

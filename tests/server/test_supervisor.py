@@ -180,11 +180,36 @@ def test_a_taken_port_stops_the_server_with_one_line_and_no_restart_loop(tmp_pat
         port = taken.getsockname()[1]
         out = _serve_once(tmp_path, f'server.listen=["udp:127.0.0.1:{port}"]')
     assert out.returncode == 2, out.stderr
-    assert _error_lines(out.stderr) == [
-        "msilo: error: server.listen: cannot bind (Address already in use)"
-    ]
-    assert out.stderr.count("event=spawned") == 3  # two workers and the leader, once each
-    assert "event=child_died" not in out.stderr and "Traceback" not in out.stderr
+    [line] = _error_lines(out.stderr)
+    assert line.startswith(
+        f"msilo: error: server.listen: udp:127.0.0.1:{port} is already served by another process"
+    )
+    assert "event=spawned" not in out.stderr  # refused before any child starts
+    assert "Traceback" not in out.stderr
+
+
+async def test_a_second_deployment_on_the_same_address_is_refused(
+    serve, pg_url: str, tmp_path: Path
+) -> None:
+    # Another database, another server.http: without the guard it would join the first
+    # one's SO_REUSEPORT group and take part of its traffic.
+    first: Instance = serve(pg_url, "server.workers=2", "server.mode=silo")
+    await first.wait_ready(2)
+    listen = f'server.listen=["udp:127.0.0.1:{first.port}","tcp:127.0.0.1:{first.port}"]'
+    second: Instance = serve(f"sqlite:///{tmp_path}/other.db", listen, name="second")
+    assert second.wait_exit(30) == 2
+    assert (
+        f"msilo: error: server.listen: udp:127.0.0.1:{first.port} is already served by another"
+        " process" in second.log()
+    )
+    assert "event=spawned" not in second.log()
+    ua = await UserAgent(first.address, user="alice", domain="127.0.0.1").start()
+    try:
+        for n in range(20):  # every request still reaches the first deployment
+            assert (await ua.message("sip:bob@127.0.0.1", f"m{n}")).status == 202
+    finally:
+        ua.close()
+    assert (first.get("/stats"))["stored_messages"] == 20
 
 
 def test_a_route_that_cannot_load_stops_the_server(tmp_path: Path) -> None:
@@ -210,3 +235,57 @@ def test_an_unreachable_database_stops_the_server(tmp_path: Path) -> None:
     [line] = _error_lines(out.stderr)
     assert line.startswith("msilo: error: database: cannot connect to PostgreSQL")
     assert "event=spawned" not in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_a_reload_onto_an_address_in_use_keeps_the_running_generation(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+
+    from tests.server.conftest import free_tcp_port
+
+    port, http = free_port(), free_tcp_port()
+    config = tmp_path / "msilo.toml"
+
+    def write(listen: list[str]) -> None:
+        items = ", ".join(f'"{item}"' for item in listen)
+        config.write_text(
+            f'[server]\nlisten = [{items}]\nhttp = "127.0.0.1:{http}"\nworkers = 1\n'
+            f'mode = "silo"\n[msilo]\ndb_url = "sqlite:///{tmp_path}/msilo.db"\n'
+        )
+
+    write([f"udp:127.0.0.1:{port}"])
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "msilo", "serve", "-c", str(config)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def text() -> str:
+        return (tmp_path / "serve.log").read_text(errors="replace")
+
+    try:
+        await wait_for(text, lambda t: "event=ready generation=1" in t, 20, "ready")
+        taken.bind(("127.0.0.1", 0))
+        other = taken.getsockname()[1]
+        write([f"udp:127.0.0.1:{port}", f"udp:127.0.0.1:{other}"])
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(text, lambda t: "event=reload_failed" in t, 10, "reload refused")
+        assert f"udp:127.0.0.1:{other} is already served by another process" in text()
+        assert "event=reloading generation=2" not in text()
+        ua = await UserAgent(("127.0.0.1", port), user="alice", domain="127.0.0.1").start()
+        try:
+            assert (await ua.message("sip:bob@127.0.0.1", "still here")).status == 202
+        finally:
+            ua.close()
+        taken.close()  # once the address is free, the same reload goes through
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(text, lambda t: "event=ready generation=2" in t, 20, "reloaded")
+    finally:
+        taken.close()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        log.close()

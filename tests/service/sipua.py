@@ -186,14 +186,19 @@ class UserAgent:
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body, branch
 
     async def register(
-        self, expires: int = 3600, *, headers: list[str] | None = None, contact: str | None = None
+        self,
+        expires: int = 3600,
+        *,
+        headers: list[str] | None = None,
+        contact: str | None = None,
+        timeout: float = 5.0,
     ) -> SipResponse:
         """REGISTER our contact for our AoR."""
         contact_value = contact if contact is not None else f"<{self.contact}>"
         return await self.request(
             "REGISTER", f"sip:{self.domain}", to_uri=self.uri, content_type=None,
             headers=[f"Contact: {contact_value}", f"Expires: {expires}", *(headers or [])],
-            call_id=f"reg-{self.user}-{self.port}@127.0.0.1",
+            call_id=f"reg-{self.user}-{self.port}@127.0.0.1", timeout=timeout,
         )  # fmt: skip
 
     async def message(self, to: str, text: str, **kwargs: object) -> SipResponse:

@@ -126,3 +126,71 @@ async def test_silo_mode_answers_register_without_keeping_bindings(server: Serve
     ua = await srv.agent("alice")
     assert (await ua.register(600)).status == 200
     assert await srv.store.lookup_bindings("alice", "127.0.0.1", now=int(time.time())) == []
+
+
+def _contacts(ua: object, n: int, start: int = 0) -> str:
+    port = ua.port  # type: ignore[attr-defined]
+    return ", ".join(
+        f"<sip:alice-device-{i:04d}-with-a-long-name@127.0.0.1:{port};transport=udp>"
+        for i in range(start, start + n)
+    )
+
+
+async def test_max_contacts_refuses_a_register_that_would_exceed_it(
+    server: ServerFactory,
+) -> None:
+    srv = await server("registrar.max_contacts=3")
+    ua = await srv.agent("alice")
+    too_many = await ua.register(600, contact=_contacts(ua, 4))  # in one request
+    assert (too_many.status, too_many.reason) == (403, "Too Many Contacts")
+    assert await srv.store.lookup_bindings("alice", "127.0.0.1", now=int(time.time())) == []
+    assert (await ua.register(600, contact=_contacts(ua, 3))).status == 200
+    refused = await ua.register(600, contact=_contacts(ua, 1, start=3))  # a fourth one
+    assert (refused.status, refused.reason) == (403, "Too Many Contacts")
+    refresh = await ua.register(600, contact=_contacts(ua, 2))  # refreshing is fine
+    assert refresh.status == 200 and len(refresh.contacts) == 3
+    # Removing one makes room for another, in the same request.
+    first = _contacts(ua, 1).split(">")[0] + ">;expires=0"
+    swap = await ua.register(600, contact=f"{first}, {_contacts(ua, 1, start=3)}")
+    assert swap.status == 200 and len(swap.contacts) == 3
+
+
+async def test_the_default_limit_is_10_contacts(server: ServerFactory) -> None:
+    srv = await server()
+    ua = await srv.agent("alice")
+    assert (await ua.register(600, contact=_contacts(ua, 11))).status == 403
+    assert (await ua.register(600, contact=_contacts(ua, 10))).status == 200
+
+
+async def test_a_200_over_udp_never_exceeds_a_datagram(server: ServerFactory) -> None:
+    # 40 long contacts registered (over TCP, or before the limit was lowered): a small
+    # REGISTER over UDP -- whose source nobody verified -- must not get a 5 KB answer.
+    srv = await server("registrar.max_contacts=50")
+    ua = await srv.agent("alice")
+    for start in range(0, 40, 10):
+        assert (await ua.register(600, contact=_contacts(ua, 10, start=start))).status == 200
+    data, branch = ua.build(
+        "REGISTER", "sip:127.0.0.1", to_uri=ua.uri, content_type=None,
+        headers=[f"Contact: <{ua.contact}>", "Expires: 600"], call_id="small@x",
+    )  # fmt: skip
+    raw: list[bytes] = []
+    original = ua._datagram
+    ua._datagram = lambda d, a: (raw.append(d), original(d, a))  # type: ignore[method-assign]
+    reply = await ua.send_and_wait(data, branch)
+    assert reply.status == 200
+    assert len(raw[-1]) <= 1300
+    assert [c.uri for c in reply.contacts] == [ua.contact]  # its own binding, listed
+    # Over TCP the answer lists every binding (RFC 3261 §10.3 step 8).
+    reader, writer = await asyncio.open_connection(*srv.address)
+    try:
+        port = writer.get_extra_info("sockname")[1]
+        writer.write(
+            f"REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:{port};branch=z9hG4bKt1"
+            f"\r\nFrom: <{ua.uri}>;tag=t1\r\nTo: <{ua.uri}>\r\nCall-ID: tcp@x\r\nCSeq: 1 REGISTER"
+            f"\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"SIP/2.0 200") and head.count(b"\r\nContact: ") == 41
+        assert len(head) > 3 * 1300  # what a spoofed UDP REGISTER would have sent its victim
+    finally:
+        writer.close()

@@ -145,3 +145,33 @@ async def test_missing_certificate_file_is_a_clear_start_up_error(
             f'server.listen=["tls:127.0.0.1:{free_port()}"]',
             f'tls.certificate="{tmp_path}/none.pem"', f'tls.private_key="{tmp_path}/none.key"',
         )  # fmt: skip
+
+
+async def test_a_tls_message_trickling_in_is_cut_off_at_the_deadline(
+    server: ServerFactory, certificate: tuple[str, str]
+) -> None:
+    # limits.message_timeout holds for TLS too: the handshake done, bytes trickling in
+    # do not extend it.
+    cert, key = certificate
+    udp, tls = free_port(), free_port()
+    await server(
+        f'server.listen=["udp:127.0.0.1:{udp}", "tls:127.0.0.1:{tls}"]',
+        f'tls.certificate="{cert}"', f'tls.private_key="{key}"', "limits.message_timeout=1",
+    )  # fmt: skip
+    slow = await TlsPhone.connect("slow", tls, cert)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        for byte in b"MESSAGE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5061":
+            slow.writer.write(bytes([byte]))
+            await slow.writer.drain()
+            await asyncio.sleep(0.2)
+            if slow.reader.at_eof():
+                break
+        closed = await asyncio.wait_for(slow.reader.read(1), 3)
+    except (ConnectionError, ssl.SSLError):
+        closed = b""
+    finally:
+        slow.close()
+    assert closed == b""
+    assert loop.time() - started < 3.5

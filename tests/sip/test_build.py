@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -292,10 +293,39 @@ def test_error_response_from_unparsable_bytes_copies_the_headers() -> None:
     [
         b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP a\r\n\r\n",  # a response: never answered
         REQUEST.replace(b"MESSAGE sip:", b"ACK sip:").replace(b"7 MESSAGE", b"7 ACK"),
-        REQUEST.replace(b"Call-ID: build-1@example.com\r\n", b""),
+        re.sub(rb"Via: [^\r]*\r\n", b"", REQUEST),  # no Via: nothing to match an answer
         b"\x16\x03\x01 garbage that is not SIP",
     ],
-    ids=["response", "ack", "no-call-id", "garbage"],
+    ids=["response", "ack", "no-via", "garbage"],
 )
 def test_error_response_is_withheld_when_rfc3261_forbids_or_cannot(data: bytes) -> None:
     assert build_error_response(data, 400, "Bad Request") is None
+
+
+@pytest.mark.parametrize("missing", [b"Call-ID", b"From", b"To", b"CSeq"])
+def test_a_request_missing_a_mandatory_header_is_still_answered(missing: bytes) -> None:
+    # RFC 4475 §3.3.1 (insuf): 400, so the sender learns what is wrong; Via is enough.
+    data = re.sub(rb"\r\n" + missing + rb": [^\r]*", b"", REQUEST)
+    out = build_error_response(data, 400, "Missing " + missing.decode())
+    assert out is not None and out.startswith(b"SIP/2.0 400 Missing " + missing + b"\r\n")
+    assert b"\r\n" + missing + b": " not in out
+    assert out.count(b"\r\nVia: ") == 2
+
+
+@pytest.mark.parametrize(
+    "line", [b"INVITE sip:user@example.com; lr SIP/2.0", b"INVITE  sip:user@example.com  SIP/2.0"]
+)
+def test_a_request_line_with_stray_spaces_is_answered(line: bytes) -> None:
+    # RFC 4475 §3.1.2.8 lwsruri and §3.1.2.9 lwsstart: a 400, not silence.
+    data = line + REQUEST[REQUEST.index(b"\r\n") :]
+    out = build_error_response(data, 400, "Bad Request")
+    assert out is not None and out.startswith(b"SIP/2.0 400 Bad Request\r\n")
+
+
+def test_tags_are_random_not_a_counter() -> None:
+    # RFC 3261 §19.3: "cryptographically random with at least 32 bits of randomness".
+    tags = [new_tag() for _ in range(600)]  # across a refill of the random buffer
+    assert len(set(tags)) == len(tags)
+    assert all(len(t) == 16 and int(t, 16) >= 0 for t in tags)
+    for position in range(16):  # a prefix + counter would keep most positions fixed
+        assert len({t[position] for t in tags}) >= 12

@@ -12,8 +12,9 @@ Deliberate deviations and notes:
   repeated tokens, every byte value in a binary part), with a matching Content-Length.
 * novelsc (§3.3.2: a novel scheme in the Request-URI) gets 416 here: msilo serves only
   sip, sips and tel.
-* unksm2 (§3.3.3: unknown schemes in To/From/Contact) parses; the registrar then
-  refuses the non-SIP To URI through normalize_aor (416), which the test checks.
+* unksm2 (§3.3.3: unknown schemes in To/From/Contact) parses; normalize_aor refuses the
+  non-SIP To URI, and the registrar answers 400 as the RFC expects (not 416, which is
+  about the Request-URI): tests/service/test_protocol_edges.py checks the answer.
 * scalar02/scalarlg: the CSeq overflow decides (400); an over-large Expires alone is
   clamped to 2**32-1 rather than refused (RFC 4475 allows either).
 """
@@ -166,3 +167,11 @@ def test_escaped_headers_inside_a_bracketed_contact_are_fine(parser):
     msg = _load(parser, "regescrt")
     uri = parser.parse_uri(msg.contacts[0].uri)
     assert uri.headers == {"Route": "%3Csip:sip.example.com%3E"}
+
+
+def test_insuf_is_answered_with_the_missing_headers_named(parser):
+    # RFC 4475 §3.3.1: 400; the reason phrase names what is missing (both parsers alike).
+    with pytest.raises(ParseError) as info:
+        parser.parse_message((TORTURE / "invalid" / "insuf.dat").read_bytes())
+    assert (info.value.status, info.value.reason) == (400, "Missing To, From, Call-ID")
+    assert info.value.detail == "missing To, From, Call-ID headers"

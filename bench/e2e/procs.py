@@ -85,6 +85,21 @@ class Proc:
             proc.stop(grace=3.0)
 
 
+def cpu_sample() -> tuple[int, int]:
+    """(idle + iowait, all) jiffies of the whole host since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of the host's CPU time that was idle between two ``cpu_sample`` calls."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on both UDP and TCP right now (msilo may listen on both)."""
     for _ in range(50):

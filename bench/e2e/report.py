@@ -108,6 +108,8 @@ def register_cell(step: dict[str, Any]) -> str:
     )
     if step["preloaded"]:
         text += f"; msgs {step['delivered']}/{step['preloaded']} left {step['rows']}"
+    if step.get("host_idle_share") is not None:
+        text += f"; host idle {step['host_idle_share'] * 100:.0f}%"
     return text
 
 

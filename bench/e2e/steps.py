@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import socket
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e import sipp
-from bench.e2e.procs import BenchError, Proc, free_port
+from bench.e2e.procs import BenchError, Proc, cpu_sample, free_port, idle_share
 from bench.e2e.servers import HOST, KEY_PATTERN, Server
 from bench.e2e.workloads import Workload
 
@@ -583,7 +584,10 @@ def run_register(
     left = 0
     try:
         _wait_bound(uas, uas_port)
+        # The host's idle CPU while the REGISTERs run (the issue compares "host % idle").
+        cpu_before, load_before = cpu_sample(), os.getloadavg()[0]
         stems = _run_rounds(server, rounds, rate, opts, cid)
+        host_idle = idle_share(cpu_before, cpu_sample())
         server.check_alive()
         if total:
             deadline = time.monotonic() + server.drain_timeout
@@ -707,6 +711,8 @@ def run_register(
         "uas_successful_calls": uas_ok,
         "bindings": bindings,
         "achieved_rate": achieved,
+        "host_idle_share": host_idle,
+        "load_average_before": load_before,
         "latency_ms": sipp.summarize(lat200),
         "latency_ms_503": sipp.summarize(lat503),
         "rows": left,

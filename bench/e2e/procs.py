@@ -20,7 +20,14 @@ class Proc:
 
     _live: list[Proc] = []  # noqa: RUF012 - registry of every started child, for cleanup
 
-    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log = log
@@ -33,6 +40,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=env,
             )
         except OSError as exc:
             self._log_file.close()

@@ -216,8 +216,15 @@ class MsiloServer(Server):
         self.http_port = 0
 
     def _msilo(self) -> list[str]:
-        # The same interpreter as the harness, so the msilo under test is this checkout's.
         return [sys.executable, "-m", "msilo"]
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        # The same interpreter as the harness, and this checkout's msilo first on the path:
+        # an editable install may point at another checkout (a git worktree's harness
+        # would otherwise measure the main checkout's code).
+        path = os.environ.get("PYTHONPATH")
+        return {**os.environ, "PYTHONPATH": f"{MAIN}{os.pathsep}{path}" if path else str(MAIN)}
 
     def settings(self) -> list[str]:
         sets = {
@@ -240,19 +247,46 @@ class MsiloServer(Server):
             text=True,
             timeout=60,
             cwd=self.workdir,
+            env=self._env(),
         )
         if result.returncode != 0:
             raise BenchError(f"msilo db init failed:\n{result.stdout}{result.stderr}")
         version = subprocess.run(
-            [*self._msilo(), "--version"], capture_output=True, text=True, timeout=30
+            [*self._msilo(), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.workdir,
+            env=self._env(),
         )
-        self.info = {"version": version.stdout.strip(), "workers": self.workers}
+        where = subprocess.run(
+            [sys.executable, "-c", "import msilo; print(msilo.__file__)"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.workdir,
+            env=self._env(),
+        )
+        commit = subprocess.run(
+            ["git", "-C", str(MAIN), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.info = {
+            "version": version.stdout.strip(),
+            "workers": self.workers,
+            "module": where.stdout.strip(),
+            "commit": commit.stdout.strip(),
+        }
 
     def start(self) -> None:
         self.port, self.http_port = free_port(), free_port()
         argv = [*self._msilo(), "serve", *self.settings()]
         self.info["command"] = " ".join(argv)
-        self.proc = Proc("msilo", argv, self.workdir / "msilo.log", cwd=self.workdir)
+        self.proc = Proc(
+            "msilo", argv, self.workdir / "msilo.log", cwd=self.workdir, env=self._env()
+        )
         wait_for_sip(self.proc, HOST, self.port, timeout=60)
 
     def reset_bindings(self) -> None:

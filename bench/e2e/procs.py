@@ -108,6 +108,21 @@ def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
     return (after[0] - before[0]) / total if total > 0 else None
 
 
+def wait_idle(share: float, longest: float, probe: float = 2.0) -> tuple[float | None, float]:
+    """Until the host was at least ``share`` idle over ``probe`` seconds, at most ``longest``
+    seconds: (the idle share last seen, seconds waited). The machine is shared; a step
+    measured while other jobs take the CPUs measures them."""
+    waited = 0.0
+    seen = None
+    while True:
+        before = cpu_sample()
+        time.sleep(probe)
+        waited += probe
+        seen = idle_share(before, cpu_sample())
+        if seen is None or seen >= share or waited >= longest:
+            return seen, waited
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on both UDP and TCP right now (msilo may listen on both)."""
     for _ in range(50):

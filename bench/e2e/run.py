@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any
 
 from bench.e2e import report, steps
-from bench.e2e.procs import BenchError, Proc
+from bench.e2e.procs import BenchError, Proc, wait_idle
 from bench.e2e.servers import MAIN, KamailioServer, MsiloServer, Server, run_pg
 from bench.e2e.workloads import GROUPS, Workload, expand, select
 
@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="register: after a failed step, one step at this x the highest passing rate "
         "(shares of 200/503/failed/retransmissions; 0 = none; default 2)",
     )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each step wait until the host is this share idle over 2 s, e.g. 0.6 "
+        "(the machine is shared; default 0 = do not wait)",
+    )
+    p.add_argument(
+        "--wait-idle-max", type=float, default=120.0, help="longest wait per step, s (120)"
+    )
     p.add_argument("--duration", type=float, help="measuring window per step, s")
     p.add_argument("--warmup", type=float, help="warm-up per step, s")
     p.add_argument(
@@ -156,6 +166,9 @@ def ramp(
     def run(rate: int, overload: bool = False) -> dict[str, Any]:
         stepdir = workdir / f"{server.name}-{wl.name}-{rate}"
         stepdir.mkdir(parents=True)
+        idle_before, waited = (None, 0.0)
+        if opts.wait_idle > 0:
+            idle_before, waited = wait_idle(opts.wait_idle, opts.wait_idle_max)
         started = time.time()
         outcome = steps.RUNNERS[wl.runner](server, wl, rate, stepdir, opts)
         step = {
@@ -164,6 +177,8 @@ def ramp(
             "rate": rate,
             "started": started,
             "overload": overload,
+            "idle_before": idle_before,
+            "waited_for_idle_s": waited,
             **outcome,
         }
         results.append(step)
@@ -247,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         uas_linger_ms=args.uas_linger_ms or (4000 if args.quick else 8000),
         sipp_grace=10.0,
         overload_factor=args.overload_factor,
+        wait_idle=args.wait_idle,
+        wait_idle_max=args.wait_idle_max,
     )
 
     # SIGTERM must unwind through the finally below, so no server or sipp outlives us.

@@ -31,6 +31,9 @@ class Options:
     # register: after a ramp that failed, one more step at this multiple of the highest
     # passing rate (the overload criterion); 0 = none.
     overload_factor: float = 2.0
+    # Before each step: wait (up to wait_idle_max s) until the host is this share idle.
+    wait_idle: float = 0.0
+    wait_idle_max: float = 120.0
 
 
 # sipp's own socket buffers (64 KB by default): when sipp stalls for a few ms at 4,000/s,

@@ -555,7 +555,9 @@ def run_register(
             ramp.cseq += 1
             left -= n
             offset += users / rate
-    with_messages = _pending_users(users, wl.pending_share)
+    # Only users that register in this step can get their messages (a refresh step at a
+    # low rate covers only the first users of the population).
+    with_messages = _pending_users(min(users, calls), wl.pending_share)
     total = (
         server.preload(with_messages, wl.messages_per_user, wl.body_bytes) if with_messages else 0
     )

@@ -92,10 +92,15 @@ def step_row(step: dict[str, Any]) -> str:
 
 
 def _pct(share: float) -> str:
+    """A share in percent; never rounded to "100" or "0" unless it is exactly that."""
     value = share * 100.0
-    if value == 0:
-        return "0"
-    return f"{value:.1f}" if value >= 0.1 else f"{value:.2f}"
+    if value == 0 or value == 100:
+        return f"{value:.0f}"
+    for digits in (1, 2, 3):
+        text = f"{value:.{digits}f}"
+        if float(text) not in (0.0, 100.0):
+            return text
+    return f"{value:.4f}"
 
 
 def register_cell(step: dict[str, Any]) -> str:

@@ -20,7 +20,14 @@ class Proc:
 
     _live: list[Proc] = []  # noqa: RUF012 - registry of every started child, for cleanup
 
-    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log = log
@@ -33,6 +40,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=env,
             )
         except OSError as exc:
             self._log_file.close()
@@ -83,6 +91,36 @@ class Proc:
     def stop_all(cls) -> None:
         for proc in list(cls._live):
             proc.stop(grace=3.0)
+
+
+def cpu_sample() -> tuple[int, int]:
+    """(idle + iowait, all) jiffies of the whole host since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of the host's CPU time that was idle between two ``cpu_sample`` calls."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
+def wait_idle(share: float, longest: float, probe: float = 2.0) -> tuple[float | None, float]:
+    """Until the host was at least ``share`` idle over ``probe`` seconds, at most ``longest``
+    seconds: (the idle share last seen, seconds waited). The machine is shared; a step
+    measured while other jobs take the CPUs measures them."""
+    waited = 0.0
+    seen = None
+    while True:
+        before = cpu_sample()
+        time.sleep(probe)
+        waited += probe
+        seen = idle_share(before, cpu_sample())
+        if seen is None or seen >= share or waited >= longest:
+            return seen, waited
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -77,14 +77,45 @@ def step_row(step: dict[str, Any]) -> str:
     rows = step["rows"]
     if step["workload"] == "store":
         rows_text = f"{rows}/{step['successful']}"
+    elif step["workload"].startswith("register"):
+        rows_text = register_cell(step)
     else:
         rows_text = f"{step['delivered']}/{step['preloaded']} left {rows}"
     result = "ok" if step["passed"] else "FAIL: " + "; ".join(step["reasons"])
+    if step.get("overload"):
+        result = "overload step: " + result
     return (
         f"| {step['server']} | {step['workload']} | {step['rate']} | {step['achieved_rate']:.0f} "
         f"| {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['p99.9'])} "
         f"| {step['failed']} | {step['retransmissions']} | {rows_text} | {result} |"
     )
+
+
+def _pct(share: float) -> str:
+    """A share in percent; never rounded to "100" or "0" unless it is exactly that."""
+    value = share * 100.0
+    if value == 0 or value == 100:
+        return f"{value:.0f}"
+    for digits in (1, 2, 3):
+        text = f"{value:.{digits}f}"
+        if float(text) not in (0.0, 100.0):
+            return text
+    return f"{value:.4f}"
+
+
+def register_cell(step: dict[str, Any]) -> str:
+    """The shares of the step's REGISTERs answered 200 / 503 / failed (neither) and
+    retransmitted (sipp's count over REGISTERs sent), then the delivered messages."""
+    sh = step["shares"]
+    text = (
+        f"200 {_pct(sh['200'])}% / 503 {_pct(sh['503'])}% / failed {_pct(sh['failed'])}% "
+        f"/ rtx {_pct(sh['retransmissions'])}%"
+    )
+    if step["preloaded"]:
+        text += f"; msgs {step['delivered']}/{step['preloaded']} left {step['rows']}"
+    if step.get("host_idle_share") is not None:
+        text += f"; host idle {step['host_idle_share'] * 100:.0f}%"
+    return text
 
 
 def best(steps: list[dict[str, Any]], server: str, workload: str) -> dict[str, Any] | None:
@@ -107,23 +138,31 @@ def summary(
             tried = [
                 s["rate"] for s in steps if s["server"] == server and s["workload"] == workload
             ]
+            if not tried:
+                continue
             entry[server] = {
                 "max_rate": top["rate"] if top else 0,
                 "latency_ms": top["latency_ms"] if top else None,
                 # Hitting the top of the ramp means the limit was not found.
                 "ramp_exhausted": top is not None and top["rate"] == max(tried, default=0),
             }
-        if "msilo" in entry and "kamailio" in entry:
-            k_rate = entry["kamailio"]["max_rate"]
+        for other in servers:
+            if other == "msilo" or "msilo" not in entry or other not in entry:
+                continue
+            k_rate = entry[other]["max_rate"]
             m_rate = entry["msilo"]["max_rate"]
-            entry["ratio_msilo_kamailio"] = m_rate / k_rate if k_rate else None
+            suffix = other.replace("-", "_")
+            entry[f"ratio_msilo_{suffix}"] = m_rate / k_rate if k_rate else None
             # The issue's store criterion: msilo's p99 at Kamailio's highest rate.
             same = [
                 s
                 for s in steps
-                if s["server"] == "msilo" and s["workload"] == workload and s["rate"] == k_rate
+                if s["server"] == "msilo"
+                and s["workload"] == workload
+                and s["rate"] == k_rate
+                and "latency_ms" in s
             ]
-            entry["msilo_p99_at_kamailio_max_ms"] = same[0]["latency_ms"]["p99"] if same else None
+            entry[f"msilo_p99_at_{suffix}_max_ms"] = same[0]["latency_ms"]["p99"] if same else None
         out[workload] = entry
     return out
 
@@ -131,25 +170,33 @@ def summary(
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The both-servers table with ratios."""
     servers = result["servers"]
+    others = [s for s in servers if s != "msilo"] if "msilo" in servers else []
     lines = [
         "| workload | "
         + " | ".join(f"{s} max rate/s | {s} p50 / p99 ms" for s in servers)
-        + " | msilo / kamailio |",
-        "| --- | " + " | ".join("---: | ---:" for _ in servers) + " | ---: |",
+        + "".join(f" | msilo / {o}" for o in others)
+        + " |",
+        "| --- | "
+        + " | ".join("---: | ---:" for _ in servers)
+        + "".join(" | ---:" for _ in others)
+        + " |",
     ]
     for workload, entry in result["summary"].items():
         cells = []
         for server in servers:
-            info = entry[server]
+            info = entry.get(server)
+            if info is None:
+                cells.append("- | -")
+                continue
             lat = info["latency_ms"] or {}
             mark = "+" if info["ramp_exhausted"] else ""
             cells.append(
                 f"{info['max_rate']}{mark} | {_ms(lat.get('p50'))} / {_ms(lat.get('p99'))}"
             )
-        ratio = entry.get("ratio_msilo_kamailio")
-        lines.append(
-            f"| {workload} | " + " | ".join(cells) + f" | {f'{ratio:.2f}x' if ratio else '-'} |"
-        )
+        for other in others:
+            ratio = entry.get(f"ratio_msilo_{other.replace('-', '_')}")
+            cells.append(f"{ratio:.2f}x" if ratio else "-")
+        lines.append(f"| {workload} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -176,11 +223,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     workloads = list(result["summary"])
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
-    colours = {"msilo": "tab:blue", "kamailio": "tab:red"}
+    colours = {"msilo": "tab:blue", "kamailio": "tab:red", "kamailio-db1": "tab:orange"}
     for ax, workload in zip(axes[0], workloads, strict=True):
         for server in result["servers"]:
             steps = [
-                s for s in result["steps"] if s["server"] == server and s["workload"] == workload
+                s
+                for s in result["steps"]
+                if s["server"] == server and s["workload"] == workload and "latency_ms" in s
             ]
             if not steps:
                 continue
@@ -199,7 +248,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     color="black",
                     zorder=5,
                 )
-        unit = "MESSAGE/s stored" if workload == "store" else "messages/s delivered"
+        unit = {"store": "MESSAGE/s stored", "dump": "messages/s delivered"}.get(
+            workload, "REGISTER/s"
+        )
         what = "MESSAGE → 202" if workload == "store" else "REGISTER → 200"
         ax.set_title(f"{workload}: {what} latency (x = failed step)")
         ax.set_xlabel(f"offered rate ({unit})")

@@ -3,6 +3,7 @@
     python -m bench.e2e --quick                 # smoke run: a few short steps per workload
     python -m bench.e2e                         # full ramp, >= 20 s per step
     python -m bench.e2e --servers msilo --workers 4 --workloads store --store-rates 4000:500:9000
+    python -m bench.e2e --workloads register --register-rates 1000:1000:8000 --duration 10
 
 For each server (one at a time, so they never share the 2 CPUs during a step) and each
 workload, the offered rate goes up step by step until a step fails: a failed call, a
@@ -28,11 +29,12 @@ from types import FrameType
 from typing import Any
 
 from bench.e2e import report, steps
-from bench.e2e.procs import BenchError, Proc
+from bench.e2e.procs import BenchError, Proc, wait_idle
 from bench.e2e.servers import MAIN, KamailioServer, MsiloServer, Server, run_pg
-from bench.e2e.workloads import Workload, select
+from bench.e2e.workloads import GROUPS, Workload, expand, select
 
 DEFAULT_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
+SERVERS = ("msilo", "kamailio", "kamailio-db1")
 
 
 def parse_rates(text: str) -> dict[str, int]:
@@ -53,8 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per step")
-    p.add_argument("--servers", default="msilo,kamailio", help="comma list (default: both)")
-    p.add_argument("--workloads", default="store,dump", help="comma list (default: store,dump)")
+    p.add_argument(
+        "--servers",
+        help="comma list of msilo, kamailio (usrloc db_mode 0), kamailio-db1 (db_mode 1); "
+        "default msilo,kamailio, plus kamailio-db1 when a register workload runs",
+    )
+    p.add_argument(
+        "--workloads",
+        default="store,dump",
+        help="comma list of store, dump, register (= register-{first,refresh}-{empty,pending}) "
+        "or one register-KIND-MAILBOXES (default: store,dump)",
+    )
     p.add_argument("--workers", type=int, default=2, help="msilo server.workers (default 2)")
     p.add_argument("--kamailio-children", type=int, default=8, help="Kamailio children (8)")
     p.add_argument(
@@ -66,6 +77,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", default=DEFAULT_DSN, help=f"admin DSN of PostgreSQL ({DEFAULT_DSN})")
     p.add_argument("--store-rates", type=parse_rates, help="START:STEP:MAX MESSAGE/s")
     p.add_argument("--dump-rates", type=parse_rates, help="START:STEP:MAX messages delivered/s")
+    p.add_argument("--register-rates", type=parse_rates, help="START:STEP:MAX REGISTER/s")
+    p.add_argument(
+        "--register-users",
+        type=int,
+        help="users refreshed in rounds by register-refresh-* (20000; first registrations "
+        "use one fresh AoR per REGISTER)",
+    )
+    p.add_argument(
+        "--register-pending-share",
+        type=float,
+        help="register-*-pending: share of the users with a stored message (0.1)",
+    )
+    p.add_argument(
+        "--register-prime-rate",
+        type=int,
+        help="register-refresh-*: REGISTER/s of the untimed first registration (1000)",
+    )
+    p.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="register: after a failed step, one step at this x the highest passing rate "
+        "(shares of 200/503/failed/retransmissions; 0 = none; default 2)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each step wait until the host is this share idle over 2 s, e.g. 0.6 "
+        "(the machine is shared; default 0 = do not wait)",
+    )
+    p.add_argument(
+        "--wait-idle-max", type=float, default=120.0, help="longest wait per step, s (120)"
+    )
     p.add_argument("--duration", type=float, help="measuring window per step, s")
     p.add_argument("--warmup", type=float, help="warm-up per step, s")
     p.add_argument(
@@ -115,43 +160,97 @@ def ramp(
     failures: int,
     results: list[dict[str, Any]],
 ) -> None:
-    """Run ``wl``'s steps against ``server`` until ``failures`` steps failed."""
-    failed = 0
-    for rate in wl.rates():
+    """Run ``wl``'s steps against ``server`` until ``failures`` steps failed; for register
+    workloads then one overload step at ``opts.overload_factor`` x the best passing rate."""
+
+    def run(rate: int, overload: bool = False) -> dict[str, Any]:
         stepdir = workdir / f"{server.name}-{wl.name}-{rate}"
         stepdir.mkdir(parents=True)
+        idle_before, waited = (None, 0.0)
+        if opts.wait_idle > 0:
+            idle_before, waited = wait_idle(opts.wait_idle, opts.wait_idle_max)
         started = time.time()
-        outcome = steps.RUNNERS[wl.name](server, wl, rate, stepdir, opts)
+        outcome = steps.RUNNERS[wl.runner](server, wl, rate, stepdir, opts)
         step = {
             "server": server.name,
             "workload": wl.name,
             "rate": rate,
             "started": started,
+            "overload": overload,
+            "idle_before": idle_before,
+            "waited_for_idle_s": waited,
             **outcome,
         }
         results.append(step)
         print(report.step_row(step), flush=True)
-        if not step["passed"]:
+        return step
+
+    blocked = steps.prepare_ramp(server, wl, workdir, opts)
+    if blocked:
+        print(f"| {server.name} | {wl.name} | - | - | ramp not run: {'; '.join(blocked)} |")
+        results.append(
+            {
+                "server": server.name,
+                "workload": wl.name,
+                "rate": 0,
+                "passed": False,
+                "reasons": blocked,
+                "not_run": True,
+            }
+        )
+        return
+    failed = 0
+    rates_run: list[int] = []
+    for rate in wl.rates():
+        rates_run.append(rate)
+        if not run(rate)["passed"]:
             failed += 1
             if failed >= failures:
-                return
+                break
+    else:
+        return  # the top of the ramp passed: the limit was not found, no overload step
+    passed = [
+        s["rate"]
+        for s in results
+        if s["workload"] == wl.name and s["server"] == server.name and s["passed"]
+    ]
+    if wl.runner == "register" and opts.overload_factor > 0 and passed:
+        rate = round(max(passed) * opts.overload_factor)
+        if rate not in rates_run:
+            run(rate, overload=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = set(servers) - {"msilo", "kamailio"}
+    names = expand([w.strip() for w in args.workloads.split(",") if w.strip()])
+    if args.servers is None:
+        with_register = any(n.startswith("register") for n in names)
+        servers = list(SERVERS if with_register else SERVERS[:2])
+    else:
+        servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(servers) - set(SERVERS)
     if unknown or not servers:
         print(f"bench-e2e: error: unknown server(s) {sorted(unknown)}", file=sys.stderr)
         return 2
     overrides: dict[str, dict[str, Any]] = {"store": {}, "dump": {}}
-    for name in overrides:
-        overrides[name].update(getattr(args, f"{name}_rates") or {})
-        overrides[name].update({"duration": args.duration, "warmup": args.warmup})
+    overrides.update({name: {} for name in GROUPS["register"]})
+    for name, values in overrides.items():
+        kind = name.split("-", 1)[0]
+        values.update(getattr(args, f"{kind}_rates") or {})
+        values.update({"duration": args.duration, "warmup": args.warmup})
+        if kind == "register":
+            values.update(
+                {
+                    "users": args.register_users,
+                    "prime_rate": args.register_prime_rate,
+                    "pending_share": args.register_pending_share
+                    if name.endswith("-pending")
+                    else None,
+                }
+            )
     if args.dump_users:
         overrides["dump"]["users"] = args.dump_users
     try:
-        names = [w.strip() for w in args.workloads.split(",") if w.strip()]
         workloads = [
             select([n], quick=args.quick, overrides=overrides.get(n, {}))[0] for n in names
         ]
@@ -162,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = steps.Options(
         uas_linger_ms=args.uas_linger_ms or (4000 if args.quick else 8000),
         sipp_grace=10.0,
+        overload_factor=args.overload_factor,
+        wait_idle=args.wait_idle,
+        wait_idle_max=args.wait_idle_max,
     )
 
     # SIGTERM must unwind through the finally below, so no server or sipp outlives us.
@@ -197,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
             if name == "msilo":
                 server = MsiloServer(args.dsn, "msilo_bench", sdir, args.workers)
             else:
+                db_mode = 1 if name == "kamailio-db1" else 0
                 server = KamailioServer(
                     args.dsn,
-                    "kamailio_bench",
+                    "kamailio_bench" if db_mode == 0 else "kamailio_bench_db1",
                     sdir,
                     args.kamailio_children,
                     args.kamailio_check_time,
+                    db_mode=db_mode,
                 )
             created.append(server)
             server.prepare()

@@ -1,8 +1,10 @@
-"""The two servers under test and their silo tables.
+"""The servers under test and their silo and location tables.
 
-Each server gets its own database on the same PostgreSQL, its own SIP port, and is started
-and stopped by the harness. Rows are preloaded and counted with asyncpg directly, in each
-server's own column layout.
+msilo, Kamailio with usrloc in memory (``kamailio``, ``db_mode 0``) and Kamailio with usrloc
+writing through to PostgreSQL (``kamailio-db1``, ``db_mode 1``). Each server gets its own
+database on the same PostgreSQL, its own SIP port, and is started and stopped by the
+harness. Rows are preloaded and counted with asyncpg directly, in each server's own column
+layout.
 """
 
 from __future__ import annotations
@@ -78,15 +80,19 @@ def body_for(user: int, n: int, size: int) -> bytes:
     return (text + "lorem ipsum dolor sit amet " * 8)[:size].encode()
 
 
-def rows_for(users: int, per_user: int, size: int, dst_port: int) -> list[tuple[Any, ...]]:
+def rows_for(
+    users: int | list[int], per_user: int, size: int, dst_port: int
+) -> list[tuple[Any, ...]]:
     """(username, domain, src_addr, dst_addr, body, ctype, inc_time, exp_time) per row.
 
-    dst_addr is what m_store keeps from store_uac.xml's To header: the AoR with the server's
-    port. Kamailio's m_dump sends there (back to itself, then lookup + relay to the contact).
+    ``users``: user1..userN, or the list of user numbers that get rows. dst_addr is what
+    m_store keeps from store_uac.xml's To header: the AoR with the server's port. Kamailio's
+    m_dump sends there (back to itself, then lookup + relay to the contact).
     """
     now = int(time.time())
     rows = []
-    for u in range(1, users + 1):
+    numbers = range(1, users + 1) if isinstance(users, int) else users
+    for u in numbers:
         dst = f"sip:user{u}@{HOST}:{dst_port}"
         for n in range(1, per_user + 1):
             # inc_time spaced by one second keeps the arrival order well defined.
@@ -175,7 +181,19 @@ class Server:
 
         return run_pg(self.dsn, count)
 
-    def preload(self, users: int, per_user: int, body_bytes: int) -> int:
+    def reset_bindings(self) -> None:
+        """No registered user any more (before a register ramp or a first-registration step)."""
+        raise NotImplementedError
+
+    def count_bindings(self) -> int | None:
+        """Rows in the server's location table; None when bindings live in memory only."""
+
+        async def count(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval("SELECT count(*) FROM location"))
+
+        return run_pg(self.dsn, count)
+
+    def preload(self, users: int | list[int], per_user: int, body_bytes: int) -> int:
         """Insert ``users`` x ``per_user`` deliverable rows; returns how many."""
         rows = rows_for(users, per_user, body_bytes, self.port)
 
@@ -198,8 +216,15 @@ class MsiloServer(Server):
         self.http_port = 0
 
     def _msilo(self) -> list[str]:
-        # The same interpreter as the harness, so the msilo under test is this checkout's.
         return [sys.executable, "-m", "msilo"]
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        # The same interpreter as the harness, and this checkout's msilo first on the path:
+        # an editable install may point at another checkout (a git worktree's harness
+        # would otherwise measure the main checkout's code).
+        path = os.environ.get("PYTHONPATH")
+        return {**os.environ, "PYTHONPATH": f"{MAIN}{os.pathsep}{path}" if path else str(MAIN)}
 
     def settings(self) -> list[str]:
         sets = {
@@ -222,32 +247,84 @@ class MsiloServer(Server):
             text=True,
             timeout=60,
             cwd=self.workdir,
+            env=self._env(),
         )
         if result.returncode != 0:
             raise BenchError(f"msilo db init failed:\n{result.stdout}{result.stderr}")
         version = subprocess.run(
-            [*self._msilo(), "--version"], capture_output=True, text=True, timeout=30
+            [*self._msilo(), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.workdir,
+            env=self._env(),
         )
-        self.info = {"version": version.stdout.strip(), "workers": self.workers}
+        where = subprocess.run(
+            [sys.executable, "-c", "import msilo; print(msilo.__file__)"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=self.workdir,
+            env=self._env(),
+        )
+        commit = subprocess.run(
+            ["git", "-C", str(MAIN), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.info = {
+            "version": version.stdout.strip(),
+            "workers": self.workers,
+            "module": where.stdout.strip(),
+            "commit": commit.stdout.strip(),
+        }
 
     def start(self) -> None:
         self.port, self.http_port = free_port(), free_port()
         argv = [*self._msilo(), "serve", *self.settings()]
         self.info["command"] = " ".join(argv)
-        self.proc = Proc("msilo", argv, self.workdir / "msilo.log", cwd=self.workdir)
+        self.proc = Proc(
+            "msilo", argv, self.workdir / "msilo.log", cwd=self.workdir, env=self._env()
+        )
         wait_for_sip(self.proc, HOST, self.port, timeout=60)
+
+    def reset_bindings(self) -> None:
+        # msilo keeps no binding in memory: the table is the registrar's whole state.
+        async def truncate(conn: asyncpg.Connection) -> None:
+            await conn.execute("TRUNCATE location")
+
+        run_pg(self.dsn, truncate)
+
+
+# Kamailio's own PostgreSQL DDL for usrloc's location table (Debian package kamailio).
+KAMAILIO_DDL = Path("/usr/share/kamailio/postgres")
 
 
 class KamailioServer(Server):
-    """Kamailio from Debian running bench/e2e/kamailio.cfg (the admin guide's sample)."""
+    """Kamailio from Debian running bench/e2e/kamailio.cfg (the admin guide's sample).
 
-    name = "kamailio"
+    ``db_mode`` is usrloc's: 0 keeps bindings in memory only (the guide's sample, server
+    name ``kamailio``), 1 writes every change through to PostgreSQL's ``location`` table
+    before the REGISTER is answered (``kamailio-db1``: durable like msilo).
+    """
+
     MODULES = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules")
 
     def __init__(
-        self, admin_dsn: str, database: str, workdir: Path, children: int, check_time: int
+        self,
+        admin_dsn: str,
+        database: str,
+        workdir: Path,
+        children: int,
+        check_time: int,
+        db_mode: int = 0,
     ) -> None:
         super().__init__(admin_dsn, database, workdir)
+        if db_mode not in (0, 1):
+            raise BenchError(f"usrloc db_mode {db_mode} is not benchmarked (0 or 1)")
+        self.name = "kamailio" if db_mode == 0 else f"kamailio-db{db_mode}"
+        self.db_mode = db_mode
         self.children = children
         self.check_time = check_time
         # Delivered rows are deleted by the clean timer, up to check_time after the 200.
@@ -316,7 +393,16 @@ class KamailioServer(Server):
                 INSERT INTO version (table_name, table_version) VALUES ('silo', 8);
                 """
             )
+            # usrloc's table from Kamailio's own DDL (it also adds its version rows).
+            await conn.execute(location_ddl)
 
+        ddl = KAMAILIO_DDL / "usrloc-create.sql"
+        if not ddl.is_file():
+            raise BenchError(
+                f"{ddl} is missing: Kamailio's PostgreSQL DDL comes with the Debian package "
+                "kamailio (apt-get install --reinstall kamailio)"
+            )
+        location_ddl = ddl.read_text()
         run_pg(self.dsn, schema)
         version = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=30)
         first = (version.stdout.splitlines() or [""])[0]
@@ -324,10 +410,15 @@ class KamailioServer(Server):
             "version": first.replace("version:", "").strip(),
             "children": self.children,
             "check_time": self.check_time,
+            "usrloc_db_mode": self.db_mode,
         }
 
     def write_config(self) -> Path:
+        usrloc = f'modparam("usrloc", "db_mode", {self.db_mode})'
+        if self.db_mode:
+            usrloc += f'\nmodparam("usrloc", "db_url", "{self.dsn}")'
         values = {
+            "usrloc": usrloc,
             "debug": "1",
             "children": str(self.children),
             "host": HOST,
@@ -357,5 +448,20 @@ class KamailioServer(Server):
         # -E: log to stderr (our log file). Shared memory sized for ~10^5 transactions.
         argv = [self.binary, "-f", str(cfg), "-DD", "-E", "-m", "512", "-M", "16"]
         self.info["command"] = " ".join(argv)
-        self.proc = Proc("kamailio", argv, self.workdir / "kamailio.log", cwd=self.workdir)
+        self.starts = getattr(self, "starts", 0) + 1
+        log = self.workdir / f"{self.name}-{self.starts}.log"
+        self.proc = Proc(self.name, argv, log, cwd=self.workdir)
         wait_for_sip(self.proc, HOST, self.port, timeout=30)
+
+    def reset_bindings(self) -> None:
+        # usrloc's bindings live in shared memory (db_mode 1 also loads the table at start):
+        # empty the table, then a fresh process.
+        async def truncate(conn: asyncpg.Connection) -> None:
+            await conn.execute("TRUNCATE location")
+
+        run_pg(self.dsn, truncate)
+        self.stop()
+        self.start()
+
+    def count_bindings(self) -> int | None:
+        return super().count_bindings() if self.db_mode else None

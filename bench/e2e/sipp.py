@@ -22,17 +22,27 @@ from pathlib import Path
 SIPP_TOOLS = Path(__file__).resolve().parents[2] / "tools" / "sipp"
 
 
+BENCH_SCENARIOS = Path(__file__).resolve().parent
+
+
 def scenario(name: str) -> Path:
-    """Path of a scenario in tools/sipp/ (the same files the tests use)."""
+    """Path of a scenario in tools/sipp/ (the same files the tests use), else bench/e2e/."""
     path = SIPP_TOOLS / name
+    if not path.is_file():
+        path = BENCH_SCENARIOS / name
     if not path.is_file():
         raise FileNotFoundError(f"sipp scenario {path} is missing")
     return path
 
 
-def users_csv(path: Path, count: int, contact: tuple[str, int] | None = None) -> Path:
-    """An injection CSV of user1..userN (make_users.py's format), optionally with a contact."""
+def users_csv(
+    path: Path, count: int, contact: tuple[str, int] | None = None, cseq: int | None = None
+) -> Path:
+    """An injection CSV of user1..userN (make_users.py's format), optionally with a contact
+    and a CSeq number (register_uac.xml's field3)."""
     extra = f"{contact[0]};{contact[1]};" if contact else ""
+    if cseq is not None:
+        extra += f"{cseq};"
     lines = ["SEQUENTIAL", *(f"user{i};{extra}" for i in range(1, count + 1))]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -93,8 +103,12 @@ class Transaction:
     sends: int = 1  # > 1: sipp retransmitted the request
 
 
-def read_shortmsg(path: Path) -> dict[str, Transaction]:
-    """Client transactions by Call-ID from a ``-trace_shortmsg`` file (UAC side)."""
+def read_shortmsg(path: Path, *, by_cseq: bool = False) -> dict[str, Transaction]:
+    """Client transactions by Call-ID from a ``-trace_shortmsg`` file (UAC side).
+
+    ``by_cseq``: keyed by "Call-ID CSeq" instead, for refreshes that reuse one Call-ID
+    (each line's fifth column is the message's CSeq).
+    """
     calls: dict[str, Transaction] = {}
     if not path.exists():
         return calls
@@ -104,10 +118,11 @@ def read_shortmsg(path: Path) -> dict[str, Transaction]:
             if len(parts) < 7:
                 continue
             ts, direction, call_id, first_line = float(parts[2]), parts[3], parts[4], parts[6]
-            call = calls.get(call_id)
+            key = f"{call_id} {parts[5]}" if by_cseq else call_id
+            call = calls.get(key)
             if direction == "S":
                 if call is None:
-                    calls[call_id] = Transaction(call_id, ts)
+                    calls[key] = Transaction(call_id, ts)
                 else:
                     call.sends += 1
             elif direction == "R" and call is not None and call.answered is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import socket
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.e2e import sipp
-from bench.e2e.procs import BenchError, Proc, free_port
+from bench.e2e.procs import BenchError, Proc, cpu_sample, free_port, idle_share
 from bench.e2e.servers import HOST, KEY_PATTERN, Server
 from bench.e2e.workloads import Workload
 
@@ -27,6 +28,12 @@ class Options:
 
     uas_linger_ms: int  # message_uas.xml's -d: how long a delivered call keeps answering
     sipp_grace: float  # seconds sipp may run past its nominal duration
+    # register: after a ramp that failed, one more step at this multiple of the highest
+    # passing rate (the issue's overload criterion); 0 = none.
+    overload_factor: float = 2.0
+    # Before each step: wait (up to wait_idle_max s) until the host is this share idle.
+    wait_idle: float = 0.0
+    wait_idle_max: float = 120.0
 
 
 # sipp's own socket buffers (64 KB by default): when sipp stalls for a few ms at 4,000/s,
@@ -388,4 +395,336 @@ def run_dump(
     }
 
 
-RUNNERS = {"store": run_store, "dump": run_dump}
+# --- register ---------------------------------------------------------------------------
+
+REGISTER_SCENARIO = "register_bench_uac.xml"
+# Refreshes need one Call-ID per user in every round (see register_bench_uac.xml): call N of
+# every sipp process of a ramp uses CSV line N, i.e. user N.
+REFRESH_CALL_ID = "reg-%u@bench"
+
+
+@dataclass
+class _RegisterRamp:
+    """What the steps of one refresh ramp share: the users' contact and the next CSeq."""
+
+    uas_port: int
+    cseq: int
+
+
+_ramps: dict[tuple[str, str], _RegisterRamp] = {}
+
+
+def _register_argv(
+    server: Server, csv: Path, calls: int, rate: int, timeout: float, stem: str, cid: str | None
+) -> list[str]:
+    argv = [
+        SIPP,
+        f"{HOST}:{server.port}",
+        "-sf",
+        str(sipp.scenario(REGISTER_SCENARIO)),
+        "-inf",
+        str(csv),
+        "-i",
+        HOST,
+        "-p",
+        str(free_port()),
+        "-m",
+        str(calls),
+        "-r",
+        str(rate),
+        "-rp",
+        "1000",
+        "-l",
+        str(max(100, rate * 40)),
+        "-default_behaviors",
+        "all,-bye",
+        "-timeout",
+        str(math.ceil(timeout)),
+        "-timeout_error",
+        *_common(csv.parent / f"{stem}_stat.csv", csv.parent / f"{stem}_short.log"),
+    ]
+    if cid is not None:
+        argv += ["-cid_str", cid]
+    return argv
+
+
+def prepare_ramp(server: Server, wl: Workload, workdir: Path, opts: Options) -> list[str]:
+    """Before a refresh ramp: no binding, then every user registered once (CSeq 1).
+
+    Returns the reasons the ramp cannot run (a priming round that did not get a 200 for
+    every user), empty when it can. Nothing to do for other workloads.
+    """
+    if wl.runner != "register" or wl.kind != "refresh":
+        return []
+    server.reset()
+    server.reset_bindings()
+    uas_port = free_port()
+    primedir = workdir / f"{server.name}-{wl.name}-prime"
+    primedir.mkdir(parents=True)
+    csv = sipp.users_csv(primedir / "prime.csv", wl.users, (HOST, uas_port), cseq=1)
+    timeout = wl.users / wl.prime_rate + 40 + opts.sipp_grace
+    argv = _register_argv(server, csv, wl.users, wl.prime_rate, timeout, "prime", REFRESH_CALL_ID)
+    _run_uac("sipp register prime", argv, primedir, timeout + 10, server)
+    server.check_alive()
+    answered = sipp.read_shortmsg(primedir / "prime_short.log", by_cseq=True).values()
+    ok = sum(1 for t in answered if t.status == 200)
+    if ok != wl.users:
+        return [
+            f"priming: {ok} of {wl.users} first REGISTERs at {wl.prime_rate}/s got 200 "
+            "(lower --register-prime-rate)"
+        ]
+    _ramps[(server.name, wl.name)] = _RegisterRamp(uas_port=uas_port, cseq=2)
+    return []
+
+
+def _pending_users(users: int, share: float) -> list[int]:
+    """Every k-th user (k = 1/share), so the users with messages are spread over the step."""
+    if share <= 0:
+        return []
+    k = max(1, round(1 / share))
+    return list(range(k, users + 1, k))
+
+
+def _run_rounds(
+    server: Server, rounds: list[tuple[Path, int, float]], rate: int, opts: Options, cid: str | None
+) -> list[str]:
+    """Start each round's sipp at its offset (s), so the rounds follow each other at
+    ``rate`` as one stream; wait for all. Returns the stems of their output files."""
+    t0 = time.monotonic()
+    procs: list[tuple[Proc, float]] = []
+    stems = []
+    pending = list(rounds)
+    while pending or procs:
+        now = time.monotonic()
+        while pending and now - t0 >= pending[0][2]:
+            csv, calls, _ = pending.pop(0)
+            stem = csv.stem
+            stems.append(stem)
+            timeout = calls / rate + 40 + opts.sipp_grace
+            argv = _register_argv(server, csv, calls, rate, timeout, stem, cid)
+            proc = Proc(f"sipp register {stem}", argv, csv.parent / f"{stem}.out", cwd=csv.parent)
+            procs.append((proc, now + timeout + 10))
+        still = []
+        for proc, deadline in procs:
+            code = proc.wait(0)
+            if code is None:
+                if time.monotonic() > deadline:
+                    proc.stop(grace=5.0, sig=signal.SIGUSR1)
+                    raise BenchError(f"{proc.name} did not finish in time; see {proc.log}")
+                still.append((proc, deadline))
+                continue
+            proc.stop()
+            if code not in (0, 1):
+                raise BenchError(f"{proc.name} exited with status {code}:\n{proc.tail()}")
+        procs = still
+        if not server.running():
+            for proc, _ in procs:
+                proc.stop(grace=2.0)
+            server.check_alive()
+        time.sleep(0.02 if pending else 0.2)
+    return stems
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def run_register(
+    server: Server, wl: Workload, rate: int, workdir: Path, opts: Options
+) -> dict[str, Any]:
+    """REGISTERs at ``rate``/s: first registrations or refreshes, empty or with messages."""
+    calls = round(rate * (wl.warmup + wl.duration))
+    server.reset()
+    cid: str | None
+    if wl.kind == "first":
+        # Every REGISTER of the step is an AoR without a binding.
+        server.reset_bindings()
+        users, uas_port, cid = calls, free_port(), None
+        rounds = [(sipp.users_csv(workdir / "reg0.csv", calls, (HOST, uas_port), 1), calls, 0.0)]
+    else:
+        ramp = _ramps.get((server.name, wl.name))
+        if ramp is None:
+            raise BenchError(f"{wl.name}: the ramp was not primed (prepare_ramp)")
+        users, uas_port, cid = wl.users, ramp.uas_port, REFRESH_CALL_ID
+        rounds = []
+        left, offset = calls, 0.0
+        while left > 0:
+            n = min(left, users)
+            csv = sipp.users_csv(workdir / f"reg{len(rounds)}.csv", n, (HOST, uas_port), ramp.cseq)
+            rounds.append((csv, n, offset))
+            ramp.cseq += 1
+            left -= n
+            offset += users / rate
+    # Only users that register in this step can get their messages (a refresh step at a
+    # low rate covers only the first users of the population).
+    with_messages = _pending_users(min(users, calls), wl.pending_share)
+    total = (
+        server.preload(with_messages, wl.messages_per_user, wl.body_bytes) if with_messages else 0
+    )
+
+    uas_stat, uas_msgs = workdir / "uas_stat.csv", workdir / "uas_messages.log"
+    span = calls / rate
+    uas = Proc(
+        "sipp UAS",
+        [
+            SIPP,
+            "-sf",
+            str(sipp.scenario("message_uas.xml")),
+            "-i",
+            HOST,
+            "-p",
+            str(uas_port),
+            "-d",
+            str(opts.uas_linger_ms),
+            "-timeout",
+            str(math.ceil(span + server.drain_timeout + 120 + opts.sipp_grace)),
+            *_common(uas_stat, None),
+            "-trace_msg",
+            "-message_file",
+            uas_msgs.name,
+        ],
+        workdir / "sipp_UAS.out",
+        cwd=workdir,
+    )
+    left = 0
+    try:
+        _wait_bound(uas, uas_port)
+        # The host's idle CPU while the REGISTERs run (the issue compares "host % idle").
+        cpu_before, load_before = cpu_sample(), os.getloadavg()[0]
+        stems = _run_rounds(server, rounds, rate, opts, cid)
+        host_idle = idle_share(cpu_before, cpu_sample())
+        server.check_alive()
+        if total:
+            deadline = time.monotonic() + server.drain_timeout
+            left = server.count_rows()
+            while left and time.monotonic() < deadline:
+                time.sleep(0.5)
+                left = server.count_rows()
+        else:
+            left = server.count_rows()
+    finally:
+        uas.stop(grace=opts.uas_linger_ms / 1000 + 10, sig=signal.SIGUSR1)
+    server.check_alive()
+    bindings = server.count_bindings()
+
+    successful = failed = retrans = 0
+    txs: list[sipp.Transaction] = []
+    for stem in stems:
+        counters = sipp.read_stat(workdir / f"{stem}_stat.csv")
+        successful += sipp.stat_int(counters, "SuccessfulCall(C)")
+        failed += sipp.stat_int(counters, "FailedCall(C)")
+        retrans += sipp.stat_int(counters, "Retransmissions(C)")
+        txs += sipp.read_shortmsg(workdir / f"{stem}_short.log", by_cseq=True).values()
+    ok200 = sum(1 for t in txs if t.status == 200)
+    shed = sum(1 for t in txs if t.status == 503)
+    other = sum(1 for t in txs if t.status is not None and t.status not in (200, 503))
+    resent = sum(1 for t in txs if t.sends > 1)
+    start = min((t.sent for t in txs), default=0.0)
+    begin, end = _window(start, wl)
+    window = [t for t in txs if begin <= t.sent < end and t.answered is not None]
+    lat200 = [(t.answered - t.sent) * 1000.0 for t in window if t.status == 200 and t.answered]
+    lat503 = [(t.answered - t.sent) * 1000.0 for t in window if t.status == 503 and t.answered]
+    achieved = sum(1 for t in window if t.status == 200) / wl.duration
+    uas_ok = sipp.stat_int(sipp.read_stat(uas_stat), "SuccessfulCall(C)")
+    deliveries = sipp.read_trace_msg(uas_msgs, KEY_PATTERN)
+    missing = total - len(deliveries.first_arrival)
+
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+    _check(
+        checks,
+        reasons,
+        "all_calls_made",
+        successful + failed == calls,
+        f"sipp made {successful + failed} of {calls} calls",
+    )
+    _check(
+        checks,
+        reasons,
+        "all_registers_200",
+        ok200 == calls,
+        f"{ok200} of {calls} REGISTERs got 200 ({shed} 503, {other} other, "
+        f"{calls - ok200 - shed - other} unanswered)",
+    )
+    _check(checks, reasons, "no_failed_calls", failed == 0, f"{failed} failed calls")
+    _check(checks, reasons, "no_retransmissions", retrans == 0, f"{retrans} retransmissions")
+    _check(
+        checks,
+        reasons,
+        "no_message_retransmissions",
+        deliveries.retransmissions == 0,
+        f"the server retransmitted {deliveries.retransmissions} MESSAGEs",
+    )
+    _check(
+        checks,
+        reasons,
+        "every_message_once",
+        missing == 0 and deliveries.duplicates == 0 and deliveries.unkeyed == 0,
+        f"{missing} of {total} messages not delivered, {deliveries.duplicates} twice, "
+        f"{deliveries.unkeyed} unexpected",
+    )
+    _check(
+        checks,
+        reasons,
+        "uas_calls_equal_preloaded",
+        uas_ok == total,
+        f"the UAS completed {uas_ok} calls for {total} preloaded messages",
+    )
+    _check(checks, reasons, "silo_empty", left == 0, f"{left} rows left in the silo")
+    if bindings is not None:
+        # Durable registrars: every user that got a 200 has its row (first: one per AoR).
+        expected = ok200 if wl.kind == "first" else users
+        _check(
+            checks,
+            reasons,
+            "every_200_is_a_binding",
+            bindings >= expected,
+            f"{bindings} bindings in the table for {expected} registered users",
+        )
+    _check(
+        checks,
+        reasons,
+        "rate_achieved",
+        achieved >= MIN_ACHIEVED * rate,
+        f"only {achieved:.0f}/s answered 200 in the window",
+    )
+    return {
+        "kind": wl.kind,
+        "users": users,
+        "rounds": len(rounds),
+        "offered_calls": calls,
+        "successful": successful,
+        "failed": failed,
+        "retransmissions": retrans + deliveries.retransmissions,
+        "register_retransmissions": retrans,
+        "message_retransmissions": deliveries.retransmissions,
+        "answered_200": ok200,
+        "answered_503": shed,
+        "answered_other": other,
+        "unanswered": calls - ok200 - shed - other,
+        "retransmitted_registers": resent,
+        "shares": {
+            "200": _share(ok200, calls),
+            "503": _share(shed, calls),
+            "failed": _share(calls - ok200 - shed, calls),
+            "retransmissions": _share(retrans, calls),
+        },
+        "preloaded": total,
+        "registers_with_messages": len(with_messages),
+        "delivered": len(deliveries.first_arrival),
+        "duplicates": deliveries.duplicates,
+        "uas_successful_calls": uas_ok,
+        "bindings": bindings,
+        "achieved_rate": achieved,
+        "host_idle_share": host_idle,
+        "load_average_before": load_before,
+        "latency_ms": sipp.summarize(lat200),
+        "latency_ms_503": sipp.summarize(lat503),
+        "rows": left,
+        "checks": checks,
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+
+
+RUNNERS = {"store": run_store, "dump": run_dump, "register": run_register}

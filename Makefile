@@ -32,10 +32,15 @@ lint:
 	ruff check .
 	ruff format --check msilo tests bench tools
 
+# bench runs this checkout in place (PYTHONPATH), whatever msilo is installed: it never
+# reinstalls the package, so a user's install stays as it was.
+BENCH_ENV = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
+
 bench:              ## micro and storage benchmarks (slow; not part of the test suite)
-	$(PIP) install -q -e '.[test,bench]'
-	$(PYTHON) -m pytest bench/bench_parse.py bench/bench_build.py --benchmark-only -p no:cacheprovider
-	$(PYTHON) bench/bench_store.py --dsn $${MSILO_BENCH_DSN:-postgres://postgres@127.0.0.1:5432/postgres}
+	$(PIP) install -q 'pytest-benchmark>=4' 'sippy>=2.0'
+	MSILO_BUILD_CYTHON_ALWAYS=1 $(PYTHON) setup.py -q build_ext --inplace
+	$(BENCH_ENV) $(PYTHON) -m pytest bench/bench_parse.py bench/bench_build.py --benchmark-only -p no:cacheprovider
+	$(BENCH_ENV) $(PYTHON) bench/bench_store.py --dsn $${MSILO_BENCH_DSN:-postgres://postgres@127.0.0.1:5432/postgres}
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -173,8 +174,66 @@ async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -
         await store.close()
 
 
+def check_files(config: Config) -> list[str]:
+    """Open everything the configuration names, as ``serve`` would; raise ConfigError on the
+    first that fails.  Returns one note per thing checked, for ``check-config``."""
+    notes: list[str] = []
+    server = config.server
+    if server.route:
+        from msilo.routing.service import load_route
+
+        load_route(server.route, config.route_search_path())
+        notes.append(f"server.route: {server.route} imports")
+    tls = config.tls
+    if tls.certificate or tls.private_key:
+        from msilo.transport.tls import server_context
+
+        server_context(tls.certificate, tls.private_key, tls.ca or None)
+        notes.append(f"tls: {tls.certificate} and {tls.private_key} load")
+    if tls.ca:
+        from msilo.transport.tls import client_context
+
+        client_context(tls.ca)
+        notes.append(f"tls.ca: {tls.ca} loads")
+    path = sqlite_path(config.msilo.db_url)
+    if path is not None:
+        if os.path.exists(path):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(
+                    f"msilo.db_url: cannot read {path} ({exc.strerror or exc})"
+                ) from None
+            notes.append(f"msilo.db_url: {path} exists")
+        else:
+            notes.append(f"msilo.db_url: {path} does not exist yet (msilo db init creates it)")
+    return notes
+
+
+def sqlite_path(db_url: str) -> str | None:
+    """The absolute file of an ``sqlite:///`` URL (relative to the working directory)."""
+    if not db_url.startswith("sqlite:///"):
+        return None
+    return os.path.abspath(db_url[len("sqlite:///") :])
+
+
+def require_database_file(config: Config) -> None:
+    """Commands other than ``db init`` and ``serve`` never create a database: a missing
+    SQLite file is an error that names it (a typo in ``db_url`` must not look empty)."""
+    path = sqlite_path(config.msilo.db_url)
+    if path is not None and not os.path.exists(path):
+        raise StorageError(
+            f"{path} does not exist (create it with `msilo db init`, or point msilo.db_url at "
+            "the server's database: use the same -c file as msilo serve)"
+        )
+
+
 def _cmd_check_config(config: Config) -> int:
+    notes = check_files(config)
     print(f"configuration OK ({config.source or 'built-in defaults'})")
+    for note in notes:
+        print(f"# {note}")
     for section, key, _default, _doc in describe():
         value = getattr(getattr(config, section), key)
         if isinstance(value, tuple):
@@ -186,6 +245,9 @@ def _cmd_check_config(config: Config) -> int:
 
 
 async def _cmd_db(config: Config, action: str) -> int:
+    if action != "init":
+        require_database_file(config)
+
     async def work(store: Store) -> int:
         if action == "init":
             await store.create_schema()
@@ -206,6 +268,7 @@ def _fmt_time(epoch: int) -> str:
 
 async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int:
     user, domain = split_aor(aor)
+    require_database_file(config)
 
     async def work(store: Store) -> int:
         await store.check_schema()
@@ -239,6 +302,7 @@ async def _cmd_subscriber(config: Config, args: argparse.Namespace) -> int:
     from msilo.cli_subscriber import subscriber_command
 
     realm = config.auth.realm or (config.server.domains[0] if config.server.domains else None)
+    require_database_file(config)
 
     async def work(store: Store) -> int:
         await store.check_schema()

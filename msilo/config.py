@@ -579,6 +579,17 @@ class Config:
         config._check_cross_keys()
         return config
 
+    def route_search_path(self) -> tuple[str, ...]:
+        """Where ``server.route``'s module is looked for after ``sys.path``: the
+        configuration file's directory, then the working directory."""
+        dirs: list[str] = []
+        if self.source is not None:
+            dirs.append(os.path.dirname(os.path.abspath(self.source)))
+        cwd = os.getcwd()
+        if cwd not in dirs:
+            dirs.append(cwd)
+        return tuple(dirs)
+
     def _check_cross_keys(self) -> None:
         m = self.msilo
         for key in ("offline_message", "expired_message"):

@@ -16,8 +16,9 @@ import asyncio
 import datetime as dt
 import importlib
 import logging
+import sys
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -603,13 +604,23 @@ def _silo_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[Request
     return result
 
 
-def load_route(spec: str) -> Route:
-    """Import ``module:function`` for ``server.route``; ConfigError naming what is wrong."""
+def load_route(spec: str, search: Sequence[str] = ()) -> Route:
+    """Import ``module:function`` for ``server.route``; ConfigError naming what is wrong.
+
+    ``search``: directories tried after ``sys.path`` (the configuration file's directory,
+    then the working directory), so a ``myroute.py`` beside ``msilo.toml`` or in the
+    directory msilo was started from imports without ``PYTHONPATH``.
+    """
     module_name, _, attr = spec.partition(":")
+    for directory in search:
+        # Appended, never prepended: a route module must not shadow an installed package.
+        if directory and directory not in sys.path:
+            sys.path.append(directory)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError(f"server.route: cannot import {module_name!r} ({exc})") from None
+        where = f"; looked in sys.path and {', '.join(search)}" if search else ""
+        raise ConfigError(f"server.route: cannot import {module_name!r} ({exc}{where})") from None
     route = getattr(module, attr, None)
     if route is None or not asyncio.iscoroutinefunction(route):
         raise ConfigError(f"server.route: {spec!r} is not an async function")

@@ -245,7 +245,11 @@ class Worker:
         config = self.config
         limits = config.limits
         # Everything that can refuse the configuration comes first, before any task starts.
-        route = load_route(config.server.route) if config.server.route else None
+        route = (
+            load_route(config.server.route, config.route_search_path())
+            if config.server.route
+            else None
+        )
         settings = service_settings(config)
         self.writer = BatchWriter(
             self.store,
@@ -312,14 +316,21 @@ class Worker:
         client_hosts: dict[str, str] = {}  # family -> address for our client socket
         for item in self.config.server.listen:
             transport, host, port = parse_listen(item)
-            if not self.listen:
-                pass
-            elif transport == "udp":
-                await self.transports.listen_udp(host, port, spread=self.config.server.worker_count)
-            elif transport == "tcp":
-                await self.transports.listen_tcp(host, port)
-            else:
-                await self.transports.listen_tls(host, port)
+            try:
+                if not self.listen:
+                    pass
+                elif transport == "udp":
+                    spread = self.config.server.worker_count
+                    await self.transports.listen_udp(host, port, spread=spread)
+                elif transport == "tcp":
+                    await self.transports.listen_tcp(host, port)
+                else:
+                    await self.transports.listen_tls(host, port)
+            except OSError as exc:
+                # Name the listener: with three of them "cannot bind" alone says nothing.
+                raise ConfigError(
+                    f"server.listen: cannot bind {item} ({exc.strerror or exc})"
+                ) from None
             # Send from the address we listen on (so our Via names it and a firewall
             # rule for the listener covers us too); several addresses -> the wildcard.
             family = "6" if ":" in host else "4"

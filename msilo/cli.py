@@ -322,7 +322,10 @@ async def _cmd_serve(config: Config, overrides: Sequence[str] = ()) -> int:
 
     A SIGHUP re-reads the same ``-c`` file with the same ``--set`` overrides.
     """
+    from msilo.log import set_process_title
     from msilo.server.supervisor import Supervisor
+
+    set_process_title("supervisor" + (f" -c {config.source}" if config.source else ""))
 
     async def prepare(store: Store) -> int:
         await store.create_schema()

@@ -33,8 +33,10 @@ from msilo.routing.service import (
 )
 from msilo.routing.templates import compile_template
 from msilo.routing.timefmt import zone
+from msilo.server.hep import HepSender
 from msilo.server.http import ManagementViews, start_management_http
 from msilo.server.stats import Counters, StatsBlock, prometheus_text
+from msilo.server.trace import Send, SipTrace
 from msilo.sip.parser import IMPLEMENTATION, parse_uri
 from msilo.storage.base import Store
 from msilo.storage.batch import BatchWriter
@@ -225,6 +227,7 @@ class Worker:
         self.service: MsiloService | None = None
         self.election: LeaderElection | None = None
         self.http: asyncio.Server | None = None
+        self.trace: SipTrace | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._cycles_task: asyncio.Task[None] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -265,8 +268,16 @@ class Worker:
             advertise=config.server.advertise.split(":")[0] or None,
             resolver=Resolver(config.server.dns),
         )
+        server = config.server
+        hep = HepSender(server.hep, server.hep_id) if server.hep else None
+        self.trace = SipTrace.from_settings(
+            log_level=server.log_level, sip_trace=server.sip_trace, hep=hep
+        )
+        send: Send = self.transports.send
+        if self.trace is not None:
+            send = self.trace.wrap_send(send, self.transports.sent_by)
         self.layer = TransactionLayer(
-            self._handle, self.transports.send, sent_by=self.transports.sent_by, timers=self.timers
+            self._handle, send, sent_by=self.transports.sent_by, timers=self.timers
         )
         self.transports.on_message = self._receive
         requester = LayerRequester(self.layer)
@@ -380,6 +391,8 @@ class Worker:
 
     def _receive(self, data: bytes, source: Any) -> None:
         assert self.layer is not None
+        if self.trace is not None:
+            source = self.trace.received(data, source)
         try:
             self.layer.receive(data, source)
         except ParseError:
@@ -388,6 +401,8 @@ class Worker:
 
     async def _handle(self, request: Any, txn: Any) -> None:
         assert self.service is not None
+        if self.trace is not None:
+            self.trace.request(request, txn.source)
         await self.service.handle(request, txn)
 
     # -- management -----------------------------------------------------------------------
@@ -450,6 +465,8 @@ class Worker:
             self.layer.close()
         if self.transports is not None:
             await self.transports.close()
+        if self.trace is not None and self.trace.hep is not None:
+            self.trace.hep.close()
         if self._own_stats:
             self.stats.close()
         log.info("event=stopped")

@@ -178,7 +178,7 @@ def test_a_taken_port_stops_the_server_with_one_line_and_no_restart_loop(tmp_pat
         out = _serve_once(tmp_path, f'server.listen=["udp:127.0.0.1:{port}"]')
     assert out.returncode == 2, out.stderr
     assert _error_lines(out.stderr) == [
-        "msilo: error: server.listen: cannot bind (Address already in use)"
+        f"msilo: error: server.listen: cannot bind udp:127.0.0.1:{port} (Address already in use)"
     ]
     assert out.stderr.count("event=spawned") == 3  # two workers and the leader, once each
     assert "event=child_died" not in out.stderr and "Traceback" not in out.stderr

@@ -28,6 +28,8 @@ from msilo.server.stats import prometheus_text
 log = logging.getLogger("msilo.supervisor")
 
 LEADER_REFRESH = 2.0
+# The database check runs every LEADER_REFRESH s with a 3x timeout: older than this, it hangs.
+DB_STALE_AFTER = LEADER_REFRESH * 5
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class StatusEndpoint:
         totals: Callable[[], dict[str, int]],
         children: Callable[[], list[ChildView]],
         serving: Callable[[], bool],
+        wanted_workers: Callable[[], int] = lambda: 1,
     ) -> None:
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
@@ -89,6 +92,7 @@ class StatusEndpoint:
         self._totals = totals
         self._children = children
         self._serving = serving
+        self._wanted_workers = wanted_workers
         self.leader = DeploymentLeader()
         self.started_at = time.time()
         self._thread: threading.Thread | None = None
@@ -115,14 +119,43 @@ class StatusEndpoint:
         }
         return prometheus_text(self._totals(), gauges)
 
+    def live(self) -> dict[str, Any]:
+        """Liveness: the supervisor runs and its endpoint answers (restart it if not)."""
+        return {"status": "alive", "pid": os.getpid(), "uptime": int(time.time() - self.started_at)}
+
+    def readiness(self) -> tuple[str, list[str]]:
+        """("ok" | "starting" | "stopping" | "unavailable", reasons): ready means every
+        wanted worker is ready and the database answered the last check (recently)."""
+        if not self._serving():
+            return "stopping", ["server is stopping"]
+        reasons: list[str] = []
+        wanted = self._wanted_workers()
+        ready = sum(1 for c in self._children() if c.role == "worker" and c.state == "ready")
+        if ready < wanted:
+            reasons.append(f"workers: {ready} of {wanted} ready")
+        lead = self.leader
+        fresh = lead.checked_at is not None and time.time() - lead.checked_at <= DB_STALE_AFTER
+        if lead.database_ok is None:
+            reasons.append("database: not checked yet")
+        elif not lead.database_ok:
+            reasons.append(f"database: {lead.error or 'not answering'}")
+        elif not fresh:
+            reasons.append("database: no answer for a while")
+        if not reasons:
+            return "ok", []
+        booting = lead.database_ok is None or (ready == 0 and lead.database_ok)
+        return ("starting" if booting else "unavailable"), reasons
+
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness (``/health``): 200 only when this host can take SIP traffic."""
         children = self._children()
         workers = [c for c in children if c.role == "worker"]
-        ok = self._serving() and any(c.state == "ready" for c in workers)
+        status, reasons = self.readiness()
         local = next((c for c in children if c.role == "leader" and c.state != "stopping"), None)
         lead = self.leader
-        return ok, {
-            "status": "ok" if ok else "starting",
+        return status == "ok", {
+            "status": status,
+            "reasons": reasons,
             "pid": os.getpid(),
             "uptime": int(time.time() - self.started_at),
             "workers": [c.public(counters=False) for c in workers],
@@ -172,7 +205,9 @@ class StatusEndpoint:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        views = ManagementViews(health=self.health, stats=self.stats, metrics=self.metrics)
+        views = ManagementViews(
+            health=self.health, stats=self.stats, metrics=self.metrics, live=self.live
+        )
         server = await start_management_http(views, self.host, self.port)
         self._bound.set()
         log.info("event=http_listening address=%s:%d", self.host, self.port)

@@ -524,6 +524,7 @@ class Supervisor:
             totals=self.totals,
             children=self.child_views,
             serving=lambda: not self._stopping,
+            wanted_workers=lambda: self.config.server.worker_count,
         )
         try:
             self.http.start()

@@ -12,18 +12,25 @@ import asyncio
 import datetime as dt
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from msilo import __version__
 from msilo.config import Config, describe, load_config
 from msilo.errors import ConfigError, MsiloError, StorageError
 
 if TYPE_CHECKING:
-    from msilo.storage.base import Store
+    from msilo.storage.base import Store, StoredMessage
+
+T = TypeVar("T")
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+# Output into a closed pipe (``msilo messages list | head``): quiet, with the status a
+# command killed by SIGPIPE has (128 + 13), as coreutils report it.
+EXIT_BROKEN_PIPE = 141
+LIST_LIMIT = 100
 
 
 def _version_line() -> str:
@@ -114,7 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "purge":
             p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        if name == "list":
+            p.add_argument(
+                "--limit",
+                type=_non_negative,
+                default=LIST_LIMIT,
+                metavar="N",
+                help=f"show at most N messages (default {LIST_LIMIT}; 0 = all)",
+            )
+            p.add_argument(
+                "--offset",
+                type=_non_negative,
+                default=0,
+                metavar="N",
+                help="skip the first N messages (arrival order)",
+            )
+            p.add_argument(
+                "--json", action="store_true", help="one JSON object per message and line"
+            )
     return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
 
 
 def split_aor(text: str) -> tuple[str, str]:
@@ -247,13 +282,14 @@ def _cmd_check_config(config: Config) -> int:
 async def _cmd_db(config: Config, action: str) -> int:
     if action != "init":
         require_database_file(config)
+        await refuse_while_serving(config)
 
     async def work(store: Store) -> int:
         if action == "init":
             await store.create_schema()
             print(f"schema ready ({config.msilo.db_url})")
         else:
-            done = await store.upgrade_schema()
+            done = await _with_progress("db upgrade", store.upgrade_schema())
             for line in done:
                 print(line)
             print(f"schema up to date ({len(done)} change(s))")
@@ -262,11 +298,73 @@ async def _cmd_db(config: Config, action: str) -> int:
     return await _with_store(config, work)
 
 
+async def refuse_while_serving(config: Config) -> None:
+    """``db upgrade`` takes exclusive locks and rewrites the table: never under a running
+    server.  A server's leader holds the deployment lock as long as it runs."""
+    from msilo.leader.election import leader_election_for
+
+    holder = await leader_election_for(config.msilo.db_url).current_leader()
+    if holder is not None:
+        who = f"host {holder.get('host') or '?'} pid {holder.get('pid') or '?'}"
+        raise StorageError(
+            f"db upgrade: msilo is serving this database (the leader lock is held by {who});"
+            " stop every msilo serve that uses it, then run db upgrade again"
+        )
+
+
+async def _with_progress(label: str, work: Awaitable[T]) -> T:
+    """Await ``work`` showing a live ``label: 12 s`` line on a terminal (stderr), nothing
+    otherwise: a log or a pipe gets only the result lines."""
+    if not sys.stderr.isatty():
+        return await work
+    task = asyncio.ensure_future(work)
+    started = time.monotonic()
+    spinner = "|/-\\"
+    tick = 0
+    while True:
+        # Shown at once and every 0.2 s: an ALTER TABLE on millions of rows takes minutes.
+        elapsed = time.monotonic() - started
+        sys.stderr.write(f"\r{label}: {spinner[tick % 4]} {elapsed:.0f} s working ")
+        sys.stderr.flush()
+        tick += 1
+        if task.done():
+            break
+        await asyncio.wait({task}, timeout=0.2)
+    sys.stderr.write(f"\r{label}: done in {time.monotonic() - started:.1f} s\x1b[K\n")
+    sys.stderr.flush()
+    return task.result()
+
+
 def _fmt_time(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int:
+def _message_json(row: StoredMessage) -> bytes:
+    import base64
+
+    import orjson
+
+    out: dict[str, Any] = {
+        "mid": row.mid,
+        "username": row.username,
+        "domain": row.domain,
+        "src_addr": row.src_addr,
+        "dst_addr": row.dst_addr,
+        "ctype": row.ctype,
+        "inc_time": row.inc_time,
+        "exp_time": row.exp_time,
+        "snd_time": row.snd_time,
+    }
+    try:
+        out["body"] = row.body.decode("utf-8")
+    except UnicodeDecodeError:
+        out["body_base64"] = base64.b64encode(row.body).decode("ascii")
+    return orjson.dumps(out)
+
+
+async def _cmd_messages(
+    config: Config, action: str, aor: str, yes: bool, args: argparse.Namespace | None = None
+) -> int:
     user, domain = split_aor(aor)
     require_database_file(config)
 
@@ -275,15 +373,25 @@ async def _cmd_messages(config: Config, action: str, aor: str, yes: bool) -> int
         if action == "count":
             print(await store.count(user, domain))
         elif action == "list":
-            rows = await store.list(user, domain)
+            limit = getattr(args, "limit", LIST_LIMIT) or None
+            offset = getattr(args, "offset", 0)
+            rows = await store.list_page(user, domain, limit, offset)
+            out = sys.stdout
             for row in rows:
+                if getattr(args, "json", False):
+                    out.write(_message_json(row).decode() + "\n")
+                    continue
                 body = row.body.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
                 when = f"send={_fmt_time(row.snd_time)} " if row.snd_time else ""
-                print(
+                out.write(
                     f"{row.mid}\t{_fmt_time(row.inc_time)}\texpires={_fmt_time(row.exp_time)}"
-                    f"\t{when}from={row.src_addr}\tctype={row.ctype or '-'}\t{body[:80]}"
+                    f"\t{when}from={row.src_addr}\tctype={row.ctype or '-'}\t{body[:80]}\n"
                 )
-            print(f"{len(rows)} message(s) for {user}@{domain}", file=sys.stderr)
+            out.flush()
+            total = await store.count(user, domain)
+            shown = f"{offset + 1}-{offset + len(rows)} of " if len(rows) < total else ""
+            more = " (--limit/--offset for the others)" if len(rows) < total else ""
+            print(f"{shown}{total} message(s) for {user}@{domain}{more}", file=sys.stderr)
         else:
             if not yes:
                 if not sys.stdin.isatty():
@@ -345,6 +453,20 @@ async def _cmd_serve(config: Config, overrides: Sequence[str] = ()) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``msilo`` command; return its exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is ours to report
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing more to say, and no traceback.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -367,7 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner(_cmd_subscriber(config, args))
         if args.command == "messages":
             return runner(
-                _cmd_messages(config, args.messages_command, args.aor, getattr(args, "yes", False))
+                _cmd_messages(
+                    config, args.messages_command, args.aor, getattr(args, "yes", False), args
+                )
             )
         if args.command == "serve":
             return runner(_cmd_serve(config, args.overrides))

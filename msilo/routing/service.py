@@ -113,6 +113,9 @@ class RouteContext:
         self.txn = txn
         self.avp: dict[str, str] = {}  # $avp(name) values, e.g. avp["snd_time"] (D10)
         self.ruri: SipURI | None = None  # the Request-URI as the policy check parsed it
+        # Set by m_store: the offline notification waits for the reply to this request, so
+        # the sender learns "stored" (202) before it hears about the message stored.
+        self.notify_pending = False
 
     @property
     def replied(self) -> bool:
@@ -122,6 +125,7 @@ class RouteContext:
     def reply(self, code: int, reason: str, headers: Collection[tuple[str, str]] = ()) -> None:
         """Answer the request (the first final answer wins; later ones are ignored)."""
         self.service.reply(self.txn, code, reason, headers)
+        self.service.send_pending_notification(self)
 
     async def save(self) -> bool:
         """Registrar ``save()``: apply this REGISTER to the bindings and answer it
@@ -201,6 +205,7 @@ class MsiloService:
             retry = ("Retry-After", str(self.limiter.retry_after()))
             self.reply(txn, 503, "Service Unavailable", [retry])
             return
+        ctx: RouteContext | None = None
         try:
             if self.settings.mode == "silo":
                 check_source(txn.source.ip, self.settings.trusted)
@@ -239,6 +244,10 @@ class MsiloService:
             self.count("store_failures")
             self.db.failed(exc, f"{request.method} call_id={request.call_id}")
             self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+        if ctx is not None:
+            # Stored but answered outside ctx.reply (a route error, the 500 of a silent
+            # route): the request has its final answer now, so the sender may hear.
+            self.send_pending_notification(ctx)
 
     async def _authenticated(self, request: SipRequest, txn: ServerTransaction) -> bool:
         """D14: REGISTER needs credentials of the AoR it registers; with ``auth.message`` a
@@ -415,7 +424,7 @@ class MsiloService:
                 when,
             )
             if notify:
-                self._notify(ctx)
+                ctx.notify_pending = True  # sent after the reply (send_pending_notification)
         elif result.outcome is StoreOutcome.ONLINE:
             pass  # nothing stored: the caller relays
         elif result.outcome is StoreOutcome.DUPLICATE:
@@ -439,6 +448,12 @@ class MsiloService:
             log.warning("event=bad_snd_time value=%r call_id=%s", value, ctx.request.call_id)
             return 0
         return parsed
+
+    def send_pending_notification(self, ctx: RouteContext) -> None:
+        """The offline notification m_store asked for, once the request has its final reply."""
+        if ctx.notify_pending and ctx.txn.final:
+            ctx.notify_pending = False
+            self._notify(ctx)
 
     def _notify(self, ctx: RouteContext) -> None:
         settings = self.settings.notify

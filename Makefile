@@ -12,13 +12,19 @@ compile:            ## build the Cython parser in place (editable install)
 debug:              ## debug build: annotate HTML, line tracing, invariant checks
 	MSILO_DEBUG=1 $(PIP) install -q -e '.[test]'
 
-test-deps:          ## Python test dependencies, plus sipp, sipsak and dnsmasq from Debian when missing
+# Debian tools the tests drive: sipp, sipsak, dnsmasq (SRV), promtool (alert rules and
+# dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file).
+TEST_TOOLS = sipp sipsak dnsmasq promtool sngrep systemd-analyze
+TEST_PACKAGES = sip-tester sipsak dnsmasq-base prometheus sngrep systemd
+
+test-deps:          ## Python test dependencies, plus the Debian tools the tests run when missing
 	$(PIP) install -q -e '.[test]'
-	@if ! command -v sipp >/dev/null || ! command -v sipsak >/dev/null || ! command -v dnsmasq >/dev/null; then \
+	@missing=""; for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sip-tester sipsak dnsmasq-base >/dev/null; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
 	    else \
-	        echo "install sipp, sipsak and dnsmasq (Debian: apt-get install sip-tester sipsak dnsmasq-base)"; exit 1; \
+	        echo "missing:$$missing (Debian: apt-get install $(TEST_PACKAGES))"; exit 1; \
 	    fi; \
 	fi
 

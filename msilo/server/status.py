@@ -23,7 +23,7 @@ from typing import Any
 from msilo.errors import MsiloError
 from msilo.leader.election import leader_election_for
 from msilo.server.http import ManagementViews, start_management_http
-from msilo.server.stats import prometheus_text
+from msilo.server.stats import LabelledGauge, prometheus_text
 
 log = logging.getLogger("msilo.supervisor")
 
@@ -45,6 +45,7 @@ class ChildView:
     heartbeat_age: float
     is_leader: bool
     counters: dict[str, int] = field(default_factory=dict)
+    gauges: dict[str, int] = field(default_factory=dict)
 
     def public(self, *, counters: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -82,8 +83,10 @@ class StatusEndpoint:
         db_url: str,
         totals: Callable[[], dict[str, int]],
         children: Callable[[], list[ChildView]],
+        histograms: Callable[[], list[int]] | None = None,
         serving: Callable[[], bool],
         wanted_workers: Callable[[], int] = lambda: 1,
+        expire_time: Callable[[], int] | None = None,
     ) -> None:
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
@@ -91,8 +94,10 @@ class StatusEndpoint:
         self.db_url = db_url
         self._totals = totals
         self._children = children
+        self._histograms = histograms
         self._serving = serving
         self._wanted_workers = wanted_workers
+        self._expire_time = expire_time
         self.leader = DeploymentLeader()
         self.started_at = time.time()
         self._thread: threading.Thread | None = None
@@ -110,14 +115,62 @@ class StatusEndpoint:
         return result
 
     def metrics(self) -> bytes:
+        """``/metrics``: counters and histograms summed over every process, and gauges."""
         children = self._children()
-        gauges = {
-            "workers_ready": float(
-                sum(1 for c in children if c.role == "worker" and c.state == "ready")
-            ),
+        workers = [c for c in children if c.role == "worker" and c.state != "stopping"]
+        gauges: dict[str, float] = {
+            "workers_ready": float(sum(1 for c in workers if c.state == "ready")),
             "leader_here": float(any(c.role == "leader" and c.is_leader for c in children)),
+            "database_up": float(bool(self.leader.database_ok)),
         }
-        return prometheus_text(self._totals(), gauges)
+        helps = {
+            "workers_ready": "workers ready to take SIP traffic on this host",
+            "leader_here": "1 when this host's leader process holds the deployment lock",
+            "database_up": "1 when the database answered the supervisor's last check",
+        }
+        if self._expire_time is not None:
+            # Exported so an alert can compare the oldest message with it (contrib/prometheus).
+            gauges["expire_time_seconds"] = float(self._expire_time())
+            helps["expire_time_seconds"] = "msilo.expire_time: a stored message's lifetime"
+        # The silo table's size and age come from the leader that holds the lock (one per
+        # deployment): only the host it runs on exports them, so max() across hosts works.
+        summary = next(
+            (
+                c.gauges
+                for c in children
+                if c.role == "leader" and c.is_leader and c.gauges.get("summary_at", 0) > 0
+            ),
+            None,
+        )
+        if summary is not None:
+            gauges["silo_rows"] = float(summary["silo_rows"])
+            helps["silo_rows"] = "messages stored in the silo table (counted by the leader)"
+            oldest = summary["oldest_inc_time"]
+            gauges["oldest_message_age_seconds"] = (
+                max(0.0, time.time() - oldest) if oldest > 0 else 0.0
+            )
+            helps["oldest_message_age_seconds"] = (
+                "age of the oldest stored message (0: none stored); read by the leader"
+            )
+        labelled = {
+            "queue_depth": LabelledGauge(
+                "MESSAGEs waiting in a worker's batch-writer queue",
+                ("worker",),
+                [((str(c.index),), float(c.gauges.get("queue_depth", 0))) for c in workers],
+            ),
+            "queue_capacity": LabelledGauge(
+                "size of a worker's batch-writer queue (full: 503 + Retry-After)",
+                ("worker",),
+                [((str(c.index),), float(c.gauges.get("queue_capacity", 0))) for c in workers],
+            ),
+        }
+        return prometheus_text(
+            self._totals(),
+            gauges,
+            histograms=self._histograms() if self._histograms is not None else None,
+            labelled=labelled,
+            gauge_help=helps,
+        )
 
     def live(self) -> dict[str, Any]:
         """Liveness: the supervisor runs and its endpoint answers (restart it if not)."""

@@ -35,6 +35,12 @@ from msilo.routing.templates import compile_template
 from msilo.routing.timefmt import zone
 from msilo.server.hep import HepSender
 from msilo.server.http import ManagementViews, start_management_http
+from msilo.server.metrics import (
+    SUMMARY_PERIOD_MAX,
+    MeasuredDeliverer,
+    keep_queue_gauges,
+    keep_silo_summary,
+)
 from msilo.server.stats import Counters, StatsBlock, prometheus_text
 from msilo.server.trace import Send, SipTrace
 from msilo.sip.parser import IMPLEMENTATION, parse_uri
@@ -240,6 +246,7 @@ class Worker:
     def _flushed(self, rows: int) -> None:
         self.counters.incr("batch_flushes")
         self.counters.incr("batch_rows", rows)
+        self.counters.observe("batch_rows", rows)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -281,7 +288,7 @@ class Worker:
         )
         self.transports.on_message = self._receive
         requester = LayerRequester(self.layer)
-        deliverer = Deliverer(
+        deliverer = MeasuredDeliverer(
             self.store,
             requester,
             DeliverySettings(
@@ -292,6 +299,7 @@ class Worker:
             ),
             lease_owner=self.lease_owner,
             count=self.count,
+            counters=self.counters,
         )
         self.service = MsiloService(
             settings,
@@ -313,8 +321,21 @@ class Worker:
         if config.server.http:
             host, _, port = config.server.http.rpartition(":")
             self.http = await start_management_http(self._views(), host.strip("[]"), int(port))
+        loop = asyncio.get_running_loop()
+        writer = self.writer
+        self._tasks.append(
+            loop.create_task(
+                keep_queue_gauges(self.counters, lambda: writer.pending, writer.max_queue)
+            )
+        )
         if self.run_leader:
             self._start_leader(deliverer)
+            period = min(float(config.msilo.check_time), SUMMARY_PERIOD_MAX)
+            self._tasks.append(
+                loop.create_task(
+                    keep_silo_summary(self.counters, self.store, self._leading, period)
+                )
+            )
         log.info(
             "event=serving mode=%s parser=%s listen=%s",
             config.server.mode,
@@ -382,6 +403,9 @@ class Worker:
 
         self._tasks.append(asyncio.get_running_loop().create_task(self.election.run(elected, lost)))
 
+    def _leading(self) -> bool:
+        return self.election is not None and self.election.is_leader
+
     async def service_lookup(self, user: str, domain: str) -> list[Any]:
         """Bindings of a user that take MESSAGE (for reminders)."""
         assert self.service is not None
@@ -403,7 +427,11 @@ class Worker:
         assert self.service is not None
         if self.trace is not None:
             self.trace.request(request, txn.source)
+        started = time.perf_counter()
         await self.service.handle(request, txn)
+        if txn.status == 202 and request.method == "MESSAGE":
+            # The 202 goes out only after the commit that holds the row (DESIGN.md).
+            self.counters.observe("message_reply_seconds", time.perf_counter() - started)
 
     # -- management -----------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ PROTO_UDP = 17
 PROTO_TCP = 6
 PROTO_SIP = 1
 MAX_DATAGRAM = 65507  # IPv4 UDP payload limit; a larger capture is dropped
+MAX_PAYLOAD = MAX_DATAGRAM - 512  # room for the header and every other chunk
 
 _CALL_ID = re.compile(rb"^(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.I | re.M)
 _HEP_URL = re.compile(r"^udp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})$")
@@ -64,7 +65,12 @@ def encode(
     capture_id: int,
     correlation: bytes | None = None,
 ) -> bytes:
-    """One HEP v3 packet for a SIP message that went from ``src`` to ``dst``."""
+    """One HEP v3 packet for a SIP message that went from ``src`` to ``dst``.
+
+    Raises ValueError for a message too big for one datagram (lengths are 16-bit).
+    """
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"a {len(payload)}-byte message does not fit in one HEP datagram")
     source = _ip(src[0])
     target = _ip(dst[0])
     if source.version != target.version:

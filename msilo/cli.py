@@ -230,6 +230,12 @@ def check_files(config: Config) -> list[str]:
 
         client_context(tls.ca)
         notes.append(f"tls.ca: {tls.ca} loads")
+    if server.hep:
+        from msilo.server.hep import HepSender
+
+        sender = HepSender(server.hep, server.hep_id)  # resolves the capture server's name
+        sender.close()
+        notes.append(f"server.hep: HEP v3 copies go to {sender.address[0]}:{sender.address[1]}")
     path = sqlite_path(config.msilo.db_url)
     if path is not None:
         if os.path.exists(path):

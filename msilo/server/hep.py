@@ -135,7 +135,7 @@ class HepSender:
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         except socket.gaierror as exc:
             raise ConfigError(f"server.hep: cannot resolve {host!r} ({exc.strerror})") from None
-        self.address = info[4]
+        self.address: tuple[str, int] = (str(info[4][0]), int(info[4][1]))
         self.capture_id = capture_id
         self.sock = socket.socket(info[0], socket.SOCK_DGRAM)
         self.sock.setblocking(False)

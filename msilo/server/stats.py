@@ -54,10 +54,12 @@ COUNTERS: dict[str, str] = {**MSILO_COUNTERS, **SERVER_COUNTERS}
 NAMES: tuple[str, ...] = tuple(COUNTERS)
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(NAMES)}
 
-# Histograms: (help, upper bounds).  Cumulative like counters (folded into the totals when a
-# child exits); each has one cell per bucket plus +Inf, then the sum (in millionths) and the
-# count.  Bounds are chosen for what an operator asks: "is the 202 fast", "how long did
-# messages wait", "do batches grow under load", "how long does a dump take".
+# Histograms: (help, upper bounds).  Names differ from every counter's (batch_rows_total is
+# a counter, batch_size_rows the histogram) so no two metric families share a name.
+# Cumulative like counters (folded into the totals when a child exits); each has one cell
+# per bucket plus +Inf, then the sum (in millionths) and the count.  Bounds are chosen for
+# what an operator asks: "is the 202 fast", "how long did messages wait", "do batches grow
+# under load", "how long does a dump take".
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "message_reply_seconds": (
         "MESSAGE received to its 202 Accepted sent (stored and committed), seconds",
@@ -67,7 +69,7 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
         "a stored message's arrival to its delivery (2xx from the user's device), seconds",
         (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0, 259200.0, 604800.0),
     ),
-    "batch_rows": (
+    "batch_size_rows": (
         "rows per batch-writer commit (group commit: grows with concurrent MESSAGEs)",
         (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0),
     ),

@@ -246,7 +246,7 @@ class Worker:
     def _flushed(self, rows: int) -> None:
         self.counters.incr("batch_flushes")
         self.counters.incr("batch_rows", rows)
-        self.counters.observe("batch_rows", rows)
+        self.counters.observe("batch_size_rows", rows)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -261,6 +261,8 @@ class Worker:
             else None
         )
         settings = service_settings(config)
+        server = config.server
+        hep = HepSender(server.hep, server.hep_id) if server.hep else None
         self.writer = BatchWriter(
             self.store,
             max_messages=config.msilo.max_messages,
@@ -275,8 +277,6 @@ class Worker:
             advertise=config.server.advertise.split(":")[0] or None,
             resolver=Resolver(config.server.dns),
         )
-        server = config.server
-        hep = HepSender(server.hep, server.hep_id) if server.hep else None
         self.trace = SipTrace.from_settings(
             log_level=server.log_level, sip_trace=server.sip_trace, hep=hep
         )

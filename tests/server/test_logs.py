@@ -115,7 +115,10 @@ def test_library_warnings_are_one_line_in_msilo_format_once_per_state_change(
     """asyncpg's pool logs the same warning with a traceback on every retry; msilo keeps
     the first, as one line, until the database state changes."""
     root, library = logging.getLogger(), logging.getLogger("asyncpg.pool")
-    saved = (root.handlers[:], root.level, logging.getLogger("msilo").handlers[:])
+    ours = logging.getLogger("msilo")
+    # setup_logging rewires the process's loggers: put everything back for the next tests
+    # (caplog listens on the root logger and needs msilo's records to propagate).
+    saved = (root.handlers[:], root.level, ours.handlers[:], ours.level, ours.propagate)
     try:
         setup_logging("info", process="worker3")
         for _ in range(10):
@@ -128,8 +131,9 @@ def test_library_warnings_are_one_line_in_msilo_format_once_per_state_change(
         logging.getLogger("asyncio").debug("not shown: libraries log from WARNING up")
         err = capfd.readouterr().err
     finally:
-        root.handlers[:], _, logging.getLogger("msilo").handlers[:] = saved
+        root.handlers[:], _, ours.handlers[:], _, ours.propagate = saved
         root.setLevel(saved[1])
+        ours.setLevel(saved[3])
     lines = err.splitlines()
     assert "Traceback" not in err
     floor = [line for line in lines if "pool connection floor" in line]

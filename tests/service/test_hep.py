@@ -9,8 +9,11 @@ import ipaddress
 import logging
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +176,19 @@ def test_a_bad_hep_setting_names_the_key(value: str) -> None:
 
     with pytest.raises(ConfigError, match=r'^server\.hep: must be udp:HOST:PORT, or "" for off'):
         load_config(overrides=[f"server.hep={value}"])
+
+
+def test_check_config_resolves_the_capture_server(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "msilo", "check-config", "--set", 'server.hep="udp:localhost:9060"'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "# server.hep: HEP v3 copies go to " in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "msilo", "check-config", "--set",
+         'server.hep="udp:no-such-host.invalid:9060"'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("msilo: error: server.hep: cannot resolve 'no-such-host.invalid'")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -284,11 +285,31 @@ class StatusEndpoint:
                     None, False, str(exc) or type(exc).__name__, time.time()
                 )
             else:
-                ok = True
+                ok, error = True, None
                 if self.db_url.startswith("sqlite:///"):
-                    ok = os.path.exists(self.db_url[len("sqlite:///") :])
-                self.leader = DeploymentLeader(holder, ok, None, time.time())
+                    path = self.db_url[len("sqlite:///") :]
+                    error = await asyncio.to_thread(_sqlite_fails, path)
+                    ok = error is None
+                self.leader = DeploymentLeader(holder, ok, error, time.time())
             await asyncio.sleep(LEADER_REFRESH)
+
+
+def _sqlite_fails(path: str) -> str | None:
+    """Why the SQLite database does not answer a read, or None when it does.
+
+    Read-only and ``mode=ro``: a readiness probe never creates or locks the database.
+    """
+    if not os.path.exists(path):
+        return "not answering"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _redact(url: str) -> str:

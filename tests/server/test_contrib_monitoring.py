@@ -102,3 +102,17 @@ def test_alert_rules_pass_promtool_and_fire_when_they_should() -> None:
         cwd=ALERT_TESTS.parent, capture_output=True, text=True,
     )  # fmt: skip
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_readme_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    """The README's prometheus.yml, as printed, with the rules file where contrib keeps it."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"```yaml\n(# prometheus\.yml\n.*?)```", readme, re.S)
+    assert match is not None, "README lost its prometheus.yml example"
+    config = match.group(1).replace("/etc/prometheus/msilo-alerts.yml", str(ALERTS))
+    assert str(ALERTS) in config
+    path = tmp_path / "prometheus.yml"
+    path.write_text(config)
+    out = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 6 rules found" in out.stdout

@@ -66,3 +66,17 @@ async def test_a_missing_database_is_not_ready(
     assert _get(srv, "/health/live")[0] == 200
     (tmp_path / "moved.db").rename(tmp_path / "m.db")
     await wait_for(lambda: _get(srv, "/health"), lambda r: r[0] == 200, 10, "ready again", srv)
+
+
+async def test_a_file_that_is_not_a_database_is_not_ready(
+    serve: Callable[..., Instance], tmp_path: Path
+) -> None:
+    srv = serve(f"sqlite:///{tmp_path}/m.db", "server.workers=1")
+    await srv.wait_ready(1)
+    (tmp_path / "m.db").rename(tmp_path / "kept.db")
+    (tmp_path / "m.db").write_bytes(b"this is not an SQLite database" * 100)
+    _, body = await wait_for(
+        lambda: _get(srv, "/health"), lambda r: r[0] == 503, 10, "readiness 503", srv
+    )
+    assert body["reasons"] == ["database: DatabaseError: file is not a database"], body
+    assert _get(srv, "/health/live")[0] == 200

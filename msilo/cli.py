@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -167,7 +168,7 @@ def split_aor(text: str) -> tuple[str, str]:
     return user, domain.lower()
 
 
-def open_configured_store(config: Config, *, serving: bool = False) -> Store:
+def open_configured_store(config: Config, *, serving: bool = False, **options: Any) -> Store:
     """The storage backend the configuration names (not yet opened).
 
     ``serving``: for a process of ``msilo serve``, whose PostgreSQL pool is opened whole
@@ -191,8 +192,8 @@ def open_configured_store(config: Config, *, serving: bool = False) -> Store:
         snd_time=m.sc_snd_time,
     )
     postgres = m.db_url.startswith(("postgres://", "postgresql://"))
-    serving_options = {"warm": True} if serving and postgres else {}
-    return open_store(m.db_url, names, **serving_options)
+    serving_options: dict[str, Any] = {"warm": True} if serving and postgres else {}
+    return open_store(m.db_url, names, **serving_options, **options)
 
 
 def open_serving_store(config: Config) -> Store:
@@ -200,8 +201,10 @@ def open_serving_store(config: Config) -> Store:
     return open_configured_store(config, serving=True)
 
 
-async def _with_store(config: Config, work: Callable[[Store], Awaitable[int]]) -> int:
-    store = open_configured_store(config)
+async def _with_store(
+    config: Config, work: Callable[[Store], Awaitable[int]], **options: Any
+) -> int:
+    store = open_configured_store(config, **options)
     await store.open()
     try:
         return await work(store)
@@ -289,19 +292,73 @@ async def _cmd_db(config: Config, action: str) -> int:
     if action != "init":
         require_database_file(config)
         await refuse_while_serving(config)
+    options: dict[str, Any] = {}
+    step: PgStep | None = None
+    if action == "upgrade" and sys.stderr.isatty() and sqlite_path(config.msilo.db_url) is None:
+        # Name our session so a second connection can say which statement it is running.
+        options["application_name"] = f"msilo-db-upgrade-{os.getpid()}"
+        step = PgStep(config.msilo.db_url, options["application_name"])
 
     async def work(store: Store) -> int:
         if action == "init":
             await store.create_schema()
             print(f"schema ready ({config.msilo.db_url})")
         else:
-            done = await _with_progress("db upgrade", store.upgrade_schema())
+            try:
+                done = await _with_progress("db upgrade", store.upgrade_schema(), step)
+            finally:
+                if step is not None:
+                    await step.close()
             for line in done:
                 print(line)
             print(f"schema up to date ({len(done)} change(s))")
         return 0
 
-    return await _with_store(config, work)
+    return await _with_store(config, work, **options)
+
+
+class PgStep:
+    """What a PostgreSQL session named ``application_name`` is doing now, in a few words:
+    its statement, and for CREATE INDEX the phase and share of blocks done
+    (``pg_stat_progress_create_index``).  Read over a connection of its own."""
+
+    QUERY = (
+        "SELECT a.query, p.phase, p.blocks_done, p.blocks_total FROM pg_stat_activity a "
+        "LEFT JOIN pg_stat_progress_create_index p ON p.pid = a.pid "
+        "WHERE a.application_name = $1 AND a.state = 'active' LIMIT 1"
+    )
+
+    def __init__(self, dsn: str, application_name: str) -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self._conn: Any = None
+
+    async def __call__(self) -> str | None:
+        """The current step, or None when unknown (progress is best effort)."""
+        import asyncpg
+
+        try:
+            if self._conn is None:
+                self._conn = await asyncpg.connect(self.dsn, timeout=2)
+            row = await self._conn.fetchrow(self.QUERY, self.application_name, timeout=1)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return None
+        if row is None or not row["query"]:
+            return None
+        statement = " ".join(str(row["query"]).split())
+        if len(statement) > 60:
+            statement = statement[:57] + "..."
+        if row["blocks_total"]:
+            share = 100.0 * row["blocks_done"] / row["blocks_total"]
+            return f"{statement} ({row['phase']}, {share:.0f} %)"
+        return statement
+
+    async def close(self) -> None:
+        """Close the watching connection."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
 
 
 async def refuse_while_serving(config: Config) -> None:
@@ -318,24 +375,31 @@ async def refuse_while_serving(config: Config) -> None:
         )
 
 
-async def _with_progress(label: str, work: Awaitable[T]) -> T:
-    """Await ``work`` showing a live ``label: 12 s`` line on a terminal (stderr), nothing
-    otherwise: a log or a pipe gets only the result lines."""
+async def _with_progress(
+    label: str, work: Awaitable[T], step: Callable[[], Awaitable[str | None]] | None = None
+) -> T:
+    """Await ``work`` showing a live ``label: 12 s <step>`` line on a terminal (stderr),
+    nothing otherwise: a log or a pipe gets only the result lines."""
     if not sys.stderr.isatty():
         return await work
     task = asyncio.ensure_future(work)
     started = time.monotonic()
     spinner = "|/-\\"
     tick = 0
+    current = "working"
     while True:
         # Shown at once and every 0.2 s: an ALTER TABLE on millions of rows takes minutes.
         elapsed = time.monotonic() - started
-        sys.stderr.write(f"\r{label}: {spinner[tick % 4]} {elapsed:.0f} s working ")
+        sys.stderr.write(f"\r{label}: {spinner[tick % 4]} {elapsed:.0f} s {current}\x1b[K")
         sys.stderr.flush()
         tick += 1
         if task.done():
             break
         await asyncio.wait({task}, timeout=0.2)
+        if step is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                now_doing: str | None = await asyncio.wait_for(step(), 1.5)
+                current = now_doing or current
     sys.stderr.write(f"\r{label}: done in {time.monotonic() - started:.1f} s\x1b[K\n")
     sys.stderr.flush()
     return task.result()

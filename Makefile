@@ -12,11 +12,15 @@ compile:            ## build the Cython parser in place (editable install)
 debug:              ## debug build: annotate HTML, line tracing, invariant checks
 	MSILO_DEBUG=1 $(PIP) install -q -e '.[test]'
 
-# Debian packages the tests drive, as command:package (a missing command installs its package).
+# Debian packages the tests drive, as command:package (a missing command installs its
+# package): sipp, sipsak, dnsmasq (SRV), baresip and linphonec (real clients), stdbuf (their
+# line-buffered output), ip and nft (a NAT in network namespaces), promtool (alert rules and
+# dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file).
 TEST_TOOLS = sipp:sip-tester sipsak:sipsak dnsmasq:dnsmasq-base baresip:baresip-core \
-             linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables
+             linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables \
+             promtool:prometheus sngrep:sngrep systemd-analyze:systemd
 
-test-deps:          ## Python test dependencies, plus the SIP tools, clients and network tools the tests drive (Debian, when missing)
+test-deps:          ## Python test dependencies, plus the Debian tools the tests drive (when missing)
 	$(PIP) install -q -e '.[test]'
 	@missing=""; for pair in $(TEST_TOOLS); do \
 	    command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
@@ -39,10 +43,15 @@ lint:
 	ruff check .
 	ruff format --check msilo tests bench tools
 
+# bench runs this checkout in place (PYTHONPATH), whatever msilo is installed: it never
+# reinstalls the package, so a user's install stays as it was.
+BENCH_ENV = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
+
 bench:              ## micro and storage benchmarks (slow; not part of the test suite)
-	$(PIP) install -q -e '.[test,bench]'
-	$(PYTHON) -m pytest bench/bench_parse.py bench/bench_build.py --benchmark-only -p no:cacheprovider
-	$(PYTHON) bench/bench_store.py --dsn $${MSILO_BENCH_DSN:-postgres://postgres@127.0.0.1:5432/postgres}
+	$(PIP) install -q 'pytest-benchmark>=4' 'sippy>=2.0'
+	MSILO_BUILD_CYTHON_ALWAYS=1 $(PYTHON) setup.py -q build_ext --inplace
+	$(BENCH_ENV) $(PYTHON) -m pytest bench/bench_parse.py bench/bench_build.py --benchmark-only -p no:cacheprovider
+	$(BENCH_ENV) $(PYTHON) bench/bench_store.py --dsn $${MSILO_BENCH_DSN:-postgres://postgres@127.0.0.1:5432/postgres}
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks

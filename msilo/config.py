@@ -28,6 +28,7 @@ SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 HEADER_LINE = re.compile(r"^[!%'*+\-.0-9A-Z^_`a-z|~]+[ \t]*:[^\r\n]*\r\n$")
 LISTEN = re.compile(r"^(udp|tcp|tls):(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})$")
 HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+)(?::(\d{1,5}))?$")
+HEP_URL = re.compile(r"^udp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})$")
 ROUTE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 AVP = re.compile(r"^\$avp\(([A-Za-z0-9_.-]+)\)$")
 
@@ -158,6 +159,16 @@ def _http(key: str, value: Any) -> str:
     match = HOSTPORT.match(text)
     if match is None or match.group(2) is None or not _port_ok(match.group(2)):
         raise ConfigError(f'{key}: must be HOST:PORT, or "" to disable (got {text!r})')
+    return text
+
+
+def _hep(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if not text:
+        return text
+    match = HEP_URL.match(text)
+    if match is None or not _port_ok(match.group(2)):
+        raise ConfigError(f'{key}: must be udp:HOST:PORT, or "" for off (got {text!r})')
     return text
 
 
@@ -340,6 +351,24 @@ class ServerConfig:
     trusted: tuple[str, ...] = field(
         default=(),
         metadata=_doc("silo mode: addresses/networks allowed to send (empty = anyone)", _networks),
+    )
+    sip_trace: bool = field(
+        default=False,
+        metadata=_doc(
+            "log every SIP message whole, in and out (`event=sip_in`/`sip_out`, at info)", _flag
+        ),
+    )
+    hep: str = field(
+        default="",
+        metadata=_doc(
+            "send a HEP v3 copy of every SIP message to `udp:HOST:PORT` (Homer, heplify,"
+            ' `sngrep -L`); "" = off',
+            _hep,
+        ),
+    )
+    hep_id: int = field(
+        default=1,
+        metadata=_doc("HEP capture agent id of this host", _int(0, 2**32 - 1)),
     )
     dns: tuple[str, ...] = field(
         default=(),
@@ -682,6 +711,17 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         """Values never to print (logs redact them; URL passwords are redacted anyway)."""
         return tuple(s for s in (self.auth.secret,) if s)
+
+    def route_search_path(self) -> tuple[str, ...]:
+        """Where ``server.route``'s module is looked for after ``sys.path``: the
+        configuration file's directory, then the working directory."""
+        dirs: list[str] = []
+        if self.source is not None:
+            dirs.append(os.path.dirname(os.path.abspath(self.source)))
+        cwd = os.getcwd()
+        if cwd not in dirs:
+            dirs.append(cwd)
+        return tuple(dirs)
 
     def _check_cross_keys(self) -> None:
         m = self.msilo

@@ -204,3 +204,64 @@ def test_subscriber_add_passwd_remove(db_url: str, tmp_path: Path) -> None:
     removed = msilo("subscriber", "remove", "alice@example.com", "--set", setting, cwd=tmp_path)
     assert removed.returncode == 0
     assert asyncio.run(ha1()) is None
+
+
+def test_messages_list_pages_and_json(db_url: str, tmp_path: Path) -> None:
+    setting = f'msilo.db_url="{db_url}"'
+    assert msilo("db", "init", "--set", setting, cwd=tmp_path).returncode == 0
+    _seed(db_url, "alice", [f"m{i}".encode() for i in range(5)] + [b"\xff\xfe"])
+    base = ("messages", "list", "--aor", "alice@example.com", "--set", setting)
+    page = msilo(*base, "--limit", "2", "--offset", "1", cwd=tmp_path)
+    assert page.returncode == 0, page.stderr
+    assert [line.split("\t")[-1] for line in page.stdout.splitlines()] == ["m1", "m2"]
+    assert page.stderr == (
+        "2-3 of 6 message(s) for alice@example.com (--limit/--offset for the others)\n"
+    )
+    import orjson
+
+    listed = msilo(*base, "--json", "--offset", "4", cwd=tmp_path)
+    rows = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert [r.get("body") for r in rows] == ["m4", None]
+    assert rows[1]["body_base64"] == "//4="  # not UTF-8: the bytes, exactly
+    assert set(rows[0]) == {"mid", "username", "domain", "src_addr", "dst_addr", "ctype",
+                            "inc_time", "exp_time", "snd_time", "body"}  # fmt: skip
+    assert (rows[0]["username"], rows[0]["domain"]) == ("alice", "example.com")
+    everything = msilo(*base, "--limit", "0", cwd=tmp_path)
+    assert len(everything.stdout.splitlines()) == 6
+    assert everything.stderr == "6 message(s) for alice@example.com\n"
+    bad = msilo(*base, "--limit", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "must be 0 or more" in bad.stderr
+
+
+def test_messages_list_shows_the_first_hundred_unless_told(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path}/many.db"
+    setting = f'msilo.db_url="{db_url}"'
+    assert msilo("db", "init", "--set", setting, cwd=tmp_path).returncode == 0
+    _seed(db_url, "bob", [f"n{i}".encode() for i in range(130)])
+    out = msilo("messages", "list", "--aor", "bob@example.com", "--set", setting, cwd=tmp_path)
+    assert len(out.stdout.splitlines()) == 100
+    assert out.stderr.startswith("1-100 of 130 message(s) for bob@example.com")
+
+
+@pytest.mark.parametrize("command", ["list", "check-config"])
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path, command: str) -> None:
+    db_url = f"sqlite:///{tmp_path}/pipe.db"
+    setting = f'msilo.db_url="{db_url}"'
+    assert msilo("db", "init", "--set", setting, cwd=tmp_path).returncode == 0
+    _seed(db_url, "carol", [b"x" * 200] * 50)
+    argv = (
+        ["messages", "list", "--aor", "carol@example.com", "--limit", "0"]
+        if command == "list"
+        else ["check-config"]
+    )
+    # The reader is gone before msilo writes a byte (as `| head` is after its lines).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "msilo", *argv, "--set", setting],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    proc.wait(60)
+    assert (proc.returncode, err) == (141, "")

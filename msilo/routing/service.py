@@ -17,8 +17,9 @@ import dataclasses
 import datetime as dt
 import importlib
 import logging
+import sys
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,9 @@ class RouteContext:
         self.devices_tracked = False  # this REGISTER's devices were remembered/forgotten
         self.stored: StoreResult | None = None  # the fate of this request's m_store
         self.pending: bool | None = None  # REGISTER: the owner has stored messages (None: ?)
+        # Set by m_store: the offline notification waits for the reply to this request, so
+        # the sender learns "stored" (202) before it hears about the message stored.
+        self.notify_pending = False
 
     @property
     def replied(self) -> bool:
@@ -146,6 +150,7 @@ class RouteContext:
     def reply(self, code: int, reason: str, headers: Collection[tuple[str, str]] = ()) -> None:
         """Answer the request (the first final answer wins; later ones are ignored)."""
         self.service.reply(self.txn, code, reason, headers)
+        self.service.send_pending_notification(self)
 
     async def save(self) -> bool:
         """Registrar ``save()``: apply this REGISTER to the bindings and answer it
@@ -248,6 +253,7 @@ class MsiloService:
                 guard.done(txn)
 
     async def _handle(self, request: SipRequest, txn: ServerTransaction) -> None:
+        ctx: RouteContext | None = None
         try:
             if self.settings.mode == "silo":
                 check_source(txn.source.ip, self.settings.trusted)
@@ -289,6 +295,10 @@ class MsiloService:
             self.count("store_failures")
             self.db.failed(exc, f"{request.method} call_id={request.call_id}")
             self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+        if ctx is not None:
+            # Stored but answered outside ctx.reply (a route error, the 500 of a silent
+            # route): the request has its final answer now, so the sender may hear.
+            self.send_pending_notification(ctx)
 
     async def _authenticated(self, request: SipRequest, txn: ServerTransaction) -> bool:
         """D14: REGISTER needs credentials of the AoR it registers; with ``auth.message`` a
@@ -727,7 +737,7 @@ class MsiloService:
                 when,
             )
             if notify:
-                self._notify(ctx)
+                ctx.notify_pending = True  # sent after the reply (send_pending_notification)
         elif result.outcome is StoreOutcome.ONLINE:
             pass  # nothing stored: the caller relays
         elif result.outcome is StoreOutcome.DUPLICATE:
@@ -751,6 +761,12 @@ class MsiloService:
             log.warning("event=bad_snd_time value=%r call_id=%s", value, ctx.request.call_id)
             return 0
         return parsed
+
+    def send_pending_notification(self, ctx: RouteContext) -> None:
+        """The offline notification m_store asked for, once the request has its final reply."""
+        if ctx.notify_pending and ctx.txn.final:
+            ctx.notify_pending = False
+            self._notify(ctx)
 
     def _notify(self, ctx: RouteContext) -> None:
         settings = self.settings.notify
@@ -913,13 +929,23 @@ def _silo_bindings(request: SipRequest, policy: RegistrarPolicy) -> list[Request
     return result
 
 
-def load_route(spec: str) -> Route:
-    """Import ``module:function`` for ``server.route``; ConfigError naming what is wrong."""
+def load_route(spec: str, search: Sequence[str] = ()) -> Route:
+    """Import ``module:function`` for ``server.route``; ConfigError naming what is wrong.
+
+    ``search``: directories tried after ``sys.path`` (the configuration file's directory,
+    then the working directory), so a ``myroute.py`` beside ``msilo.toml`` or in the
+    directory msilo was started from imports without ``PYTHONPATH``.
+    """
     module_name, _, attr = spec.partition(":")
+    for directory in search:
+        # Appended, never prepended: a route module must not shadow an installed package.
+        if directory and directory not in sys.path:
+            sys.path.append(directory)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ConfigError(f"server.route: cannot import {module_name!r} ({exc})") from None
+        where = f"; looked in sys.path and {', '.join(search)}" if search else ""
+        raise ConfigError(f"server.route: cannot import {module_name!r} ({exc}{where})") from None
     route = getattr(module, attr, None)
     if route is None or not asyncio.iscoroutinefunction(route):
         raise ConfigError(f"server.route: {spec!r} is not an async function")

@@ -81,8 +81,10 @@ def child_main(spec: ChildSpec, conn: Connection) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(EXIT_OK))
 
-    from msilo.log import setup_logging
+    from msilo.log import set_process_title, setup_logging
 
+    # ps/top/systemctl status show "msilo: worker 0", not "python3 -c from multiprocessing...".
+    set_process_title(f"{spec.role} {spec.index}" if spec.role == WORKER else spec.role)
     setup_logging(spec.config.server.log_level, process=spec.title, secrets=spec.config.secrets())
     import uvloop
 

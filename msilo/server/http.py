@@ -1,4 +1,5 @@
-"""Management HTTP endpoint: ``GET /health``, ``GET /stats`` (JSON), ``GET /metrics`` (Prometheus).
+"""Management HTTP: ``GET /health`` (readiness), ``GET /health/live`` (liveness), ``GET /stats``
+(JSON), ``GET /metrics`` (Prometheus).
 
 Three read-only GETs on a loopback port need no web framework: this is a
 deliberately tiny HTTP/1.1 responder (one request per connection, bounded
@@ -28,6 +29,8 @@ class ManagementViews:
     health: Callable[[], tuple[bool, dict[str, Any]]]
     stats: Callable[[], dict[str, Any]]
     metrics: Callable[[], bytes]
+    # Liveness: answering at all is the proof; the body only says who answered.
+    live: Callable[[], dict[str, Any]] | None = None
 
 
 def _response(status: str, body: bytes, content_type: str) -> bytes:
@@ -42,6 +45,9 @@ def _route(views: ManagementViews, method: str, path: str) -> bytes:
     path = path.split("?", 1)[0]
     if method != "GET":
         return _response("405 Method Not Allowed", b"GET only\n", "text/plain")
+    if path == "/health/live":
+        detail = views.live() if views.live is not None else {"status": "alive"}
+        return _response("200 OK", orjson.dumps(detail), "application/json")
     if path == "/health":
         ok, detail = views.health()
         status = "200 OK" if ok else "503 Service Unavailable"
@@ -50,7 +56,8 @@ def _route(views: ManagementViews, method: str, path: str) -> bytes:
         return _response("200 OK", orjson.dumps(views.stats()), "application/json")
     if path == "/metrics":
         return _response("200 OK", views.metrics(), "text/plain; version=0.0.4; charset=utf-8")
-    return _response("404 Not Found", b"try /health, /stats or /metrics\n", "text/plain")
+    hint = b"try /health, /health/live, /stats or /metrics\n"
+    return _response("404 Not Found", hint, "text/plain")
 
 
 async def _serve_one(

@@ -8,7 +8,9 @@ attach to by name; each process only ever writes its own row.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 # The admin guide's counters, with their documented meanings (not the reference's swap, §10 Q2).
@@ -67,7 +69,49 @@ SERVER_COUNTERS: dict[str, str] = {
 COUNTERS: dict[str, str] = {**MSILO_COUNTERS, **SERVER_COUNTERS}
 NAMES: tuple[str, ...] = tuple(COUNTERS)
 _INDEX: dict[str, int] = {name: i for i, name in enumerate(NAMES)}
-_WIDTH = len(NAMES)
+
+# Histograms: (help, upper bounds).  Names differ from every counter's (batch_rows_total is
+# a counter, batch_size_rows the histogram) so no two metric families share a name.
+# Cumulative like counters (folded into the totals when a child exits); each has one cell
+# per bucket plus +Inf, then the sum (in millionths) and the count.  Bounds are chosen for
+# what an operator asks: "is the 202 fast", "how long did messages wait", "do batches grow
+# under load", "how long does a dump take".
+HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "message_reply_seconds": (
+        "MESSAGE received to its 202 Accepted sent (stored and committed), seconds",
+        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    ),
+    "delivery_latency_seconds": (
+        "a stored message's arrival to its delivery (2xx from the user's device), seconds",
+        (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0, 259200.0, 604800.0),
+    ),
+    "batch_size_rows": (
+        "rows per batch-writer commit (group commit: grows with concurrent MESSAGEs)",
+        (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0),
+    ),
+    "dump_duration_seconds": (
+        "one m_dump that delivered or tried at least one message, first claim to last answer",
+        (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    ),
+}
+_HIST_BASE: dict[str, int] = {}
+_cursor = len(NAMES)
+for _name, (_doc, _bounds) in HISTOGRAMS.items():
+    _HIST_BASE[_name] = _cursor
+    _cursor += len(_bounds) + 3  # buckets, +Inf, sum, count
+_HIST_END = _cursor
+
+# Gauges: the current value, written by the process that owns the row (never folded).
+GAUGES: dict[str, str] = {
+    "queue_depth": "MESSAGEs waiting in this worker's batch-writer queue",
+    "queue_capacity": "the batch-writer queue's size (a full queue answers 503)",
+    "silo_rows": "rows in the silo table (the leader counts them)",
+    "oldest_inc_time": "arrival time of the oldest stored message (the leader reads it)",
+    "summary_at": "when the leader last read silo_rows/oldest_inc_time (0: never)",
+}
+_GAUGE_INDEX: dict[str, int] = {name: _HIST_END + i for i, name in enumerate(GAUGES)}
+_WIDTH = _HIST_END + len(GAUGES)
+SUM_SCALE = 1_000_000  # histogram sums are kept in millionths in the int64 cells
 
 
 class StatsBlock:
@@ -108,13 +152,34 @@ class StatsBlock:
 
     def total(self) -> dict[str, int]:
         """Every counter summed over all rows."""
-        sums = [0] * _WIDTH
+        width = len(NAMES)
+        sums = [0] * width
         cells = self._cells
         for row in range(self.rows):
             base = row * _WIDTH
-            for i in range(_WIDTH):
+            for i in range(width):
                 sums[i] += cells[base + i]
         return dict(zip(NAMES, sums, strict=True))
+
+    def histogram_cells(self, row: int) -> list[int]:
+        """One process's histogram cells (cumulative; fold them like counters)."""
+        base = row * _WIDTH
+        return [self._cells[base + i] for i in range(len(NAMES), _HIST_END)]
+
+    def histogram_total(self) -> list[int]:
+        """Every histogram cell summed over all rows."""
+        sums = [0] * (_HIST_END - len(NAMES))
+        cells = self._cells
+        for row in range(self.rows):
+            base = row * _WIDTH + len(NAMES)
+            for i in range(len(sums)):
+                sums[i] += cells[base + i]
+        return sums
+
+    def gauges(self, row: int) -> dict[str, int]:
+        """One process's gauges."""
+        base = row * _WIDTH
+        return {name: self._cells[base + i] for name, i in _GAUGE_INDEX.items()}
 
     def reset_row(self, row: int) -> None:
         """Zero one row (a replaced child starts afresh; its old counts are kept by the caller)."""
@@ -155,22 +220,88 @@ class Counters:
         """Current value of counter ``name`` in this row."""
         return int(self._cells[self._base + _INDEX[name]])
 
+    def observe(self, name: str, value: float) -> None:
+        """Add one observation to histogram ``name`` (a KeyError names an unknown one)."""
+        bounds = HISTOGRAMS[name][1]
+        base = self._base + _HIST_BASE[name]
+        cells = self._cells
+        cells[base + bisect.bisect_left(bounds, value)] += 1
+        cells[base + len(bounds) + 1] += round(value * SUM_SCALE)
+        cells[base + len(bounds) + 2] += 1
+
+    def set_gauge(self, name: str, value: int) -> None:
+        """Set gauge ``name`` of this row."""
+        self._cells[self._base + _GAUGE_INDEX[name]] = value
+
     def __iter__(self) -> Iterator[tuple[str, int]]:
         for i, name in enumerate(NAMES):
             yield name, int(self._cells[self._base + i])
 
 
-def prometheus_text(totals: dict[str, int], gauges: dict[str, float] | None = None) -> bytes:
-    """Totals (and optional gauges) in the Prometheus text exposition format."""
+def histogram_families(
+    cells: list[int],
+) -> Iterator[tuple[str, str, list[tuple[str, float]], float]]:
+    """(name, help, cumulative buckets, sum) of each histogram from summed cells."""
+    offset = 0
+    for name, (doc, bounds) in HISTOGRAMS.items():
+        counts = cells[offset : offset + len(bounds) + 1]
+        total_sum = cells[offset + len(bounds) + 1] / SUM_SCALE
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+            running += count
+            label = "+Inf" if bound == float("inf") else f"{bound:g}"
+            buckets.append((label, float(running)))
+        yield name, doc, buckets, total_sum
+        offset += len(bounds) + 3
+
+
+@dataclass(frozen=True)
+class LabelledGauge:
+    """A gauge with one value per label set, e.g. queue depth per worker."""
+
+    doc: str
+    labels: tuple[str, ...]
+    values: list[tuple[tuple[str, ...], float]]
+
+
+def prometheus_text(
+    totals: dict[str, int],
+    gauges: dict[str, float] | None = None,
+    *,
+    histograms: list[int] | None = None,
+    labelled: dict[str, LabelledGauge] | None = None,
+    gauge_help: dict[str, str] | None = None,
+) -> bytes:
+    """Totals (and optional gauges and histograms) in the Prometheus text exposition format."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    helps = gauge_help or {}
 
     class _Collector:
-        def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        def collect(
+            self,
+        ) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
             for name, value in totals.items():
                 yield CounterMetricFamily(f"msilo_{name}", COUNTERS.get(name, name), value=value)
             for name, gauge in (gauges or {}).items():
-                yield GaugeMetricFamily(f"msilo_{name}", name.replace("_", " "), value=gauge)
+                doc = helps.get(name, name.replace("_", " "))
+                yield GaugeMetricFamily(f"msilo_{name}", doc, value=gauge)
+            for name, spec in (labelled or {}).items():
+                family = GaugeMetricFamily(f"msilo_{name}", spec.doc, labels=list(spec.labels))
+                for label_values, reading in spec.values:
+                    family.add_metric(list(label_values), reading)
+                yield family
+            if histograms is not None:
+                for name, doc, buckets, total_sum in histogram_families(histograms):
+                    yield HistogramMetricFamily(
+                        f"msilo_{name}", doc, buckets=buckets, sum_value=total_sum
+                    )
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

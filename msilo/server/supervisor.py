@@ -147,6 +147,7 @@ class Supervisor:
         # The HTTP thread reads children and counters while this thread changes them.
         self._lock = threading.Lock()
         self._retired: dict[str, int] = dict.fromkeys(NAMES, 0)
+        self._retired_histograms: list[int] | None = None
         self.stats: StatsBlock | None = None
         self.beats: Heartbeats | None = None
         self.http: StatusEndpoint | None = None
@@ -411,6 +412,11 @@ class Supervisor:
         with self._lock:
             for name, value in self.stats.row(child.slot).items():
                 self._retired[name] += value
+            cells = self.stats.histogram_cells(child.slot)
+            if self._retired_histograms is None:
+                self._retired_histograms = [0] * len(cells)
+            for i, value in enumerate(cells):
+                self._retired_histograms[i] += value
             self.stats.reset_row(child.slot)
             self.children.remove(child)
         self._free_slots.append(child.slot)
@@ -536,8 +542,11 @@ class Supervisor:
             address,
             db_url=self.config.msilo.db_url,
             totals=self.totals,
+            histograms=self.histograms,
             children=self.child_views,
             serving=lambda: not self._stopping,
+            wanted_workers=lambda: self.config.server.worker_count,
+            expire_time=lambda: self.config.msilo.expire_time,
         )
         try:
             self.http.start()
@@ -554,6 +563,14 @@ class Supervisor:
             live = self.stats.total()
             return {name: live[name] + self._retired[name] for name in NAMES}
 
+    def histograms(self) -> list[int]:
+        """Every histogram cell summed over live children and every child that exited."""
+        assert self.stats is not None
+        with self._lock:
+            live = self.stats.histogram_total()
+            retired = self._retired_histograms or [0] * len(live)
+            return [a + b for a, b in zip(live, retired, strict=True)]
+
     def child_views(self) -> list[ChildView]:
         """The children, for /stats and /health."""
         assert self.stats is not None and self.beats is not None
@@ -569,6 +586,7 @@ class Supervisor:
                     heartbeat_age=self.beats.age(c.slot),
                     is_leader=self.beats.is_leader(c.slot),
                     counters=self.stats.row(c.slot),
+                    gauges=self.stats.gauges(c.slot),
                 )
                 for c in self.children
             ]

@@ -33,8 +33,16 @@ from msilo.routing.service import (
 )
 from msilo.routing.templates import compile_template
 from msilo.routing.timefmt import zone
+from msilo.server.hep import HepSender
 from msilo.server.http import ManagementViews, start_management_http
+from msilo.server.metrics import (
+    SUMMARY_PERIOD_MAX,
+    MeasuredDeliverer,
+    keep_queue_gauges,
+    keep_silo_summary,
+)
 from msilo.server.stats import Counters, StatsBlock, prometheus_text
+from msilo.server.trace import Send, SipTrace
 from msilo.sip.parser import IMPLEMENTATION, parse_uri
 from msilo.storage.base import Store
 from msilo.storage.batch import BatchWriter
@@ -242,6 +250,7 @@ class Worker:
         self.service: MsiloService | None = None
         self.election: LeaderElection | None = None
         self.http: asyncio.Server | None = None
+        self.trace: SipTrace | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._cycles_task: asyncio.Task[None] | None = None
         self.lease_owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -254,6 +263,7 @@ class Worker:
     def _flushed(self, rows: int) -> None:
         self.counters.incr("batch_flushes")
         self.counters.incr("batch_rows", rows)
+        self.counters.observe("batch_size_rows", rows)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -262,8 +272,14 @@ class Worker:
         config = self.config
         limits = config.limits
         # Everything that can refuse the configuration comes first, before any task starts.
-        route = load_route(config.server.route) if config.server.route else None
+        route = (
+            load_route(config.server.route, config.route_search_path())
+            if config.server.route
+            else None
+        )
         settings = service_settings(config)
+        server = config.server
+        hep = HepSender(server.hep, server.hep_id) if server.hep else None
         self.writer = BatchWriter(
             self.store,
             max_messages=config.msilo.max_messages,
@@ -289,9 +305,15 @@ class Worker:
                 on_response=self._handed_response,
                 on_send=self.transports.send_from_listener if self.listen else None,
             )
+        self.trace = SipTrace.from_settings(
+            log_level=server.log_level, sip_trace=server.sip_trace, hep=hep
+        )
+        send: Send = self.transports.send
+        if self.trace is not None:
+            send = self.trace.wrap_send(send, self.transports.sent_by)
         self.layer = TransactionLayer(
             self._handle,
-            self.transports.send,
+            send,
             sent_by=self.transports.sent_by,
             timers=self.timers,
             tag=tag,
@@ -299,7 +321,7 @@ class Worker:
         )
         self.transports.on_message = self._receive
         requester = LayerRequester(self.layer)
-        deliverer = Deliverer(
+        deliverer = MeasuredDeliverer(
             self.store,
             requester,
             DeliverySettings(
@@ -312,6 +334,7 @@ class Worker:
             ),
             lease_owner=self.lease_owner,
             count=self.count,
+            counters=self.counters,
         )
         self.service = MsiloService(
             settings,
@@ -333,8 +356,21 @@ class Worker:
         if config.server.http:
             host, _, port = config.server.http.rpartition(":")
             self.http = await start_management_http(self._views(), host.strip("[]"), int(port))
+        loop = asyncio.get_running_loop()
+        writer = self.writer
+        self._tasks.append(
+            loop.create_task(
+                keep_queue_gauges(self.counters, lambda: writer.pending, writer.max_queue)
+            )
+        )
         if self.run_leader:
             self._start_leader(deliverer)
+            period = min(float(config.msilo.check_time), SUMMARY_PERIOD_MAX)
+            self._tasks.append(
+                loop.create_task(
+                    keep_silo_summary(self.counters, self.store, self._leading, period)
+                )
+            )
         log.info(
             "event=serving mode=%s parser=%s listen=%s",
             config.server.mode,
@@ -355,16 +391,23 @@ class Worker:
             if transport == "udp":
                 shared.append((host, port))
                 udp_families.add(family)
-            if not self.listen:
-                pass
-            elif transport == "udp":
-                await self.transports.listen_udp(host, port, spread=self.config.server.worker_count)
-            elif transport == "tcp":
-                await self.transports.listen_tcp(host, port)
-            else:
-                await self.transports.listen_tls(host, port)
-            # A client socket sends from the address we listen on (a firewall rule for the
-            # listener covers it too); several addresses -> the wildcard.
+            try:
+                if not self.listen:
+                    pass
+                elif transport == "udp":
+                    spread = self.config.server.worker_count
+                    await self.transports.listen_udp(host, port, spread=spread)
+                elif transport == "tcp":
+                    await self.transports.listen_tcp(host, port)
+                else:
+                    await self.transports.listen_tls(host, port)
+            except OSError as exc:
+                # Name the listener: with three of them "cannot bind" alone says nothing.
+                raise ConfigError(
+                    f"server.listen: cannot bind {item} ({exc.strerror or exc})"
+                ) from None
+            # Send from the address we listen on (so our Via names it and a firewall
+            # rule for the listener covers us too); several addresses -> the wildcard.
             wildcard = "::" if family == "6" else "0.0.0.0"
             known = client_hosts.get(family)
             client_hosts[family] = host if known in (None, host) else wildcard
@@ -422,6 +465,9 @@ class Worker:
 
         self._tasks.append(asyncio.get_running_loop().create_task(self.election.run(elected, lost)))
 
+    def _leading(self) -> bool:
+        return self.election is not None and self.election.is_leader
+
     async def service_lookup(self, user: str, domain: str) -> list[Any]:
         """Bindings of a user that take MESSAGE (for reminders)."""
         assert self.service is not None
@@ -431,6 +477,8 @@ class Worker:
 
     def _receive(self, data: bytes, source: Any, *, handed: bool = False) -> None:
         assert self.layer is not None
+        if self.trace is not None:
+            source = self.trace.received(data, source)
         try:
             self.layer.receive(data, source, handed=handed)
         except ParseError:
@@ -439,7 +487,13 @@ class Worker:
 
     async def _handle(self, request: Any, txn: Any) -> None:
         assert self.service is not None
+        if self.trace is not None:
+            self.trace.request(request, txn.source)
+        started = time.perf_counter()
         await self.service.handle(request, txn)
+        if txn.status == 202 and request.method == "MESSAGE":
+            # The 202 goes out only after the commit that holds the row (DESIGN.md).
+            self.counters.observe("message_reply_seconds", time.perf_counter() - started)
 
     # -- management -----------------------------------------------------------------------
 
@@ -501,6 +555,8 @@ class Worker:
             self.layer.close()
         if self.transports is not None:
             await self.transports.close()
+        if self.trace is not None and self.trace.hep is not None:
+            self.trace.hep.close()
         if self._own_stats:
             self.stats.close()
         log.info("event=stopped")

@@ -248,6 +248,14 @@ def unfold_results(
     return out
 
 
+@dataclass(frozen=True)
+class SiloSummary:
+    """What the gauges show about the silo table as a whole."""
+
+    rows: int
+    oldest_inc_time: int | None  # None: the table is empty
+
+
 class Store(abc.ABC):
     """The message store.  Every method raises ``StorageError`` (or a subclass) on failure.
 
@@ -487,6 +495,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_expired_auth_failures(self, now: int) -> int:
         """Forget failure counts whose window has ended; returns how many."""
+
+    # -- read-only helpers for operations (the CLI, the leader's gauges) -----------------
+
+    async def list_page(
+        self, username: str, domain: str, limit: int | None, offset: int = 0
+    ) -> list[StoredMessage]:
+        """Rows of the owner in arrival order, at most ``limit`` (None: all) from ``offset``.
+
+        Backends answer with LIMIT/OFFSET in SQL; this fallback slices :meth:`list`.
+        """
+        rows = await self.list(username, domain)
+        return rows[offset:] if limit is None else rows[offset : offset + limit]
+
+    async def silo_summary(self) -> SiloSummary:
+        """Stored rows and the arrival time of the oldest, for the leader's gauges.
+
+        Backends answer from the expiry index (the row that expires first arrived first
+        under one ``expire_time``) plus one count; this fallback is for test doubles.
+        """
+        return SiloSummary(rows=0, oldest_inc_time=None)
 
     # Defined last: inside the class body ``list`` names this method from here on.
     @abc.abstractmethod

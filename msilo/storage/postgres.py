@@ -34,6 +34,7 @@ from msilo.storage.base import (
     SILO_VERSION,
     NewMessage,
     SiloNames,
+    SiloSummary,
     Store,
     StoredMessage,
     StoreOutcome,
@@ -1364,6 +1365,29 @@ class PostgresStore(Store):
             return int(await conn.fetchval(self._q_count, username, domain))
 
         return await self._run("count", run, idempotent=True)
+
+    async def list_page(
+        self, username: str, domain: str, limit: int | None, offset: int = 0
+    ) -> list[StoredMessage]:
+        """Rows of the owner in arrival order, ``limit`` (None: all) from ``offset``."""
+        # LIMIT NULL is LIMIT ALL in PostgreSQL.
+        sql = self._q_list + " LIMIT $3 OFFSET $4"
+        return await self._fetch("list", sql, username, domain, limit, offset, idempotent=True)
+
+    async def silo_summary(self) -> SiloSummary:
+        """Row count, and the arrival time of the row that expires first (expiry index)."""
+        s = self._sql
+        sql = (
+            f"SELECT (SELECT count(*) FROM {s.table}), "
+            f"(SELECT {s.inc_time} FROM {s.table} ORDER BY {s.exp_time} LIMIT 1)"
+        )
+
+        async def run(conn: Conn) -> SiloSummary:
+            row = await conn.fetchrow(sql)
+            oldest = row[1]
+            return SiloSummary(int(row[0]), int(oldest) if oldest is not None else None)
+
+        return await self._run("summary", run, idempotent=True)
 
     async def list(self, username: str, domain: str) -> list[StoredMessage]:
         """Rows of the owner in arrival order."""

@@ -24,6 +24,7 @@ from msilo.storage.base import (
     SILO_VERSION,
     NewMessage,
     SiloNames,
+    SiloSummary,
     Store,
     StoredMessage,
     StoreOutcome,
@@ -866,6 +867,27 @@ class SQLiteStore(Store):
         return await self._call(
             "count", lambda c: int(c.execute(sql, (username, domain)).fetchone()[0])
         )
+
+    async def list_page(
+        self, username: str, domain: str, limit: int | None, offset: int = 0
+    ) -> list[StoredMessage]:
+        """Rows of the owner in arrival order, ``limit`` (None: all) from ``offset``."""
+        sql = self._q_list + " LIMIT ? OFFSET ?"
+        args = (username, domain, -1 if limit is None else limit, offset)
+        return await self._call("list", lambda c: [_row(r) for r in c.execute(sql, args)])
+
+    async def silo_summary(self) -> SiloSummary:
+        """Row count, and the arrival time of the row that expires first (expiry index)."""
+        s = self._sql
+        count_sql = f"SELECT count(*) FROM {s.table}"
+        oldest_sql = f"SELECT {s.inc_time} FROM {s.table} ORDER BY {s.exp_time} LIMIT 1"
+
+        def run(c: Any) -> SiloSummary:
+            rows = int(c.execute(count_sql).fetchone()[0])
+            first = c.execute(oldest_sql).fetchone()
+            return SiloSummary(rows, int(first[0]) if first is not None else None)
+
+        return await self._call("summary", run)
 
     async def list(self, username: str, domain: str) -> list[StoredMessage]:
         """Rows of the owner in arrival order."""

@@ -37,7 +37,14 @@ def free_tcp_port() -> int:
 class Instance:
     """One ``msilo serve`` process tree, its SIP port and its management HTTP port."""
 
-    def __init__(self, tmp_path: Path, name: str, db_url: str, overrides: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        name: str,
+        db_url: str,
+        overrides: tuple[str, ...],
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.http_port = free_tcp_port()
@@ -51,8 +58,16 @@ class Instance:
             "--set", f'msilo.db_url="{db_url}"',
             *(arg for item in overrides for arg in ("--set", item)),
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self._log = self.log_path.open("wb")
+        log_file = os.fstat(self._log.fileno())
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            **{
+                k: v.format(log=f"{log_file.st_dev}:{log_file.st_ino}")
+                for k, v in (env or {}).items()
+            },
+        }
         self.proc = subprocess.Popen(
             self.argv,
             cwd=tmp_path,
@@ -172,8 +187,11 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
     """Start ``msilo serve`` instances; every one is killed (process group) at teardown."""
     started: list[Instance] = []
 
-    def start(db_url: str, *overrides: str, name: str | None = None) -> Instance:
-        instance = Instance(tmp_path, name or f"msilo{len(started)}", db_url, overrides)
+    def start(
+        db_url: str, *overrides: str, name: str | None = None, env: dict[str, str] | None = None
+    ) -> Instance:
+        """``env``: extra environment; ``{log}`` in a value is the log file's dev:inode."""
+        instance = Instance(tmp_path, name or f"msilo{len(started)}", db_url, overrides, env)
         started.append(instance)
         return instance
 

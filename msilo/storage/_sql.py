@@ -33,6 +33,27 @@ def to_sqlite(sql: str) -> str:
 class SiloSql:
     """Quoted names and the statements both dialects share."""
 
+    def callid_shared(self, t: str) -> str:
+        """SQL: row ``t`` has a Call-ID an earlier stored message of its owner has too.
+
+        A LIMIT 1 scalar subquery, not EXISTS (see the store function): one index lookup.
+        """
+        return (
+            f"{t}.callid IS NOT NULL AND coalesce((SELECT true FROM {self.table} x "
+            f"WHERE x.{self.username} = {t}.{self.username} AND x.{self.domain} = "
+            f"{t}.{self.domain} AND x.callid = {t}.callid AND x.{self.mid} < {t}.{self.mid} "
+            f"LIMIT 1), false)"
+        )
+
+    def derived_callid_of(self, t: str) -> str:
+        """SQL: the Call-ID row ``t``'s deliveries carry -- its own, or when an earlier
+        stored message of the owner has it, ``<call-id>-msilo<id>`` (unique, and written
+        back when first claimed, so every later attempt carries the same)."""
+        return (
+            f"CASE WHEN {self.callid_shared(t)} THEN {t}.callid || '-msilo' || {t}.{self.mid} "
+            f"ELSE {t}.callid END"
+        )
+
     def __init__(self, names: SiloNames) -> None:
         q = quote_ident
         self.names = names

@@ -183,12 +183,6 @@ class StoredMessage:
     callid: str | None = None
 
 
-def derived_callid(callid: str, mid: int) -> str:
-    """The Call-ID deliveries of row ``mid`` carry when another stored message of the same
-    owner already has ``callid``: unique (the row id) and the same on every attempt."""
-    return f"{callid}-msilo{mid}"
-
-
 def validate_message(msg: NewMessage) -> None:
     """Raise ``InvalidRecord`` if ``msg`` cannot be stored as it is."""
     for field, limit in _TEXT_LIMITS:

@@ -166,10 +166,9 @@ BEGIN
         RAISE EXCEPTION 'msilo: storing needs READ COMMITTED, this transaction is %',
             current_setting('transaction_isolation');
     END IF;
-    -- Owners are locked (in key order: two batches sharing owners queue instead of
-    -- deadlocking) for the quota and for Call-ID uniqueness: both are "what else does
-    -- this owner hold", which only a statement after the lock sees.  One statement.
-    IF p_max > 0 OR EXISTS (SELECT 1 FROM unnest(p_callid) AS c(v) WHERE c.v IS NOT NULL) THEN
+    -- Owners are locked for the quota, in key order (two batches sharing owners queue
+    -- instead of deadlocking): the count after the lock sees what the last holder stored.
+    IF p_max > 0 THEN
         PERFORM pg_advisory_xact_lock(k.key)
         FROM (SELECT DISTINCT
                   hashtextextended({_literal(s.names.table)} || '|' || o.u || '@' || o.d, 0)
@@ -183,24 +182,17 @@ BEGIN
                (SELECT x.{s.mid} FROM {t} x WHERE x.dedupe_key = i.k) AS old_mid,
                -- "Store unless online": the owner has a live binding that takes MESSAGE
                -- (the registrar's lookup, in the same round trip as the store).
-               -- Both probes are LIMIT 1 scalar subqueries, not EXISTS: under a generic
-               -- plan PostgreSQL may turn an EXISTS into a hashed subplan that reads the
-               -- whole table on every call (a seq scan of the silo per batch, measured);
-               -- this form is always one index lookup per row.
+               -- A LIMIT 1 scalar subquery, not EXISTS: under a generic plan PostgreSQL
+               -- may turn an EXISTS into a hashed subplan that reads the whole table on
+               -- every call (measured on the silo: a seq scan per batch); this form is
+               -- always one index lookup per row.
                (i.chk AND coalesce((
                     SELECT true FROM location l
                     WHERE l.username = i.u AND l.domain = i.d AND l.expires > p_now
                       AND (l.methods IS NULL
                            OR 'MESSAGE' = ANY(string_to_array(l.methods, ',')))
                     LIMIT 1), false)
-               ) AS online,
-               -- One identity per message: another stored message of the owner with
-               -- this Call-ID makes this one's derived (the row id: unique, stable).
-               (i.cid IS NOT NULL AND coalesce((
-                    SELECT true FROM {t} x
-                    WHERE x.{s.username} = i.u AND x.{s.domain} = i.d AND x.callid = i.cid
-                    LIMIT 1), false)
-               ) AS cid_taken
+               ) AS online
         FROM unnest(p_username, p_domain, p_src, p_dst, p_body, p_ctype,
                     p_inc, p_exp, p_snd, p_key, p_unless_online, p_callid)
              WITH ORDINALITY AS i(u, d, sa, da, body, ctype, inc, exp, snd, k, chk, cid, ord)
@@ -219,18 +211,16 @@ BEGIN
         -- pos: the row's place in its owner's mailbox if every new row before it is stored.
         SELECT src.*, coalesce(c.n, 0)
                    + row_number() OVER (PARTITION BY src.u, src.d, src.old_mid IS NULL
-                                        ORDER BY src.ord) AS pos,
-               row_number() OVER (PARTITION BY src.u, src.d, src.cid ORDER BY src.ord)
-                   AS cid_rank
+                                        ORDER BY src.ord) AS pos
         FROM src LEFT JOIN counts c ON c.u = src.u AND c.d = src.d
     ),
     ins AS (
         INSERT INTO {t} ({s.mid}, {s.username}, {s.domain}, {s.src_addr}, {s.dst_addr},
                          {s.body}, {s.ctype}, {s.inc_time}, {s.exp_time}, {s.snd_time},
                          dedupe_key, callid)
-        SELECT new_mid, u, d, sa, da, body, ctype, inc, exp, snd, k,
-               CASE WHEN cid_taken OR cid_rank > 1 THEN cid || '-msilo' || new_mid
-                    ELSE cid END
+        -- The Call-ID as it came; one another stored message of the owner has too is
+        -- made unique when the row is first claimed (SiloSql.derive_callid).
+        SELECT new_mid, u, d, sa, da, body, ctype, inc, exp, snd, k, cid
         FROM ranked
         WHERE old_mid IS NULL AND NOT online AND (p_max <= 0 OR pos <= p_max)
         ORDER BY ord
@@ -470,14 +460,16 @@ class PostgresStore(Store):
             f"WITH c AS MATERIALIZED (SELECT {s.mid} AS {claimed} FROM {t} "
             f"WHERE {s.dump_filter} ORDER BY {s.order_arrival} LIMIT {{3}} "
             f"FOR UPDATE SKIP LOCKED) "
-            f"UPDATE {t} SET lease_until = {{4}}, lease_owner = {{5}} FROM c "
+            f"UPDATE {t} SET lease_until = {{4}}, lease_owner = {{5}}, "
+            f"callid = {s.derived_callid_of(t)} FROM c "
             f"WHERE {t}.{s.mid} = c.{claimed} RETURNING {self._qualified_columns()}"
         )
         self._q_claim_due = q(
             f"WITH c AS MATERIALIZED (SELECT {s.mid} AS {claimed} FROM {t} "
             f"WHERE {s.due_filter} ORDER BY {s.snd_time}, {s.mid} LIMIT {{1}} "
             f"FOR UPDATE SKIP LOCKED) "
-            f"UPDATE {t} SET lease_until = {{2}}, lease_owner = {{3}} FROM c "
+            f"UPDATE {t} SET lease_until = {{2}}, lease_owner = {{3}}, "
+            f"callid = {s.derived_callid_of(t)} FROM c "
             f"WHERE {t}.{s.mid} = c.{claimed} RETURNING {self._qualified_columns()}"
         )
         led = self._ledger
@@ -493,9 +485,15 @@ class PostgresStore(Store):
             f"SELECT {claimed}, $4, 0, $6, $7 FROM c ON CONFLICT (mid, device) DO UPDATE SET "
             f"lease_until = excluded.lease_until, lease_owner = excluded.lease_owner "
             f"WHERE l.delivered = 0 AND (l.lease_until IS NULL OR l.lease_until <= $3) "
-            f"RETURNING l.mid AS lmid, (l.xmax = 0) AS fresh) "
-            f"SELECT {', '.join('m.' + c.strip() for c in s.columns.split(','))}, ins.fresh "
-            f"FROM {t} m JOIN ins ON m.{s.mid} = ins.lmid"
+            f"RETURNING l.mid AS lmid, (l.xmax = 0) AS fresh), "
+            # A Call-ID an earlier stored message of the owner has is made unique, once:
+            # written only for such rows, the same on every later attempt.
+            f"fix AS (UPDATE {t} SET callid = {s.derived_callid_of(t)} FROM ins "
+            f"WHERE {t}.{s.mid} = ins.lmid AND {s.callid_shared(t)} "
+            f"RETURNING {t}.{s.mid} AS fmid, {t}.callid AS fcid) "
+            f"SELECT {', '.join('m.' + c.strip() for c in s.columns.split(',')[:-1])}, "
+            f"coalesce(fix.fcid, m.callid), ins.fresh "
+            f"FROM {t} m JOIN ins ON m.{s.mid} = ins.lmid LEFT JOIN fix ON fix.fmid = m.{s.mid}"
         )
         self._q_settle = f"SELECT {quote_ident(self.settle_function)}($1, $2, $3)"
         self._q_register = location_pg.register_call(self.register_function)

@@ -10,6 +10,7 @@ SQLite serialises writers, ``busy_timeout`` makes them queue instead of failing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -29,7 +30,6 @@ from msilo.storage.base import (
     StoredMessage,
     StoreOutcome,
     StoreResult,
-    derived_callid,
     fold_repeated_keys,
     quote_ident,
     unfold_results,
@@ -149,11 +149,11 @@ class SQLiteStore(Store):
             f"VALUES ({{0}}, {{1}}, {{2}}, {{3}}, {{4}}, {{5}}, {{6}}, {{7}}, {{8}}, {{9}}, {{10}})"
         )
         self._q_by_key = q(f"SELECT {s.mid} FROM {t} WHERE dedupe_key = {{0}}")
-        self._q_callid_taken = q(
-            f"SELECT 1 FROM {t} WHERE {s.username} = {{0}} AND {s.domain} = {{1}} "
-            f"AND callid = {{2}} LIMIT 1"
+        # One identity per message, fixed when a row is first claimed (see SiloSql).
+        self._q_fix_callid = q(
+            f"UPDATE {t} SET callid = {s.derived_callid_of(t)} "
+            f"WHERE {t}.{s.mid} = {{0}} AND {s.callid_shared(t)} RETURNING callid"
         )
-        self._q_set_callid = q(f"UPDATE {t} SET callid = {{1}} WHERE {s.mid} = {{0}}")
         self._ledger = ledger.LedgerSql(self.names)
         led = self._ledger.ledger
         self._q_device_dump = q(
@@ -451,11 +451,6 @@ class SQLiteStore(Store):
                     results.append(StoreResult(StoreOutcome.OVER_QUOTA, None))
                     continue
                 counts[owner] = n + 1
-            # One identity per message: a Call-ID another stored message of the owner
-            # already has is made unique with the new row's id (stable across attempts).
-            taken = m.callid is not None and (
-                conn.execute(self._q_callid_taken, (*owner, m.callid)).fetchone() is not None
-            )
             cur = conn.execute(
                 insert,
                 (
@@ -469,13 +464,11 @@ class SQLiteStore(Store):
                     m.exp_time,
                     m.snd_time,
                     m.dedupe_key,
-                    None if taken else m.callid,
+                    m.callid,
                 ),
             )
             mid = cur.lastrowid
             assert mid is not None
-            if taken:
-                conn.execute(self._q_set_callid, (mid, derived_callid(str(m.callid), mid)))
             for device in m.delivered_to:
                 conn.execute(self._q_ledger_mark, (mid, device, 1, None, None))
             for device in m.leased_to:
@@ -506,6 +499,18 @@ class SQLiteStore(Store):
         return unfold_results(results, slots)
 
     # --- delivery ---------------------------------------------------------------------------
+
+    def _fix_callids(self, conn: Conn, rows: list[StoredMessage]) -> list[StoredMessage]:
+        """Rows with their delivery Call-ID made unique where an earlier stored message of
+        the owner has the same (written back: the same on every attempt)."""
+        fixed = []
+        for row in rows:
+            if row.callid is not None:
+                got = conn.execute(self._q_fix_callid, (row.mid,)).fetchone()
+                if got is not None:
+                    row = dataclasses.replace(row, callid=got[0])
+            fixed.append(row)
+        return fixed
 
     def _lease(self, conn: Conn, rows: list[StoredMessage], lease_owner: str, until: int) -> None:
         for chunk in _chunks([r.mid for r in rows]):
@@ -538,7 +543,7 @@ class SQLiteStore(Store):
                 )
             ]
             self._lease(conn, rows, lease_owner, now + lease_seconds)
-            return rows
+            return self._fix_callids(conn, rows)
 
         return await self._call("claim", lambda c: self._write(c, run))
 
@@ -563,7 +568,8 @@ class SQLiteStore(Store):
             conn.executemany(
                 self._q_ledger_lease, [(m.mid, device, until, lease_owner) for m, _ in rows]
             )
-            return rows
+            fixed = self._fix_callids(conn, [m for m, _ in rows])
+            return [(m, first) for m, (_, first) in zip(fixed, rows, strict=True)]
 
         return await self._call("claim", lambda c: self._write(c, run))
 
@@ -662,7 +668,7 @@ class SQLiteStore(Store):
         def run(conn: Conn) -> list[StoredMessage]:
             rows = [_row(r) for r in conn.execute(self._q_due, (now, limit))]
             self._lease(conn, rows, lease_owner, now + lease_seconds)
-            return rows
+            return self._fix_callids(conn, rows)
 
         return await self._call("claim reminders", lambda c: self._write(c, run))
 

@@ -141,18 +141,37 @@ async def test_old_devices_are_forgotten_and_orphan_ledger_rows_dropped(store: S
 
 async def test_one_call_id_per_stored_message_of_an_owner(store: Store) -> None:
     owner, other = _owner(), _owner()
-    first = await store.store_batch(
+    await store.store_batch(
         [_msg(owner, 1, callid="c@x"), _msg(owner, 2, callid="c@x"), _msg(other, 3, callid="c@x")],
         0,
     )
-    later = await store.store_batch([_msg(owner, 4, callid="c@x")], 0)
-    rows = await store.list(*owner)
-    ids = [r.callid for r in rows]
+    await store.store_batch([_msg(owner, 4, callid="c@x")], 0)
+    claimed = await store.claim_for_device(
+        *owner, "phone", lease_owner="t", lease_seconds=60, now=NOW + 100
+    )
+    ids = [row.callid for row, _ in claimed]
+    # The first keeps the request's Call-ID; the others get one made from their row id.
     assert ids[0] == "c@x"
     assert len(set(ids)) == 3 and all(i is not None and i.startswith("c@x") for i in ids)
+    # Written back: every later attempt, to any device, carries the same.
+    assert [r.callid for r in await store.list(*owner)] == ids
+    again = await store.claim_for_device(
+        *owner, "desktop", lease_owner="t", lease_seconds=60, now=NOW + 100
+    )
+    assert [row.callid for row, _ in again] == ids
     # Another owner's message keeps it: only one owner's messages are compared.
-    assert [r.callid for r in await store.list(*other)] == ["c@x"]
-    assert {r.mid for r in rows} == {first[0].mid, first[1].mid, later[0].mid}
+    [(theirs, _)] = await store.claim_for_device(
+        *other, "phone", lease_owner="t", lease_seconds=60, now=NOW + 100
+    )
+    assert theirs.callid == "c@x"
+
+
+async def test_first_device_claims_fix_the_call_id_too(store: Store) -> None:
+    owner = _owner()
+    await store.store_batch([_msg(owner, n, callid="same@x") for n in (1, 2)], 0)
+    rows = await store.claim_for_dump(*owner, lease_owner="t", lease_seconds=60, now=NOW + 100)
+    assert rows[0].callid == "same@x"
+    assert len({r.callid for r in rows}) == 2
 
 
 async def test_a_message_stored_after_a_relay_is_not_offered_to_the_device_that_has_it(

@@ -114,13 +114,24 @@ KAMAILIO_SILO_VERSION = 8
 
 
 def is_kamailio_silo(columns: set[str], version: int | None, *, fold_case: bool) -> bool:
-    """True for a silo table as Kamailio creates it: version 8, its ``callid`` column, and
-    none of msilo's own (a table of ours whose version row says 8 is not one)."""
+    """True for a silo table as Kamailio creates it: its ``callid`` column, none of msilo's
+    own, and version 8 -- or no version row, as when the table alone was copied into
+    msilo's database (OpenSIPS's table has no ``callid``; a table of ours whose version row
+    says 8 is not one)."""
     have = {c.lower() for c in columns} if fold_case else columns
     return (
-        version == KAMAILIO_SILO_VERSION
+        version in (None, KAMAILIO_SILO_VERSION)
         and "callid" in have
         and not have & {"dedupe_key", "lease_until", "lease_owner", "attempts"}
+    )
+
+
+def kamailio_conversion(table: str, version: int | None) -> str:
+    """The action line of a converted Kamailio table."""
+    was = "no version row" if version is None else f"version {version}"
+    return (
+        f"converted Kamailio's {table} table ({was}) to msilo's layout (version {SILO_VERSION});"
+        " extra_hdrs and status kept as they are"
     )
 
 
@@ -260,7 +271,8 @@ def diagnose_silo(
         )
     if is_kamailio_silo(set(columns), version, fold_case=fold_case):
         raise SchemaError(
-            f"table {t!r} has Kamailio's msilo layout (version {version} in table 'version'):"
+            f"table {t!r} has Kamailio's msilo layout"
+            f" ({'no version row' if version is None else f'version {version}'}):"
             " dump it, then run `msilo db upgrade` to convert it in place"
         )
     if version is not None and version != SILO_VERSION:

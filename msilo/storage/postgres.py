@@ -868,13 +868,13 @@ class PostgresStore(Store):
         if changes:
             await conn.execute(f"ALTER TABLE {t} " + ", ".join(changes))
         if kamailio:
-            await conn.execute(
-                "UPDATE version SET table_version = $1 WHERE table_name = $2", SILO_VERSION, table
-            )
-            actions.append(
-                f"converted Kamailio's {table} table: version {version} -> {SILO_VERSION}"
-                " (extra_hdrs and status kept as they are)"
-            )
+            if version is not None:  # else _ensure_version_row below writes ours
+                await conn.execute(
+                    "UPDATE version SET table_version = $1 WHERE table_name = $2",
+                    SILO_VERSION,
+                    table,
+                )
+            actions.append(_sql.kamailio_conversion(table, version))
         # OpenSIPS's sequence is INTEGER with MAXVALUE 2^31-1 CYCLE: ids would wrap and
         # collide (spec §10 Q16).
         seq = await self._sequence(conn)

@@ -458,13 +458,13 @@ class SQLiteStore(Store):
         )
         conn.execute(f"INSERT INTO {s.table} ({copied}) SELECT {copied} FROM {old}")
         conn.execute(f"DROP TABLE {old}")  # its indexes go with it; ours are created next
-        conn.execute(
-            "UPDATE version SET table_version = ? WHERE table_name = ?", (SILO_VERSION, table)
-        )
+        if version is not None:  # else the caller's _ensure_version_row writes ours
+            conn.execute(
+                "UPDATE version SET table_version = ? WHERE table_name = ?", (SILO_VERSION, table)
+            )
         return [
             f"rebuilt {table} with msilo's columns (callid and {self.names.ctype} nullable)",
-            f"converted Kamailio's {table} table: version {version} -> {SILO_VERSION}"
-            " (extra_hdrs and status kept as they are)",
+            _sql.kamailio_conversion(table, version),
         ]
 
     async def upgrade_schema(self) -> list[str]:

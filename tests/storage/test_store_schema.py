@@ -353,7 +353,7 @@ async def fetch(store: Store, sql: str) -> list[tuple[object, ...]]:
         await pg.close()
 
 
-def _kamailio_script(backend: str, t: str, now: int) -> str:
+def _kamailio_script(backend: str, t: str, now: int, version_row: bool = True) -> str:
     if backend == "postgres":
         bodies = ("'old one'::bytea", "'<b>hi</b>'::bytea", "'gone'::bytea")
         rows = KAMAILIO_ROWS.replace("CHAR(13) || CHAR(10)", "chr(13) || chr(10)")
@@ -361,29 +361,40 @@ def _kamailio_script(backend: str, t: str, now: int) -> str:
         bodies = ("X'6f6c64206f6e65'", "X'3c623e68693c2f623e'", "X'676f6e65'")
         rows = KAMAILIO_ROWS
     b1, b2, b3 = bodies
-    return KAMAILIO_V8[backend].format(t=t) + rows.format(
+    ddl = KAMAILIO_V8[backend].format(t=t)
+    if not version_row:  # the table alone, copied into msilo's own database
+        ddl = (
+            ddl.split("CREATE TABLE IF NOT EXISTS version", 1)[0]
+            + "CREATE TABLE "
+            + (ddl.split("\nCREATE TABLE ", 2)[2].split("INSERT INTO version")[0])
+        )
+    return ddl + rows.format(
         t=t, now=now - 10, exp=now + 3600, old=now - 7200, gone=now - 60, b1=b1, b2=b2, b3=b3
     )
 
 
+@pytest.mark.parametrize("version_row", [True, False], ids=["version-8", "no-version-table"])
 async def test_kamailio_v8_table_is_converted_and_served_with_its_rows(
-    make_store: StoreFactory, names: SiloNames, backend: str
+    make_store: StoreFactory, names: SiloNames, backend: str, version_row: bool
 ) -> None:
     from storage_helpers import NOW
 
     t = names.table
     s = await make_store(SiloNames(table=t, mid="id"))
-    await raw(s, _kamailio_script(backend, t, NOW))
+    await raw(s, _kamailio_script(backend, t, NOW, version_row))
+    was = "version 8" if version_row else "no version row"
 
     # Until converted, every command says how (and a server does not start on it).
-    with pytest.raises(SchemaError, match=r"Kamailio's msilo layout .* `msilo db upgrade`"):
+    with pytest.raises(SchemaError, match=rf"Kamailio's msilo layout \({was}\): .*msilo db upg"):
         await s.check_schema()
     with pytest.raises(SchemaError, match=r"Kamailio's msilo layout"):
         await s.create_schema()
 
     actions = await s.upgrade_schema()
-    kept = "(extra_hdrs and status kept as they are)"
-    assert f"converted Kamailio's {t} table: version 8 -> 6 {kept}" in actions
+    kept = "extra_hdrs and status kept as they are"
+    assert (
+        f"converted Kamailio's {t} table ({was}) to msilo's layout (version 6); {kept}" in actions
+    )
     assert f"created index {t}_dedupe_key_idx" in actions
     if backend == "sqlite":
         assert f"rebuilt {t} with msilo's columns (callid and ctype nullable)" in actions

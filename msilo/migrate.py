@@ -363,12 +363,19 @@ CONDITIONAL: dict[str, Callable[[str | int], str]] = {
 def _db_url(item: Item, value: str | int) -> None:
     text = str(value)
     scheme = text.split(":", 1)[0].lower()
-    if scheme in ("postgres", "postgresql", "sqlite"):
+    if scheme in ("postgres", "postgresql"):
         item.value = text
-        if scheme == "sqlite":
-            item.notes.append(
-                "the SQLite file of the old server: msilo db upgrade adopts its table"
-            )
+        return
+    if scheme == "sqlite":
+        # Kamailio's db_sqlite reads sqlite:///var/lib/x.db as the absolute /var/lib/x.db;
+        # msilo's sqlite:/// URL is relative to its working directory (sqlite:////var/...
+        # for an absolute path).
+        path = text[len("sqlite://") :]
+        item.value = "sqlite:///" + path
+        item.notes.append(
+            f"the old server's SQLite file {path}: msilo db upgrade adopts its table"
+            + ("" if path.startswith("/") else " (relative to msilo's working directory)")
+        )
         return
     if scheme == "mysql":
         item.value = text

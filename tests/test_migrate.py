@@ -161,7 +161,9 @@ MAPPED: list[tuple[str, str, str, Any]] = [
     ('modparam("msilo", "db_url", "postgresql://u@db/kamailio")\n', "msilo", "db_url",
      "postgresql://u@db/kamailio"),
     ('modparam("msilo", "db_url", "sqlite:///var/lib/kamailio/kamailio.db")\n', "msilo",
-     "db_url", "sqlite:///var/lib/kamailio/kamailio.db"),
+     "db_url", "sqlite:////var/lib/kamailio/kamailio.db"),
+    ('modparam("msilo", "db_url", "sqlite://kamailio.db")\n', "msilo", "db_url",
+     "sqlite:///kamailio.db"),
     ('modparam("registrar", "default_expires", 600)\n', "registrar", "default_expires", 600),
     ('modparam("registrar", "min_expires", 30)\n', "registrar", "min_expires", 30),
     ('modparam("registrar", "max_expires", 7200)\n', "registrar", "max_expires", 7200),
@@ -334,3 +336,51 @@ def test_cli_from_option(tmp_path: Path) -> None:
     script.write_text('modparam("tm", "fr_timer", 2500)\n')
     _text, checked = converted_and_checked(script, tmp_path, "--from", "kamailio")
     assert "msilo.relay_timeout = 2.5" in checked
+
+
+# ---- the whole move, as an admin does it --------------------------------------------------
+
+KAMAILIO_SQLITE = """
+CREATE TABLE version (table_name VARCHAR(32) NOT NULL, table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_table_name_idx UNIQUE (table_name));
+INSERT INTO version (table_name, table_version) VALUES ('silo', '8');
+CREATE TABLE silo (id INTEGER PRIMARY KEY NOT NULL, src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    dst_addr VARCHAR(255) DEFAULT '' NOT NULL, username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL, inc_time INTEGER DEFAULT 0 NOT NULL,
+    exp_time INTEGER DEFAULT 0 NOT NULL, snd_time INTEGER DEFAULT 0 NOT NULL,
+    ctype VARCHAR(32) DEFAULT 'text/plain' NOT NULL, body BLOB, extra_hdrs TEXT,
+    callid VARCHAR(128) DEFAULT '' NOT NULL, status INTEGER DEFAULT 0 NOT NULL);
+CREATE INDEX silo_account_idx ON silo (username, domain);
+INSERT INTO silo (src_addr, dst_addr, username, domain, inc_time, exp_time, ctype, body, callid)
+VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        strftime('%s', 'now'), strftime('%s', 'now') + 3600, 'text/plain', X'6869', 'k-1');
+"""
+
+
+def test_kamailio_script_and_table_move_to_msilo(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "kamailio.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(KAMAILIO_SQLITE)
+    conn.close()
+    script = tmp_path / "kamailio.cfg"
+    script.write_text(
+        "#!KAMAILIO\nlisten=udp:127.0.0.1:5070\n"
+        f'modparam("msilo", "db_url", "sqlite://{db}")\nmodparam("msilo", "use_mode", 1)\n'
+    )
+    converted_and_checked(script, tmp_path)  # writes tmp_path/msilo.toml
+    config = str(tmp_path / "msilo.toml")
+    refused = msilo("-c", config, "messages", "count", "--aor", "alice@example.com", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "Kamailio's msilo layout (version 8): dump it, then run `msilo db upgrade`" in (
+        refused.stderr
+    )
+    upgrade = msilo("-c", config, "db", "upgrade", cwd=tmp_path)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "converted Kamailio's silo table (version 8) to msilo's layout (version 6)" in (
+        upgrade.stdout
+    )
+    listed = msilo("-c", config, "messages", "list", "--aor", "alice@example.com", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "from=sip:bob@example.org\tctype=text/plain\thi" in listed.stdout

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     for name, text in (
         ("init", "create the tables if missing"),
-        ("upgrade", "upgrade an existing (e.g. OpenSIPS) silo table in place"),
+        ("upgrade", "upgrade an existing (OpenSIPS or Kamailio) silo table in place"),
     ):
         _config_args(db_sub.add_parser(name, help=text, description=text), top=False)
 

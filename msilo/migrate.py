@@ -137,6 +137,8 @@ def _preprocess(
         name = rest.split(None, 1)[0] if rest else ""
         was_active = active
         note = "skipped (not evaluated by migrate-config)"
+        if word in ("include_file", "import_file"):
+            note = "not followed: run msilo migrate-config on that file too"
         if word in ("ifdef", "ifndef"):
             taken = (name in defines) == (word == "ifdef")
             stack.append((taken, active))
@@ -261,6 +263,12 @@ def read_script(text: str) -> Script:
     for match in _GLOBAL.finditer(clean):
         line = clean.count("\n", 0, match.start()) + 1
         script.assignments.append(Assignment(line, match.group(1), match.group(2)))
+    for match in re.finditer(r"^[ \t]*(include_file|import_file)\b[ \t]*(.*?)[ \t]*$", clean, re.M):
+        line = clean.count("\n", 0, match.start()) + 1
+        script.directives.append(
+            f"line {line}: {match.group(1)} {_one_line(match.group(2))} -- not followed:"
+            " run msilo migrate-config on that file too"
+        )
     if re.search(r"\brequest_route\b", clean):
         script.kamailio_hints.append("a request_route block")
     return script
@@ -450,7 +458,8 @@ def detect_dialect(script: Script) -> tuple[str, str]:
 def convert(text: str, dialect: str = "auto", source: str = "-") -> str:
     """The msilo.toml text for the script ``text`` (``dialect``: auto, kamailio, opensips)."""
     script = read_script(text)
-    if dialect == "auto":
+    guessed = dialect == "auto"
+    if guessed:
         dialect, why = detect_dialect(script)
     else:
         why = "as given with --from"
@@ -480,7 +489,7 @@ def convert(text: str, dialect: str = "auto", source: str = "-") -> str:
             items.append(Item("registrar", st.name, st.value, origin))
         elif st.module == "tm" and st.name in ("fr_timer", "fr_timeout"):
             relay = Item("msilo", "relay_timeout", None, origin)
-            _relay_timeout(relay, st.name, st.value, dialect)
+            _relay_timeout(relay, st.name, st.value, dialect, guessed=guessed)
         else:
             other_modules[st.module] = other_modules.get(st.module, 0) + 1
     if relay is not None:
@@ -504,21 +513,31 @@ def convert(text: str, dialect: str = "auto", source: str = "-") -> str:
     return _render(items, script, dialect, why, source, other_modules)
 
 
-def _relay_timeout(item: Item, name: str, value: str | int, dialect: str) -> None:
+def _relay_timeout(item: Item, name: str, value: str | int, dialect: str, *, guessed: bool) -> None:
     try:
         number = int(value)
     except ValueError:
+        item.value = str(value)
         item.disabled = f"tm {name} {value!r} is not a number"
         return
-    if name == "fr_timer" and dialect == "kamailio":
+    if name == "fr_timeout":
+        item.value = float(number)
+        item.notes.append("OpenSIPS's fr_timeout is in seconds")
+    elif dialect == "kamailio":
         item.value = number / 1000
         item.notes.append("Kamailio's fr_timer is in milliseconds")
+    elif guessed and number >= 1000:
+        # A final-response timer of 1000 s or more is no timer of seconds: a Kamailio
+        # script without Kamailio syntax (3.x and later count milliseconds).
+        item.value = number / 1000
+        item.notes.append(
+            "read as milliseconds (Kamailio's unit): 1000 s or more is no fr_timer of seconds"
+            " (give --from opensips to read it as seconds)"
+        )
     else:
         item.value = float(number)
         item.notes.append(
-            "OpenSIPS's fr_timeout is in seconds"
-            if name == "fr_timeout"
-            else "OpenSIPS's fr_timer (1.x) is in seconds; Kamailio's in milliseconds"
+            "OpenSIPS's fr_timer (1.x) is in seconds; Kamailio's in milliseconds"
             " (give --from kamailio if this is a Kamailio script)"
         )
 

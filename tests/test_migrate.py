@@ -171,6 +171,9 @@ MAPPED: list[tuple[str, str, str, Any]] = [
     ('#!KAMAILIO\nmodparam("tm", "fr_timer", 4000)\n', "msilo", "relay_timeout", 4.0),
     ('modparam("tm", "fr_timer", 4)\n', "msilo", "relay_timeout", 4.0),
     ('modparam("tm", "fr_timeout", 7)\n', "msilo", "relay_timeout", 7.0),
+    ('modparam("tm", "fr_timer", 30000)\n', "msilo", "relay_timeout", 30.0),
+    ("listen=udp:10.0.0.1:5060\r\nlisten=tcp:10.0.0.1:5060\r\n", "server", "listen",
+     ["udp:10.0.0.1:5060", "tcp:10.0.0.1:5060"]),
     ("listen=udp:10.0.0.1:5060\n", "server", "listen", ["udp:10.0.0.1:5060"]),
     ("listen = tcp:10.0.0.1:5080\n", "server", "listen", ["tcp:10.0.0.1:5080"]),
     ("listen=10.0.0.1\n", "server", "listen", ["udp:10.0.0.1:5060", "tcp:10.0.0.1:5060"]),
@@ -384,3 +387,33 @@ def test_kamailio_script_and_table_move_to_msilo(tmp_path: Path) -> None:
     listed = msilo("-c", config, "messages", "list", "--aor", "alice@example.com", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "from=sip:bob@example.org\tctype=text/plain\thi" in listed.stdout
+
+
+def test_fr_timer_unit_follows_from_when_given() -> None:
+    assert (
+        loads(convert('modparam("tm", "fr_timer", 1200)\n', "opensips"))["msilo"]["relay_timeout"]
+        == 1200.0
+    )
+    guessed = convert('modparam("tm", "fr_timer", 1200)\n')
+    assert "read as milliseconds (Kamailio's unit)" in guessed
+    assert loads(guessed)["msilo"]["relay_timeout"] == 1.2
+    bad = convert('modparam("tm", "fr_timer", "soon")\n')
+    assert "# tm fr_timer 'soon' is not a number" in bad
+    assert "relay_timeout" not in loads(bad).get("msilo", {})
+
+
+def test_included_files_are_named_not_followed() -> None:
+    text = convert('include_file "msilo-params.cfg"\n#!include_file "tls.cfg"\n')
+    assert (
+        'line 1: include_file "msilo-params.cfg" -- not followed: run msilo migrate-config on'
+        " that file too" in text
+    )
+    assert 'line 2: #!include_file "tls.cfg" -- not followed' in text
+
+
+def test_readme_table_names_every_parameter_migrate_config_knows() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Migrating from OpenSIPS or Kamailio") :]
+    section = section[: section.index("\n## ", 5)]
+    for name in (*SAME_NAME, *NO_EQUIVALENT, "use_mode", "db_url", "fr_timer", "fr_timeout"):
+        assert f"`{name}`" in section, name

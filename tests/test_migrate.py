@@ -417,3 +417,53 @@ def test_readme_table_names_every_parameter_migrate_config_knows() -> None:
     section = section[: section.index("\n## ", 5)]
     for name in (*SAME_NAME, *NO_EQUIVALENT, "use_mode", "db_url", "fr_timer", "fr_timeout"):
         assert re.search(rf'[`"]{name}[`"]', section), name
+
+
+KAMAILIO_PG = """
+CREATE TABLE version (table_name VARCHAR(32) NOT NULL, table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_table_name_idx UNIQUE (table_name));
+INSERT INTO version (table_name, table_version) VALUES ('silo', '8');
+CREATE TABLE silo (id SERIAL PRIMARY KEY NOT NULL, src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    dst_addr VARCHAR(255) DEFAULT '' NOT NULL, username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL, inc_time INTEGER DEFAULT 0 NOT NULL,
+    exp_time INTEGER DEFAULT 0 NOT NULL, snd_time INTEGER DEFAULT 0 NOT NULL,
+    ctype VARCHAR(32) DEFAULT 'text/plain' NOT NULL, body BYTEA, extra_hdrs TEXT,
+    callid VARCHAR(128) DEFAULT '' NOT NULL, status INTEGER DEFAULT 0 NOT NULL);
+CREATE INDEX silo_account_idx ON silo (username, domain);
+INSERT INTO silo (src_addr, dst_addr, username, domain, inc_time, exp_time, ctype, body, callid)
+VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        extract(epoch FROM now())::int, extract(epoch FROM now())::int + 3600, 'text/plain',
+        'hi'::bytea, 'k-1');
+"""
+
+
+def test_kamailio_postgresql_table_is_upgraded_by_the_command(tmp_path: Path, pg_dsn: str) -> None:
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    schema = f"kam_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f"CREATE SCHEMA {schema}; SET search_path = {schema};" + KAMAILIO_PG))
+    script = tmp_path / "kamailio.cfg"
+    script.write_text(f'#!KAMAILIO\nmodparam("msilo", "db_url", "{pg_dsn}?search_path={schema}")\n')
+    converted_and_checked(script, tmp_path)
+    config = str(tmp_path / "msilo.toml")
+    upgrade = msilo("-c", config, "db", "upgrade", cwd=tmp_path)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "widened silo.ctype to TEXT" in upgrade.stdout
+    assert "converted Kamailio's silo table (version 8) to msilo's layout (version 6)" in (
+        upgrade.stdout
+    )
+    listed = msilo("-c", config, "messages", "list", "--aor", "alice@example.com", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "from=sip:bob@example.org\tctype=text/plain\thi" in listed.stdout
+    asyncio.run(run(f"DROP SCHEMA {schema} CASCADE"))

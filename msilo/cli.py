@@ -1,4 +1,5 @@
-"""The ``msilo`` command: serve, check-config, db init|upgrade, messages list|count|purge.
+"""The ``msilo`` command: serve, check-config, db init|upgrade, messages list|count|purge,
+subscriber add|passwd|remove, migrate-config.
 
 Every failure a user can cause (bad config, unreachable database, bad argument)
 ends with one ``msilo: error: …`` line on stderr and a non-zero exit, never a
@@ -88,9 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     for name, text in (
         ("init", "create the tables if missing"),
-        ("upgrade", "upgrade an existing (e.g. OpenSIPS) silo table in place"),
+        ("upgrade", "upgrade an existing (OpenSIPS or Kamailio) silo table in place"),
     ):
         _config_args(db_sub.add_parser(name, help=text, description=text), top=False)
+
+    migrate = sub.add_parser(
+        "migrate-config",
+        help="print a msilo.toml converted from an opensips.cfg or kamailio.cfg",
+        description="Read an OpenSIPS or Kamailio configuration script and print the"
+        " equivalent msilo.toml on stdout: msilo, registrar and tm parameters, listen lines;"
+        " what has no equivalent is a comment saying why.",
+    )
+    migrate.add_argument("file", metavar="FILE", help="the opensips.cfg or kamailio.cfg")
+    migrate.add_argument(
+        "--from",
+        dest="dialect",
+        choices=("auto", "opensips", "kamailio"),
+        default="auto",
+        help="the script's server (default: auto, from its syntax); decides tm fr_timer's"
+        " unit (Kamailio: milliseconds, OpenSIPS: seconds)",
+    )
 
     subs = add("subscriber", "manage digest credentials (the subscriber table)")
     subs_sub = subs.add_subparsers(dest="subscriber_command", metavar="ACTION", required=True)
@@ -549,6 +567,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if args.command == "migrate-config":
+            # Needs no configuration of its own: it writes one.
+            from msilo.migrate import migrate_config
+
+            sys.stdout.write(migrate_config(args.file, args.dialect))
+            return 0
         config = load_config(args.config, args.overrides)
         from msilo.log import setup_logging
 

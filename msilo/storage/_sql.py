@@ -125,10 +125,44 @@ EXTRA_COLUMN_DEFS = {
 #: ``msilo db upgrade`` with the rest.
 LATER_COLUMNS = ("callid",)
 
+#: The version Kamailio's scripts give their silo table (msilo-create.sql).  Its layout is
+#: OpenSIPS's plus ``extra_hdrs TEXT``, ``callid VARCHAR(128) NOT NULL DEFAULT ''`` and
+#: ``status INTEGER NOT NULL DEFAULT 0``, with ``ctype VARCHAR(32) NOT NULL DEFAULT
+#: 'text/plain'``.  ``msilo db upgrade`` converts it (``is_kamailio_silo``); the converted
+#: table keeps ``extra_hdrs`` and ``status`` as they are, and its version row says
+#: ``SILO_VERSION`` from then on: Kamailio's msilo no longer takes it, msilo does.
+KAMAILIO_SILO_VERSION = 8
 
-def silo_table_ddl(s: SiloSql, *, id_type: str, blob_type: str) -> str:
-    """CREATE TABLE for the silo table: OpenSIPS's ten columns, 64-bit, plus ours."""
-    extras = ",\n    ".join(f"{name} {ddl}" for name, ddl in EXTRA_COLUMN_DEFS.items())
+
+def is_kamailio_silo(columns: set[str], version: int | None, *, fold_case: bool) -> bool:
+    """True for a silo table as Kamailio creates it: its ``callid`` column, none of msilo's
+    own, and version 8 -- or no version row, as when the table alone was copied into
+    msilo's database (OpenSIPS's table has no ``callid``; a table of ours whose version row
+    says 8 is not one)."""
+    have = {c.lower() for c in columns} if fold_case else columns
+    return (
+        version in (None, KAMAILIO_SILO_VERSION)
+        and "callid" in have
+        and not have & {"dedupe_key", "lease_until", "lease_owner", "attempts"}
+    )
+
+
+def kamailio_conversion(table: str, version: int | None) -> str:
+    """The action line of a converted Kamailio table."""
+    was = "no version row" if version is None else f"version {version}"
+    return (
+        f"converted Kamailio's {table} table ({was}) to msilo's layout (version {SILO_VERSION});"
+        " extra_hdrs and status kept as they are"
+    )
+
+
+def silo_table_ddl(s: SiloSql, *, id_type: str, blob_type: str, more: tuple[str, ...] = ()) -> str:
+    """CREATE TABLE for the silo table: OpenSIPS's ten columns, 64-bit, plus ours.
+
+    ``more``: further column definitions, kept from a table being converted (Kamailio's
+    ``extra_hdrs`` and ``status``)."""
+    defs = [f"{name} {ddl}" for name, ddl in EXTRA_COLUMN_DEFS.items()] + list(more)
+    extras = ",\n    ".join(defs)
     return f"""CREATE TABLE IF NOT EXISTS {s.table} (
     {s.mid} {id_type},
     {s.src_addr} VARCHAR(255) NOT NULL DEFAULT '',
@@ -249,12 +283,18 @@ def diagnose_silo(
             f"table {t!r} has no column {names.mid!r} but has 'id' (the OpenSIPS layout): "
             f'set sc_mid = "id" in the [msilo] section'
         )
-    configured = [getattr(names, f) for f in _CONFIGURED_COLUMNS]
+    configured = [getattr(names, f) for f in CONFIGURED_COLUMNS]
     missing = [c for c in configured if norm(c) not in have]
     if missing:
         raise SchemaError(
             f"table {t!r} has no column(s) {', '.join(missing)}: "
             f"check db_table and the sc_* column names"
+        )
+    if is_kamailio_silo(set(columns), version, fold_case=fold_case):
+        raise SchemaError(
+            f"table {t!r} has Kamailio's msilo layout"
+            f" ({'no version row' if version is None else f'version {version}'}):"
+            " dump it, then run `msilo db upgrade` to convert it in place"
         )
     if version is not None and version != SILO_VERSION:
         raise SchemaError(
@@ -270,7 +310,7 @@ def diagnose_silo(
         raise SchemaError(f"table 'version' has no row for {t!r}: run `msilo db upgrade`")
 
 
-_CONFIGURED_COLUMNS = (
+CONFIGURED_COLUMNS = (
     "mid",
     "src_addr",
     "dst_addr",

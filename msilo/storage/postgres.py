@@ -827,8 +827,10 @@ class PostgresStore(Store):
         if columns is None:
             return await self._create(conn)
         version = await self._version(conn, table)
-        if (version is not None and version != SILO_VERSION) or names.mid not in columns:
-            # Not ours to fix: a Kamailio table, or sc_mid pointing at the wrong column.
+        kamailio = _sql.is_kamailio_silo(set(columns), version, fold_case=False)
+        foreign = version is not None and version != SILO_VERSION and not kamailio
+        if foreign or names.mid not in columns:
+            # Not ours to fix: another version, or sc_mid pointing at the wrong column.
             _sql.diagnose_silo(names, set(columns), version, fold_case=False)
         t = self._sql.table
         actions: list[str] = []
@@ -847,8 +849,30 @@ class PostgresStore(Store):
         if ctype.startswith(("character varying", "character(")):
             changes.append(f"ALTER COLUMN {quote_ident(names.ctype)} TYPE TEXT")
             actions.append(f"widened {table}.{names.ctype} to TEXT")
+        if kamailio:
+            # Kamailio's callid is NOT NULL DEFAULT '' and VARCHAR(128): msilo stores NULL for
+            # a MESSAGE without a usable Call-ID, and a Call-ID has no length limit (RFC 3261
+            # §8.1.1.4).  Its '' rows stay '': delivery treats an empty Call-ID as none.
+            # Its ctype is NOT NULL: msilo stores NULL for a MESSAGE without Content-Type.
+            if columns.get("callid") != "text":
+                changes.append("ALTER COLUMN callid TYPE TEXT")
+                actions.append(f"widened {table}.callid to TEXT")
+            changes += [
+                "ALTER COLUMN callid DROP NOT NULL",
+                "ALTER COLUMN callid SET DEFAULT NULL",
+                f"ALTER COLUMN {quote_ident(names.ctype)} DROP NOT NULL",
+            ]
+            actions.append(f"made {table}.callid and {table}.{names.ctype} nullable")
         if changes:
             await conn.execute(f"ALTER TABLE {t} " + ", ".join(changes))
+        if kamailio:
+            if version is not None:  # else _ensure_version_row below writes ours
+                await conn.execute(
+                    "UPDATE version SET table_version = $1 WHERE table_name = $2",
+                    SILO_VERSION,
+                    table,
+                )
+            actions.append(_sql.kamailio_conversion(table, version))
         # OpenSIPS's sequence is INTEGER with MAXVALUE 2^31-1 CYCLE: ids would wrap and
         # collide (spec §10 Q16).
         seq = await self._sequence(conn)
@@ -860,6 +884,16 @@ class PostgresStore(Store):
         if seq_type != "bigint" or seq_max != _INT64_MAX or seq_cycle:
             await conn.execute(f"ALTER SEQUENCE {seq} AS BIGINT NO MAXVALUE NO CYCLE")
             actions.append(f"made sequence {seq} 64-bit, without CYCLE")
+        # Rows put in with explicit ids (a dump restored, a table filled by hand) leave the
+        # sequence behind them: the next store would collide.  Move it past the highest id.
+        moved = await conn.fetchval(
+            f"SELECT setval($1::regclass, m) FROM (SELECT max({self._sql.mid}) AS m FROM {t}) x "
+            f"WHERE m > (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END "
+            f"FROM {seq})",
+            seq,
+        )
+        if moved is not None:
+            actions.append(f"moved sequence {seq} past the highest {table}.{names.mid} ({moved})")
         await self._create_indexes(conn, actions)
         await self._create_aux(conn, actions)
         if await self._ensure_version_row(conn, table, SILO_VERSION):

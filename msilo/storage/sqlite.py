@@ -384,11 +384,15 @@ class SQLiteStore(Store):
             return self._create(conn)
         have = {c.lower() for c in columns}
         version = self._version(conn, table)
-        if version is not None and version != SILO_VERSION:
+        kamailio = _sql.is_kamailio_silo(columns, version, fold_case=True)
+        if version is not None and version != SILO_VERSION and not kamailio:
             _sql.diagnose_silo(self.names, columns, version, fold_case=True)
         if self.names.mid.lower() not in have:
             _sql.diagnose_silo(self.names, columns, version, fold_case=True)
         actions: list[str] = []
+        if kamailio:
+            actions += self._convert_kamailio(conn, version)
+            have = {c.lower() for c in self._columns(conn, table) or set()}
         # SQLite INTEGER is already 64-bit and an AUTOINCREMENT id never wraps: only the
         # missing columns and indexes are ours to add.
         for name, ddl in _sql.EXTRA_COLUMN_DEFS.items():
@@ -418,8 +422,54 @@ class SQLiteStore(Store):
         self._diagnose(conn)
         return actions
 
+    def _convert_kamailio(self, conn: Conn, version: int | None) -> list[str]:
+        """Rebuild Kamailio's silo table as ours, every row and id kept.
+
+        SQLite cannot drop a NOT NULL constraint in place, and Kamailio's ``callid`` and
+        ``ctype`` are NOT NULL where msilo stores NULL: so the table is created anew with
+        msilo's columns plus every other column it had (``extra_hdrs``, ``status``, as they
+        were declared), filled from the old one and swapped in, in the caller's transaction
+        (https://www.sqlite.org/lang_altertable.html#otheralter).
+        """
+        s, table = self._sql, self.names.table
+        info = conn.execute(f"PRAGMA table_info({s.table})").fetchall()
+        configured = {getattr(self.names, f).lower() for f in _sql.CONFIGURED_COLUMNS}
+        ours = configured | set(_sql.EXTRA_COLUMN_DEFS)
+        kept: list[str] = []
+        for _cid, name, decl, notnull, default, _pk in info:
+            if name.lower() in ours:
+                continue
+            ddl = f"{quote_ident(name)} {decl or ''}".rstrip()
+            if notnull:
+                ddl += " NOT NULL"
+            if default is not None:
+                ddl += f" DEFAULT {default}"
+            kept.append(ddl)
+        copied = ", ".join(quote_ident(name) for _c, name, *_ in info)
+        old = quote_ident(self.names.object_name("kamailio_v8"))
+        conn.execute(f"ALTER TABLE {s.table} RENAME TO {old}")
+        conn.execute(
+            _sql.silo_table_ddl(
+                s,
+                id_type="INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL",
+                blob_type="BLOB",
+                more=tuple(kept),
+            )
+        )
+        conn.execute(f"INSERT INTO {s.table} ({copied}) SELECT {copied} FROM {old}")
+        conn.execute(f"DROP TABLE {old}")  # its indexes go with it; ours are created next
+        if version is not None:  # else the caller's _ensure_version_row writes ours
+            conn.execute(
+                "UPDATE version SET table_version = ? WHERE table_name = ?", (SILO_VERSION, table)
+            )
+        return [
+            f"rebuilt {table} with msilo's columns (callid and {self.names.ctype} nullable)",
+            _sql.kamailio_conversion(table, version),
+        ]
+
     async def upgrade_schema(self) -> list[str]:
-        """Add our columns, indexes and tables to an existing (OpenSIPS) database."""
+        """Add our columns, indexes and tables to an existing (OpenSIPS) database, or
+        convert a Kamailio one (``_convert_kamailio``)."""
         return await self._call("upgrade schema", lambda c: self._write(c, self._upgrade))
 
     # --- storing ----------------------------------------------------------------------------

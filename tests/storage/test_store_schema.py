@@ -3,6 +3,7 @@ place from the layout OpenSIPS's own scripts create."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -263,6 +264,198 @@ async def test_upgraded_opensips_sequence_goes_past_2_to_the_31(
     await raw(s, f"SELECT setval('{names.table}_id_seq', 2147483647)")
     [r] = await s.store_batch([message()], 0)
     assert r.mid == 2147483648
+
+
+# --- converting Kamailio's version 8 table ----------------------------------------------------
+
+# Kamailio's silo table as its scripts create it (kamctl's postgres/ and db_sqlite/
+# msilo-create.sql, version 8): OpenSIPS's columns plus extra_hdrs, callid and status, with a
+# 32-character ctype and NOT NULL callid/ctype.
+KAMAILIO_V8 = {
+    "postgres": """
+CREATE TABLE IF NOT EXISTS version (
+    table_name VARCHAR(32) NOT NULL,
+    table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_table_name_idx UNIQUE (table_name)
+);
+CREATE TABLE {t} (
+    id SERIAL PRIMARY KEY NOT NULL,
+    src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    dst_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL,
+    inc_time INTEGER DEFAULT 0 NOT NULL,
+    exp_time INTEGER DEFAULT 0 NOT NULL,
+    snd_time INTEGER DEFAULT 0 NOT NULL,
+    ctype VARCHAR(32) DEFAULT 'text/plain' NOT NULL,
+    body BYTEA,
+    extra_hdrs TEXT,
+    callid VARCHAR(128) DEFAULT '' NOT NULL,
+    status INTEGER DEFAULT 0 NOT NULL
+);
+CREATE INDEX {t}_account_idx ON {t} (username, domain);
+INSERT INTO version (table_name, table_version) values ('{t}','8');
+""",
+    "sqlite": """
+CREATE TABLE IF NOT EXISTS version (
+    table_name VARCHAR(32) NOT NULL,
+    table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_table_name_idx UNIQUE (table_name)
+);
+CREATE TABLE {t} (
+    id INTEGER PRIMARY KEY NOT NULL,
+    src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    dst_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL,
+    inc_time INTEGER DEFAULT 0 NOT NULL,
+    exp_time INTEGER DEFAULT 0 NOT NULL,
+    snd_time INTEGER DEFAULT 0 NOT NULL,
+    ctype VARCHAR(32) DEFAULT 'text/plain' NOT NULL,
+    body BLOB,
+    extra_hdrs TEXT,
+    callid VARCHAR(128) DEFAULT '' NOT NULL,
+    status INTEGER DEFAULT 0 NOT NULL
+);
+CREATE INDEX {t}_account_idx ON {t} (username, domain);
+INSERT INTO version (table_name, table_version) values ('{t}','8');
+""",
+}
+
+# Rows as Kamailio's m_store writes them: a delivered-later one with stored headers and the
+# MESSAGE's Call-ID (use_mode 1), one without (callid ''), one already expired.
+KAMAILIO_ROWS = """
+INSERT INTO {t} (id, src_addr, dst_addr, username, domain, inc_time, exp_time, snd_time,
+                 ctype, body, extra_hdrs, callid, status)
+VALUES (7, 'sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', {b1}, 'X-Kam: 1' || CHAR(13) || CHAR(10),
+        'kam-call-1@example.org', 1),
+       (9, 'sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/html', {b2}, NULL, '', 0),
+       (12, 'sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {old}, {gone}, 0, 'text/plain', {b3}, NULL, '', 0);
+"""
+
+
+async def fetch(store: Store, sql: str) -> list[tuple[object, ...]]:
+    """Rows of ``sql`` read behind the store's back."""
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            return [tuple(r) for r in conn.execute(sql).fetchall()]
+        finally:
+            conn.close()
+    assert isinstance(store, PostgresStore)
+    pg = await asyncpg.connect(store.dsn)
+    try:
+        return [tuple(r) for r in await pg.fetch(sql)]
+    finally:
+        await pg.close()
+
+
+def _kamailio_script(backend: str, t: str, now: int, version_row: bool = True) -> str:
+    if backend == "postgres":
+        bodies = ("'old one'::bytea", "'<b>hi</b>'::bytea", "'gone'::bytea")
+        rows = KAMAILIO_ROWS.replace("CHAR(13) || CHAR(10)", "chr(13) || chr(10)")
+    else:
+        bodies = ("X'6f6c64206f6e65'", "X'3c623e68693c2f623e'", "X'676f6e65'")
+        rows = KAMAILIO_ROWS
+    b1, b2, b3 = bodies
+    ddl = KAMAILIO_V8[backend].format(t=t)
+    if not version_row:  # the table alone, copied into msilo's own database
+        ddl = (
+            ddl.split("CREATE TABLE IF NOT EXISTS version", 1)[0]
+            + "CREATE TABLE "
+            + (ddl.split("\nCREATE TABLE ", 2)[2].split("INSERT INTO version")[0])
+        )
+    return ddl + rows.format(
+        t=t, now=now - 10, exp=now + 3600, old=now - 7200, gone=now - 60, b1=b1, b2=b2, b3=b3
+    )
+
+
+@pytest.mark.parametrize("version_row", [True, False], ids=["version-8", "no-version-table"])
+async def test_kamailio_v8_table_is_converted_and_served_with_its_rows(
+    make_store: StoreFactory, names: SiloNames, backend: str, version_row: bool
+) -> None:
+    from storage_helpers import NOW
+
+    t = names.table
+    s = await make_store(SiloNames(table=t, mid="id"))
+    await raw(s, _kamailio_script(backend, t, NOW, version_row))
+    was = "version 8" if version_row else "no version row"
+
+    # Until converted, every command says how (and a server does not start on it).
+    with pytest.raises(SchemaError, match=rf"Kamailio's msilo layout \({was}\): .*msilo db upg"):
+        await s.check_schema()
+    with pytest.raises(SchemaError, match=r"Kamailio's msilo layout"):
+        await s.create_schema()
+
+    actions = await s.upgrade_schema()
+    kept = "extra_hdrs and status kept as they are"
+    assert (
+        f"converted Kamailio's {t} table ({was}) to msilo's layout (version 6); {kept}" in actions
+    )
+    assert f"created index {t}_dedupe_key_idx" in actions
+    if backend == "sqlite":
+        assert f"rebuilt {t} with msilo's columns (callid and ctype nullable)" in actions
+    else:
+        assert f"added column {t}.dedupe_key" in actions
+        assert f"made {t}.callid and {t}.ctype nullable" in actions
+        assert f"widened {t}.ctype to TEXT" in actions
+        assert f"widened {t}.callid to TEXT" in actions
+        assert f"widened {t}.id to BIGINT" in actions
+        # The rows came with their ids (as from a restored dump): the sequence follows them.
+        assert any(a.startswith("moved sequence") and a.endswith("(12)") for a in actions)
+    await s.check_schema()
+    assert await s.upgrade_schema() == []  # idempotent
+    assert await fetch(s, f"SELECT table_version FROM version WHERE table_name = '{t}'") == [(6,)]
+
+    # Every old row intact, ids included (arrival order); Kamailio's own columns untouched.
+    old = await s.list(*OWNER)
+    assert [(m.mid, m.body, m.ctype, m.callid) for m in old] == [
+        (12, b"gone", "text/plain", ""),
+        (7, b"old one", "text/plain", "kam-call-1@example.org"),
+        (9, b"<b>hi</b>", "text/html", ""),
+    ]
+    assert await fetch(s, f"SELECT id, extra_hdrs, status FROM {t} ORDER BY id") == [
+        (7, "X-Kam: 1\r\n", 1),
+        (9, None, 0),
+        (12, None, 0),
+    ]
+
+    # Stored by msilo: a ctype Kamailio's VARCHAR(32) would cut, a Call-ID, no ctype at all.
+    rcs = "application/vnd.gsma.rcs-ft-http+xml"
+    new = dataclasses.replace(message(body=b"new", inc_time=NOW, ctype=rcs), callid="c" * 300)
+    results = await s.store_batch([new, message(body=b"bare", inc_time=NOW, ctype=None)], 0)
+    assert [r.outcome for r in results] == [StoreOutcome.STORED, StoreOutcome.STORED]
+    assert all(r.mid is not None and r.mid > 12 for r in results)
+    assert await fetch(s, f"SELECT status FROM {t} WHERE id > 12") == [(0,), (0,)]
+
+    # Dump: the live old rows and the new ones, in arrival order; expiry takes the old one.
+    claimed = await s.claim_for_dump(*OWNER, lease_owner="w", lease_seconds=30, now=NOW)
+    assert [(m.body, m.ctype) for m in claimed] == [
+        (b"old one", "text/plain"),
+        (b"<b>hi</b>", "text/html"),
+        (b"new", rcs),
+        (b"bare", None),
+    ]
+    assert claimed[2].callid == "c" * 300
+    assert [m.mid for m in await s.take_expired(NOW, 100)] == [12]
+    assert len(await s.list(*OWNER)) == 4
+
+
+async def test_kamailio_v8_upgrade_needs_sc_mid_id(
+    make_store: StoreFactory, names: SiloNames, backend: str
+) -> None:
+    from storage_helpers import NOW
+
+    s = await make_store()
+    await raw(s, _kamailio_script(backend, names.table, NOW))
+    with pytest.raises(SchemaError, match=r'set sc_mid = "id"'):
+        await s.upgrade_schema()
+    assert await fetch(
+        s, f"SELECT table_version FROM version WHERE table_name = '{names.table}'"
+    ) == [(8,)]
 
 
 # --- names and URLs ----------------------------------------------------------------------------

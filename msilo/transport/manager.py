@@ -53,6 +53,7 @@ from msilo.transport.tcp import (
     ConnectionPool,
 )
 from msilo.transport.udp import UdpEndpoint
+from msilo.transport.ws import DEFAULT_PING, WS, WSS, WsPool
 
 log = logging.getLogger("msilo.transport")
 
@@ -76,6 +77,9 @@ class Transports:
         resolver: Resolver | None = None,
         message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        ws_path: str = "/",
+        ws_origins: tuple[str, ...] = (),
+        ws_ping: float = DEFAULT_PING,
     ) -> None:
         self._on_message = on_message
         self.resolver = resolver or Resolver()
@@ -91,6 +95,22 @@ class Transports:
             budget=BufferBudget(max_buffered),
         )
         self.tls_pool: ConnectionPool | None = None  # set up by configure_tls()
+        # SIP over WebSocket (RFC 7118), plain and over TLS: one pool each.
+        self.ws_pools = {
+            kind: WsPool(
+                self._dispatch,
+                transport=kind,
+                max_message=max_message,
+                idle_timeout=idle_timeout,
+                max_connections=max_connections,
+                message_timeout=message_timeout,
+                path=ws_path,
+                origins=ws_origins,
+                ping=ws_ping,
+            )
+            for kind in (WS, WSS)
+        }
+        self.ws_servers: dict[str, list[asyncio.Server]] = {WS: [], WSS: []}
         self._tls_server: ssl.SSLContext | None = None
         self.udp_listeners: list[UdpEndpoint] = []
         self.tcp_servers: list[asyncio.Server] = []
@@ -210,6 +230,23 @@ class Transports:
         log.info("event=listening transport=TLS address=%s:%s", *sock.getsockname()[:2])
         return server
 
+    async def listen_ws(
+        self, host: str, port: int, *, secure: bool = False, reuse_port: bool = True
+    ) -> asyncio.Server:
+        """Bind a SIP-over-WebSocket listener (``secure``: WSS, with the TLS context)."""
+        if secure and self._tls_server is None:
+            raise TransportError("TLS is not configured (tls.certificate / tls.private_key)")
+        kind = WSS if secure else WS
+        sock = bind_tcp(host, port, reuse_port=reuse_port)
+        try:
+            server = await self.ws_pools[kind].serve(sock, self._tls_server if secure else None)
+        except BaseException:
+            sock.close()
+            raise
+        self.ws_servers[kind].append(server)
+        log.info("event=listening transport=%s address=%s:%s", kind, *sock.getsockname()[:2])
+        return server
+
     async def open_client_udp(self, host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
         """Bind this process's own UDP socket for the requests it sends (one per family)."""
         endpoint = await self._endpoint(bind_client_udp(host, port))
@@ -245,7 +282,10 @@ class Transports:
             if local is not None:
                 return self._host_for(local[0]), int(local[1])
         else:
-            servers = self.tls_servers if transport == TLS else self.tcp_servers
+            if transport in self.ws_servers:
+                servers = self.ws_servers[transport]
+            else:
+                servers = self.tls_servers if transport == TLS else self.tcp_servers
             if servers:
                 bound = servers[0].sockets[0].getsockname()
                 return self._host_for(bound[0]), int(bound[1])
@@ -304,6 +344,9 @@ class Transports:
             self.pool.send(data, host, target.port, on_error)
         elif target.transport == TLS and self.tls_pool is not None:
             self.tls_pool.send(data, host, target.port, on_error, server_name=server_name)
+        elif target.transport in self.ws_pools:
+            # Only over the connection the client opened (RFC 7118 §5.2).
+            self.ws_pools[target.transport].send(data, host, target.port, on_error)
         else:
             raise TransportError(f"transport {target.transport} is not supported")
 
@@ -365,7 +408,8 @@ class Transports:
 
     async def close(self) -> None:
         """Close every socket and connection."""
-        for server in (*self.tcp_servers, *self.tls_servers):
+        ws_servers = [*self.ws_servers[WS], *self.ws_servers[WSS]]
+        for server in (*self.tcp_servers, *self.tls_servers, *ws_servers):
             server.close()
         for endpoint in (*self.udp_listeners, *self._client_udp.values()):
             endpoint.close()
@@ -376,8 +420,12 @@ class Transports:
         await self.pool.close()
         if self.tls_pool is not None:
             await self.tls_pool.close()
-        for server in (*self.tcp_servers, *self.tls_servers):
+        for pool in self.ws_pools.values():
+            await pool.close()
+        for server in (*self.tcp_servers, *self.tls_servers, *ws_servers):
             await server.wait_closed()
+        for servers in self.ws_servers.values():
+            servers.clear()
         self.tcp_servers.clear()
         self.tls_servers.clear()
         self.udp_listeners.clear()

@@ -65,6 +65,28 @@ DEFAULT_PING: Final = 30.0
 _DOUBLE_CRLF: Final = b"\r\n\r\n"
 
 
+class _LibraryLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """What picows logs: per-connection chatter at debug; the protocol errors a peer
+    causes at will (bad frames, oversize) rated at info, never an error line each."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        if kwargs.get("exc_info"):  # a bug (ours or picows's): keep it loud
+            self.logger.log(level, msg, *args, **kwargs)
+            return
+        if level >= logging.WARNING:
+            try:
+                text = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                text = str(msg)
+            rated.log(logging.INFO, "ws_protocol", "detail=%r", text)
+            return
+        self.logger.log(min(level, logging.DEBUG), msg, *args, **kwargs)
+
+
+# A LoggerAdapter also keeps picows from making a Logger object per connection.
+_library_log = _LibraryLog(logging.getLogger("msilo.transport.ws"), {})
+
+
 def _key(addr: Address) -> tuple[str, int]:
     return (str(addr[0]), int(addr[1]))
 
@@ -107,7 +129,6 @@ class WsConnection(WSListener):
         self._pool._unregister(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        self.last_activity = time.monotonic()
         kind = frame.msg_type
         if kind is WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
@@ -117,6 +138,9 @@ class WsConnection(WSListener):
             # picows reports an oversize frame but may still hand it up: refuse it here.
             self._fail(WSCloseCode.MESSAGE_TOO_BIG, f"frame over {self._pool.max_message}")
             return
+        if kind is WSMsgType.PING or kind is WSMsgType.PONG:
+            return  # picows answers pings and watches pongs; neither is SIP activity
+        self.last_activity = time.monotonic()
         if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
             if self._parts:  # RFC 6455 §5.4: a new message inside a fragmented one
                 self._fail(WSCloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
@@ -134,7 +158,6 @@ class WsConnection(WSListener):
                 data = b"".join(self._parts)
                 self._drop_parts()
                 self._message(data)
-        # PING and PONG: picows answers pings and watches pongs itself.
 
     def _add_part(self, part: bytes) -> None:
         self._size += len(part)
@@ -313,7 +336,7 @@ class WsPool:
             sock=sock,
             ssl=server_ssl,
             use_aiofastnet=False,  # plain loop.create_server: uvloop's, with our socket
-            logger_name=logging.getLogger("msilo.transport.ws"),
+            logger_name=_library_log,
             # The HTTP upgrade is the first message of the connection: same deadline.
             websocket_handshake_timeout=self.message_timeout or None,
             enable_auto_ping=ping > 0,

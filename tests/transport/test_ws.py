@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import socket
 import struct
@@ -146,6 +147,43 @@ async def test_request_to_the_client_goes_over_its_connection_with_via_ws(
     assert request.via.transport == "WS" and request.via.port == ws_server.port
 
 
+async def test_frames_are_text_unless_the_message_is_not_utf8(ws_server: WsServer) -> None:
+    ws = await _client(ws_server.url)
+    try:
+        await ws.send(_options(8))
+        await _recv(ws)
+        _, _, peer = ws_server.seen[0]
+        target = Target(peer[0], peer[1], "WS", True)
+        for body in ("caf\u00e9".encode(), b"\xff\xfe binary"):
+            data = build_request(
+                "MESSAGE", "sip:x@a.invalid;transport=ws", from_="sip:m@127.0.0.1",
+                to="sip:x@127.0.0.1", sent_by=("127.0.0.1", ws_server.port), transport="WS",
+                body=body, content_type="application/octet-stream",
+            ).data  # fmt: skip
+            ws_server.transports.send(data, target, _no_error)
+        text = await asyncio.wait_for(ws.recv(), 5)
+        binary = await asyncio.wait_for(ws.recv(), 5)
+    finally:
+        await ws.close()
+    assert isinstance(text, str) and text.endswith("caf\u00e9")
+    assert isinstance(binary, bytes) and binary.endswith(b"\xff\xfe binary")
+
+
+async def test_a_handshake_must_arrive_within_the_message_timeout() -> None:
+    srv = await start_ws(message_timeout=0.5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(b"GET /sip HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - started < 2.0
+        writer.close()
+    finally:
+        srv.layer.close()
+        await srv.transports.close()
+
+
 def _no_error(exc: BaseException) -> None:
     raise AssertionError(f"unexpected send error {exc!r}")
 
@@ -223,7 +261,7 @@ async def test_crlf_keepalive_is_answered(ws_server: WsServer) -> None:
         await ws.close()
 
 
-async def test_oversize_message_closes_with_1009() -> None:
+async def test_oversize_message_closes_with_1009(caplog: pytest.LogCaptureFixture) -> None:
     srv = await start_ws(max_message=2048)
     try:
         ws = await _client(srv.url)
@@ -237,13 +275,16 @@ async def test_oversize_message_closes_with_1009() -> None:
             await _recv(fragmented)
         assert fragmented.close_code == 1009
         assert [r.call_id for r, _, _ in srv.seen] == []
+        # The peer caused it: an info line, not an error one (it could send thousands).
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:
         srv.layer.close()
         await srv.transports.close()
 
 
 async def test_idle_connection_is_closed() -> None:
-    srv = await start_ws(idle_timeout=0.3)
+    # Pings every 0.1 s, answered by the client: pongs are not SIP activity.
+    srv = await start_ws(idle_timeout=0.6, ws_ping=0.1)
     try:
         ws = await _client(srv.url)
         with pytest.raises(ConnectionClosed):
@@ -281,10 +322,50 @@ async def _read_frame(reader: asyncio.StreamReader, timeout: float) -> tuple[int
     return first & 0x0F, payload
 
 
-def _masked(opcode: int, payload: bytes) -> bytes:
+def _masked(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     mask = os.urandom(4)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + body
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, timeout: float) -> int | None:
+    """Read to the end; the close code the server sent, if it sent a close frame."""
+    code = None
+    while True:
+        try:
+            opcode, payload = await _read_frame(reader, timeout)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return code
+        if opcode == 0x8 and len(payload) >= 2:
+            code = struct.unpack("!H", payload[:2])[0]
+
+
+async def test_broken_fragmentation_is_refused() -> None:
+    srv = await start_ws(message_timeout=0.5)
+    try:
+        # A continuation frame with no message started: protocol error (RFC 6455 §5.4).
+        reader, writer = await _raw_handshake(srv.port)
+        writer.write(_masked(0x0, b"orphan"))
+        assert await _closed_by_server(reader, 3) == 1002
+        writer.close()
+        # A new message inside a fragmented one: protocol error too.
+        reader, writer = await _raw_handshake(srv.port)
+        writer.write(_masked(0x1, b"MESSAGE sip:a", fin=False) + _masked(0x1, b"again"))
+        assert await _closed_by_server(reader, 3) == 1002
+        writer.close()
+        # A fragmented message that is never finished: cut at limits.message_timeout.
+        reader, writer = await _raw_handshake(srv.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(_masked(0x1, b"MESSAGE sip:a", fin=False))
+        await _closed_by_server(reader, 3)
+        assert loop.time() - started < 2.0
+        assert srv.transports.ws_pools["WS"].message_timeouts == 1
+        writer.close()
+        assert srv.seen == []
+    finally:
+        srv.layer.close()
+        await srv.transports.close()
 
 
 async def test_pings_are_sent_and_a_silent_client_is_dropped() -> None:

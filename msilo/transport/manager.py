@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from typing import TYPE_CHECKING, Any
 
 from msilo.errors import TransportError
 from msilo.transport.base import (
@@ -53,9 +54,12 @@ from msilo.transport.tcp import (
     ConnectionPool,
 )
 from msilo.transport.udp import UdpEndpoint
-from msilo.transport.ws import DEFAULT_PING, WS, WSS, WsPool
+
+if TYPE_CHECKING:
+    from msilo.transport.ws import WsPool
 
 log = logging.getLogger("msilo.transport")
+WS_TRANSPORTS = ("WS", "WSS")
 
 
 class Transports:
@@ -79,7 +83,7 @@ class Transports:
         max_buffered: int = DEFAULT_MAX_BUFFERED,
         ws_path: str = "/",
         ws_origins: tuple[str, ...] = (),
-        ws_ping: float = DEFAULT_PING,
+        ws_ping: float = 30.0,
     ) -> None:
         self._on_message = on_message
         self.resolver = resolver or Resolver()
@@ -95,22 +99,19 @@ class Transports:
             budget=BufferBudget(max_buffered),
         )
         self.tls_pool: ConnectionPool | None = None  # set up by configure_tls()
-        # SIP over WebSocket (RFC 7118), plain and over TLS: one pool each.
-        self.ws_pools = {
-            kind: WsPool(
-                self._dispatch,
-                transport=kind,
-                max_message=max_message,
-                idle_timeout=idle_timeout,
-                max_connections=max_connections,
-                message_timeout=message_timeout,
-                path=ws_path,
-                origins=ws_origins,
-                ping=ws_ping,
-            )
-            for kind in (WS, WSS)
+        # SIP over WebSocket (RFC 7118), plain and over TLS: one pool each, made by the
+        # first listener (picows is imported only then).
+        self._ws_settings: dict[str, Any] = {
+            "max_message": max_message,
+            "idle_timeout": idle_timeout,
+            "max_connections": max_connections,
+            "message_timeout": message_timeout,
+            "path": ws_path,
+            "origins": ws_origins,
+            "ping": ws_ping,
         }
-        self.ws_servers: dict[str, list[asyncio.Server]] = {WS: [], WSS: []}
+        self.ws_pools: dict[str, WsPool] = {}
+        self.ws_servers: dict[str, list[asyncio.Server]] = {kind: [] for kind in WS_TRANSPORTS}
         self._tls_server: ssl.SSLContext | None = None
         self.udp_listeners: list[UdpEndpoint] = []
         self.tcp_servers: list[asyncio.Server] = []
@@ -236,10 +237,15 @@ class Transports:
         """Bind a SIP-over-WebSocket listener (``secure``: WSS, with the TLS context)."""
         if secure and self._tls_server is None:
             raise TransportError("TLS is not configured (tls.certificate / tls.private_key)")
-        kind = WSS if secure else WS
+        from msilo.transport.ws import WsPool
+
+        kind = "WSS" if secure else "WS"
+        pool = self.ws_pools.get(kind)
+        if pool is None:
+            pool = self.ws_pools[kind] = WsPool(self._dispatch, transport=kind, **self._ws_settings)
         sock = bind_tcp(host, port, reuse_port=reuse_port)
         try:
-            server = await self.ws_pools[kind].serve(sock, self._tls_server if secure else None)
+            server = await pool.serve(sock, self._tls_server if secure else None)
         except BaseException:
             sock.close()
             raise
@@ -344,9 +350,12 @@ class Transports:
             self.pool.send(data, host, target.port, on_error)
         elif target.transport == TLS and self.tls_pool is not None:
             self.tls_pool.send(data, host, target.port, on_error, server_name=server_name)
-        elif target.transport in self.ws_pools:
+        elif target.transport in WS_TRANSPORTS:
             # Only over the connection the client opened (RFC 7118 §5.2).
-            self.ws_pools[target.transport].send(data, host, target.port, on_error)
+            pool = self.ws_pools.get(target.transport)
+            if pool is None:
+                raise TransportError(f"no {target.transport} connection from {host}:{target.port}")
+            pool.send(data, host, target.port, on_error)
         else:
             raise TransportError(f"transport {target.transport} is not supported")
 
@@ -408,7 +417,7 @@ class Transports:
 
     async def close(self) -> None:
         """Close every socket and connection."""
-        ws_servers = [*self.ws_servers[WS], *self.ws_servers[WSS]]
+        ws_servers = [server for servers in self.ws_servers.values() for server in servers]
         for server in (*self.tcp_servers, *self.tls_servers, *ws_servers):
             server.close()
         for endpoint in (*self.udp_listeners, *self._client_udp.values()):

@@ -270,3 +270,26 @@ async def test_wss_register_and_dump(server: ServerFactory, certificate: tuple[s
         await _stored(srv, "bob", 0)
     finally:
         await bob.close()
+
+
+async def test_a_ws_listener_alone_serves_browsers(server: ServerFactory) -> None:
+    # The README's command: `server.listen=["ws:127.0.0.1:8080"]`, no UDP or TCP at all.
+    port = free_port()
+    srv = await server(f'server.listen=["ws:127.0.0.1:{port}"]', 'server.ws_path="/sip"')
+    url = f"ws://127.0.0.1:{port}/sip"
+    alice = await WsPhone.connect("alice", url)
+    bob: WsPhone | None = None
+    try:
+        await alice.message("bob", "ws only")
+        assert (await alice.response()).status == 202
+        bob = await WsPhone.connect("bob", url)
+        assert (await bob.register()).status == 200
+        dumped = await bob.read()
+        assert isinstance(dumped, SipRequest) and dumped.body.endswith(b"ws only")
+        assert dumped.via is not None and dumped.via.port == port
+        await bob.answer(dumped)
+        await _stored(srv, "bob", 0)
+    finally:
+        await alice.close()
+        if bob is not None:
+            await bob.close()

@@ -402,3 +402,12 @@ async def test_pings_are_sent_and_a_silent_client_is_dropped() -> None:
     finally:
         srv.layer.close()
         await srv.transports.close()
+
+
+async def test_send_over_ws_without_a_ws_listener_fails_at_once() -> None:
+    transports = Transports()  # no ws: listener, so no WebSocket connection can exist
+    try:
+        with pytest.raises(TransportError, match="no WSS connection"):
+            transports.send(b"x", Target("127.0.0.1", 40000, "WSS", True), _no_error)
+    finally:
+        await transports.close()

@@ -5,7 +5,10 @@ client (picows, the fastest client, so the client is not the bottleneck) measure
 
 * round trips per second on one connection (a 600-byte SIP-sized text frame, one at a time),
 * messages per second over 50 connections each with 8 in flight,
-* the server's RSS growth per idle connection (1,000 connections open).
+* the RSS growth per idle connection of a fresh server process (2,000 connections open),
+
+and then the RSS growth per idle connection of msilo's own ``ws:`` listener
+(``msilo.transport.ws`` on picows, with its per-connection state).
 
     PYTHONPATH=$PWD python3 bench/bench_ws.py [--seconds 5]
 """
@@ -22,6 +25,9 @@ from typing import Any
 
 import uvloop
 
+# Spawned, not forked: a forked child inherits the parent's resident heap and fills its
+# free space without growing RSS, which hides what a connection costs.
+_SPAWN = multiprocessing.get_context("spawn")
 PAYLOAD = b"MESSAGE sip:bob@example.com SIP/2.0\r\n" + b"X" * 560 + b"\r\n\r\n"
 
 
@@ -61,8 +67,17 @@ async def _picows_server(port: int) -> None:
         await asyncio.Future()
 
 
+async def _msilo_server(port: int) -> None:
+    from msilo.transport import Transports
+
+    transports = Transports(on_message=lambda data, source: None, ws_ping=30.0)
+    await transports.listen_ws("127.0.0.1", port)
+    await asyncio.Future()
+
+
 def _serve(kind: str, port: int) -> None:
-    uvloop.run(_websockets_server(port) if kind == "websockets" else _picows_server(port))
+    servers = {"websockets": _websockets_server, "picows": _picows_server, "msilo": _msilo_server}
+    uvloop.run(servers[kind](port))
 
 
 async def _client(port: int, seconds: float) -> dict[str, Any]:
@@ -140,18 +155,31 @@ async def _idle(port: int, pid: int, count: int) -> float:
     return (after - before) * 1024 / count
 
 
+def _fresh_idle(kind: str, port: int, idle: int) -> int:
+    """RSS growth per idle connection of a server process that served nothing before
+    (after a throughput run the allocator has memory to reuse, which hides the cost)."""
+    proc = _SPAWN.Process(target=_serve, args=(kind, port), daemon=True)
+    proc.start()
+    time.sleep(1.0)
+    try:
+        assert proc.pid is not None
+        return round(uvloop.run(_idle(port, proc.pid, idle)))
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+
 def run(kind: str, port: int, seconds: float, idle: int) -> dict[str, Any]:
     """Measure one library's server."""
-    proc = multiprocessing.Process(target=_serve, args=(kind, port), daemon=True)
+    proc = _SPAWN.Process(target=_serve, args=(kind, port), daemon=True)
     proc.start()
     time.sleep(1.0)
     try:
         result = uvloop.run(_client(port, seconds))
-        assert proc.pid is not None
-        result["rss_bytes_per_idle_conn"] = round(uvloop.run(_idle(port, proc.pid, idle)))
     finally:
         proc.terminate()
         proc.join(5)
+    result["rss_bytes_per_idle_conn"] = _fresh_idle(kind, port + 50, idle)
     import importlib.metadata
 
     result["version"] = importlib.metadata.version(kind)
@@ -161,11 +189,15 @@ def run(kind: str, port: int, seconds: float, idle: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--idle", type=int, default=2000, help="idle connections to open")
     args = parser.parse_args()
     results = {}
+    base = 18700 + os.getpid() % 100 * 3  # +50: the idle servers
     for i, kind in enumerate(("websockets", "picows")):
-        results[kind] = run(kind, 18700 + i + os.getpid() % 100 * 2, args.seconds, args.idle)
+        results[kind] = run(kind, base + i, args.seconds, args.idle)
+    results["msilo ws: listener"] = {
+        "rss_bytes_per_idle_conn": _fresh_idle("msilo", base + 2, args.idle)
+    }
     print(json.dumps(results, indent=2))
 
 

@@ -648,7 +648,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """``[tls]``: certificate for `tls:` listeners."""
+    """``[tls]``: certificate for `tls:` and `wss:` listeners."""
 
     certificate: str = field(default="", metadata=_doc("PEM certificate chain file", _str))
     private_key: str = field(default="", metadata=_doc("PEM private key file", _str))

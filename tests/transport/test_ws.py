@@ -398,6 +398,7 @@ async def test_pings_are_sent_and_a_silent_client_is_dropped() -> None:
                 break
             await asyncio.sleep(0.02)
         assert len(srv.transports.ws_pools["WS"]) == 0
+        assert srv.transports.ws_pools["WS"].ping_timeouts == 1
         writer.close()
     finally:
         srv.layer.close()

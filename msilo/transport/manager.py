@@ -1,4 +1,4 @@
-"""One process's SIP sockets: listeners, the hand-off, TCP connections, sending.
+"""One process's SIP sockets: listeners, the hand-off, TCP and WebSocket connections, sending.
 
 :class:`Transports` is what the server wires up: it binds the listeners, hands
 every received message to ``on_message`` (the transaction layer's

@@ -412,3 +412,32 @@ async def test_send_over_ws_without_a_ws_listener_fails_at_once() -> None:
             transports.send(b"x", Target("127.0.0.1", 40000, "WSS", True), _no_error)
     finally:
         await transports.close()
+
+
+async def test_a_frame_trickling_in_is_cut_off_by_the_unanswered_ping() -> None:
+    # A peer in the middle of a frame cannot answer a ping (control frames go between
+    # frames, RFC 6455 §5.5): bytes trickling in hold a connection 2 x ws_ping at most.
+    srv = await start_ws(ws_ping=0.3)
+    try:
+        reader, writer = await _raw_handshake(srv.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(bytes([0x81, 0x80 | 126]) + struct.pack("!H", 1000) + os.urandom(4))
+        for _ in range(100):  # 10 s of trickling if nothing stops it
+            if reader.at_eof() or writer.is_closing():
+                break
+            try:
+                writer.write(b"x")
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.1)
+            if len(srv.transports.ws_pools["WS"]) == 0:
+                break
+        assert len(srv.transports.ws_pools["WS"]) == 0
+        assert loop.time() - started < 2.0
+        assert srv.transports.ws_pools["WS"].ping_timeouts == 1
+        writer.close()
+    finally:
+        srv.layer.close()
+        await srv.transports.close()

@@ -26,7 +26,7 @@ MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")  # RFC
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # RFC 3261 §7.3: header = field-name ":" value CRLF, field-name is a token.
 HEADER_LINE = re.compile(r"^[!%'*+\-.0-9A-Z^_`a-z|~]+[ \t]*:[^\r\n]*\r\n$")
-LISTEN = re.compile(r"^(udp|tcp|tls):(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})$")
+LISTEN = re.compile(r"^(udp|tcp|tls|wss|ws):(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})$")
 HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+)(?::(\d{1,5}))?$")
 HEP_URL = re.compile(r"^udp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(\d{1,5})$")
 ROUTE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -133,8 +133,30 @@ def _listen(key: str, value: Any) -> tuple[str, ...]:
         match = LISTEN.match(item)
         if match is None or not _port_ok(match.group(3)):
             raise ConfigError(
-                f"{key}: {item!r} must be udp:HOST:PORT, tcp:HOST:PORT or tls:HOST:PORT "
-                "(IPv6 hosts in brackets, port 1-65535)"
+                f"{key}: {item!r} must be udp:HOST:PORT, tcp:HOST:PORT, tls:HOST:PORT, "
+                "ws:HOST:PORT or wss:HOST:PORT (IPv6 hosts in brackets, port 1-65535)"
+            )
+    return items
+
+
+WS_PATH = re.compile(r"^/[!-~]*$")  # an absolute path of visible ASCII (RFC 3986 §3.3)
+ORIGIN = re.compile(r"^https?://[^/\s]+$")  # RFC 6454 §6.1: scheme://host[:port]
+
+
+def _ws_path(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if not WS_PATH.match(text) or "?" in text or "#" in text:
+        raise ConfigError(f"{key}: must be a path starting with / (no query) (got {text!r})")
+    return text
+
+
+def _origins(key: str, value: Any) -> tuple[str, ...]:
+    items = _str_list(key, value)
+    for item in items:
+        if not ORIGIN.match(item):
+            raise ConfigError(
+                f"{key}: {item!r} must be an origin such as 'https://app.example.com' "
+                "(scheme://host[:port], no path)"
             )
     return items
 
@@ -309,7 +331,23 @@ class ServerConfig:
 
     listen: tuple[str, ...] = field(
         default=("udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"),
-        metadata=_doc("SIP listeners: `udp:HOST:PORT`, `tcp:HOST:PORT`, `tls:HOST:PORT`", _listen),
+        metadata=_doc(
+            "SIP listeners: `udp:HOST:PORT`, `tcp:HOST:PORT`, `tls:HOST:PORT`, and SIP over"
+            " WebSocket (RFC 7118) `ws:HOST:PORT`, `wss:HOST:PORT` (TLS from `[tls]`)",
+            _listen,
+        ),
+    )
+    ws_path: str = field(
+        default="/",
+        metadata=_doc("the one path `ws:`/`wss:` listeners upgrade on (others get 404)", _ws_path),
+    )
+    ws_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "WebSocket handshakes whose `Origin` is not in this list get 403 (e.g."
+            ' `["https://app.example.com"]`); empty = any origin',
+            _origins,
+        ),
     )
     advertise: str = field(
         default="",
@@ -610,7 +648,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """``[tls]``: certificate for `tls:` listeners."""
+    """``[tls]``: certificate for `tls:` and `wss:` listeners."""
 
     certificate: str = field(default="", metadata=_doc("PEM certificate chain file", _str))
     private_key: str = field(default="", metadata=_doc("PEM private key file", _str))
@@ -638,11 +676,12 @@ class LimitsConfig:
         metadata=_doc("token-bucket burst per source address, per worker; 0 = 2 x rate", _int(0)),
     )
     max_connections: int = field(
-        default=10000, metadata=_doc("open TCP/TLS connections per worker", _int(1))
+        default=10000,
+        metadata=_doc("open TCP/TLS (and, apart, WS/WSS) connections per worker", _int(1)),
     )
     idle_timeout: int = field(
         default=3600,
-        metadata=_doc("seconds before an idle TCP/TLS connection is closed", _int(1)),
+        metadata=_doc("seconds before an idle TCP/TLS/WS connection is closed", _int(1)),
     )
     max_queue_delay: float = field(
         default=1.0,
@@ -667,6 +706,14 @@ class LimitsConfig:
             "bytes of incomplete TCP/TLS messages a worker holds; the connection that would"
             " exceed it is closed (each connection holds at most max_message_size)",
             _int(65536),
+        ),
+    )
+    ws_ping: float = field(
+        default=30.0,
+        metadata=_doc(
+            "seconds without a frame from a WebSocket client before it is pinged; one that"
+            " does not answer within as long again is dropped; 0 = no pings",
+            _number(0),
         ),
     )
 
@@ -737,11 +784,11 @@ class Config:
                 f"registrar.max_expires ({r.min_expires} <= {r.default_expires} <= "
                 f"{r.max_expires} does not hold)"
             )
-        uses_tls = any(item.startswith("tls:") for item in self.server.listen)
+        uses_tls = any(item.startswith(("tls:", "wss:")) for item in self.server.listen)
         if uses_tls and not (self.tls.certificate and self.tls.private_key):
             raise ConfigError(
                 "tls.certificate: tls.certificate and tls.private_key must be set for a tls: "
-                "listener"
+                "or wss: listener"
             )
         if self.auth.enabled and not self.auth.secret:
             raise ConfigError("auth.secret: must be set when auth.enabled is true")

@@ -118,6 +118,13 @@ def test_flags_accept_0_1_and_true_false() -> None:
         (['server.http="localhost"'], "server.http: must be HOST:PORT"),
         (["registrar.min_expires=7200"], "registrar.default_expires: must lie between"),
         (['server.listen=["tls:0.0.0.0:5061"]'], "tls.certificate: "),
+        (['server.listen=["wss:0.0.0.0:8443"]'], "tls.certificate: "),
+        (['server.listen=["ws:127.0.0.1:0"]'], "server.listen: 'ws:127.0.0.1:0'"),
+        (['server.ws_path="sip"'], "server.ws_path: must be a path starting with /"),
+        (['server.ws_path="/sip?x=1"'], "server.ws_path: must be a path starting with /"),
+        (['server.ws_origins=["app.example.com"]'], "server.ws_origins: 'app.example.com'"),
+        (['server.ws_origins=["https://a.example/x"]'], "server.ws_origins: 'https://a.example/x'"),
+        (["limits.ws_ping=-1"], "limits.ws_ping: must be a number >= 0"),
         (["auth.enabled=true"], "auth.secret: must be set"),
         (['auth.algorithms=["SHA-1"]'], "auth.algorithms: 'SHA-1' is not one of"),
         (["server.workers"], "--set 'server.workers': must be section.key=value"),
@@ -206,3 +213,21 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.msilo.check_time = 5  # type: ignore[misc]
+
+
+def test_websocket_listeners_and_settings_are_accepted() -> None:
+    config = load_config(
+        overrides=[
+            'server.listen=["ws:127.0.0.1:8080","udp:127.0.0.1:5060"]',
+            'server.ws_path="/sip"',
+            'server.ws_origins=["https://app.example.com","http://localhost:3000"]',
+            "limits.ws_ping=10",
+        ]
+    )
+    assert config.server.listen[0] == "ws:127.0.0.1:8080"
+    assert config.server.ws_path == "/sip"
+    assert config.server.ws_origins == ("https://app.example.com", "http://localhost:3000")
+    assert config.limits.ws_ping == 10.0
+    defaults = load_config()
+    assert (defaults.server.ws_path, defaults.server.ws_origins) == ("/", ())
+    assert defaults.limits.ws_ping == 30.0

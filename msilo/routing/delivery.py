@@ -437,10 +437,10 @@ def route_hop(route: Sequence[str], fallback: Target) -> Hop:
 
 
 def binding_hop(binding: Binding) -> Hop:
-    """How to reach a registered contact: its Path, its TCP/TLS connection, or its URI
+    """How to reach a registered contact: its Path, its TCP/TLS/WS connection, or its URI
     (the address its REGISTER came from when the contact is behind NAT)."""
     received = received_target(binding.received)
-    if binding.transport in ("tcp", "tls") and received is not None:
+    if binding.transport in ("tcp", "tls", "ws", "wss") and received is not None:
         direct = received
     else:
         direct = direct_target(parse_uri(binding.contact), received)

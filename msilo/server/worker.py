@@ -295,6 +295,9 @@ class Worker:
             max_buffered=limits.max_buffered,
             advertise=config.server.advertise.split(":")[0] or None,
             resolver=Resolver(config.server.dns),
+            ws_path=config.server.ws_path,
+            ws_origins=config.server.ws_origins,
+            ws_ping=limits.ws_ping,
         )
         tag = None
         if self.deployment is not None:
@@ -399,6 +402,8 @@ class Worker:
                     await self.transports.listen_udp(host, port, spread=spread)
                 elif transport == "tcp":
                     await self.transports.listen_tcp(host, port)
+                elif transport in ("ws", "wss"):
+                    await self.transports.listen_ws(host, port, secure=transport == "wss")
                 else:
                     await self.transports.listen_tls(host, port)
             except OSError as exc:

@@ -1,4 +1,5 @@
-"""SIP transports: socket binding, UDP endpoints, framed TCP connections, sending."""
+"""SIP transports: socket binding, UDP endpoints, framed TCP connections, WebSocket
+(:mod:`msilo.transport.ws`, imported by its first listener), sending."""
 
 from msilo.transport.base import (
     TCP,

@@ -1,4 +1,4 @@
-"""One process's SIP sockets: listeners, the hand-off, TCP connections, sending.
+"""One process's SIP sockets: listeners, the hand-off, TCP and WebSocket connections, sending.
 
 :class:`Transports` is what the server wires up: it binds the listeners, hands
 every received message to ``on_message`` (the transaction layer's
@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from typing import TYPE_CHECKING, Any
 
 from msilo.errors import TransportError
 from msilo.transport.base import (
@@ -54,7 +55,11 @@ from msilo.transport.tcp import (
 )
 from msilo.transport.udp import UdpEndpoint
 
+if TYPE_CHECKING:
+    from msilo.transport.ws import WsPool
+
 log = logging.getLogger("msilo.transport")
+WS_TRANSPORTS = ("WS", "WSS")
 
 
 class Transports:
@@ -76,6 +81,9 @@ class Transports:
         resolver: Resolver | None = None,
         message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        ws_path: str = "/",
+        ws_origins: tuple[str, ...] = (),
+        ws_ping: float = 30.0,
     ) -> None:
         self._on_message = on_message
         self.resolver = resolver or Resolver()
@@ -91,6 +99,19 @@ class Transports:
             budget=BufferBudget(max_buffered),
         )
         self.tls_pool: ConnectionPool | None = None  # set up by configure_tls()
+        # SIP over WebSocket (RFC 7118), plain and over TLS: one pool each, made by the
+        # first listener (picows is imported only then).
+        self._ws_settings: dict[str, Any] = {
+            "max_message": max_message,
+            "idle_timeout": idle_timeout,
+            "max_connections": max_connections,
+            "message_timeout": message_timeout,
+            "path": ws_path,
+            "origins": ws_origins,
+            "ping": ws_ping,
+        }
+        self.ws_pools: dict[str, WsPool] = {}
+        self.ws_servers: dict[str, list[asyncio.Server]] = {kind: [] for kind in WS_TRANSPORTS}
         self._tls_server: ssl.SSLContext | None = None
         self.udp_listeners: list[UdpEndpoint] = []
         self.tcp_servers: list[asyncio.Server] = []
@@ -210,6 +231,28 @@ class Transports:
         log.info("event=listening transport=TLS address=%s:%s", *sock.getsockname()[:2])
         return server
 
+    async def listen_ws(
+        self, host: str, port: int, *, secure: bool = False, reuse_port: bool = True
+    ) -> asyncio.Server:
+        """Bind a SIP-over-WebSocket listener (``secure``: WSS, with the TLS context)."""
+        if secure and self._tls_server is None:
+            raise TransportError("TLS is not configured (tls.certificate / tls.private_key)")
+        from msilo.transport.ws import WsPool
+
+        kind = "WSS" if secure else "WS"
+        pool = self.ws_pools.get(kind)
+        if pool is None:
+            pool = self.ws_pools[kind] = WsPool(self._dispatch, transport=kind, **self._ws_settings)
+        sock = bind_tcp(host, port, reuse_port=reuse_port)
+        try:
+            server = await pool.serve(sock, self._tls_server if secure else None)
+        except BaseException:
+            sock.close()
+            raise
+        self.ws_servers[kind].append(server)
+        log.info("event=listening transport=%s address=%s:%s", kind, *sock.getsockname()[:2])
+        return server
+
     async def open_client_udp(self, host: str = "0.0.0.0", port: int = 0) -> UdpEndpoint:
         """Bind this process's own UDP socket for the requests it sends (one per family)."""
         endpoint = await self._endpoint(bind_client_udp(host, port))
@@ -245,7 +288,10 @@ class Transports:
             if local is not None:
                 return self._host_for(local[0]), int(local[1])
         else:
-            servers = self.tls_servers if transport == TLS else self.tcp_servers
+            if transport in self.ws_servers:
+                servers = self.ws_servers[transport]
+            else:
+                servers = self.tls_servers if transport == TLS else self.tcp_servers
             if servers:
                 bound = servers[0].sockets[0].getsockname()
                 return self._host_for(bound[0]), int(bound[1])
@@ -304,6 +350,12 @@ class Transports:
             self.pool.send(data, host, target.port, on_error)
         elif target.transport == TLS and self.tls_pool is not None:
             self.tls_pool.send(data, host, target.port, on_error, server_name=server_name)
+        elif target.transport in WS_TRANSPORTS:
+            # Only over the connection the client opened (RFC 7118 §5.2).
+            pool = self.ws_pools.get(target.transport)
+            if pool is None:
+                raise TransportError(f"no {target.transport} connection from {host}:{target.port}")
+            pool.send(data, host, target.port, on_error)
         else:
             raise TransportError(f"transport {target.transport} is not supported")
 
@@ -365,7 +417,8 @@ class Transports:
 
     async def close(self) -> None:
         """Close every socket and connection."""
-        for server in (*self.tcp_servers, *self.tls_servers):
+        ws_servers = [server for servers in self.ws_servers.values() for server in servers]
+        for server in (*self.tcp_servers, *self.tls_servers, *ws_servers):
             server.close()
         for endpoint in (*self.udp_listeners, *self._client_udp.values()):
             endpoint.close()
@@ -376,8 +429,12 @@ class Transports:
         await self.pool.close()
         if self.tls_pool is not None:
             await self.tls_pool.close()
-        for server in (*self.tcp_servers, *self.tls_servers):
+        for pool in self.ws_pools.values():
+            await pool.close()
+        for server in (*self.tcp_servers, *self.tls_servers, *ws_servers):
             await server.wait_closed()
+        for servers in self.ws_servers.values():
+            servers.clear()
         self.tcp_servers.clear()
         self.tls_servers.clear()
         self.udp_listeners.clear()

@@ -58,7 +58,7 @@ def server_context(certificate: str, private_key: str, ca: str | None = None) ->
 
 def _read_pem(key: str, path: str) -> str:
     if not path:
-        raise ConfigError(f"{key}: must be set for a tls: listener")
+        raise ConfigError(f"{key}: must be set for a tls: or wss: listener")
     try:
         with open(path, "rb") as fh:
             return fh.read().decode("ascii", "replace")

@@ -36,10 +36,11 @@ class SiloSql:
     def callid_shared(self, t: str) -> str:
         """SQL: row ``t`` has a Call-ID an earlier stored message of its owner has too.
 
-        A LIMIT 1 scalar subquery, not EXISTS (see the store function): one index lookup.
+        An empty Call-ID (Kamailio's column default) is none.  A LIMIT 1 scalar subquery,
+        not EXISTS (see the store function): one index lookup.
         """
         return (
-            f"{t}.callid IS NOT NULL AND coalesce((SELECT true FROM {self.table} x "
+            f"{t}.callid IS NOT NULL AND {t}.callid <> '' AND coalesce((SELECT true FROM {self.table} x "
             f"WHERE x.{self.username} = {t}.{self.username} AND x.{self.domain} = "
             f"{t}.{self.domain} AND x.callid = {t}.callid AND x.{self.mid} < {t}.{self.mid} "
             f"LIMIT 1), false)"

@@ -40,7 +40,8 @@ class SiloSql:
         not EXISTS (see the store function): one index lookup.
         """
         return (
-            f"{t}.callid IS NOT NULL AND {t}.callid <> '' AND coalesce((SELECT true FROM {self.table} x "
+            f"{t}.callid IS NOT NULL AND {t}.callid <> '' "
+            f"AND coalesce((SELECT true FROM {self.table} x "
             f"WHERE x.{self.username} = {t}.{self.username} AND x.{self.domain} = "
             f"{t}.{self.domain} AND x.callid = {t}.callid AND x.{self.mid} < {t}.{self.mid} "
             f"LIMIT 1), false)"

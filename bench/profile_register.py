@@ -123,14 +123,12 @@ def children(pid: int) -> list[int]:
 def postgres_pids(admin_dsn: str) -> list[int]:
     """The postmaster of ``admin_dsn`` and its children (backends and helpers)."""
 
-    async def pid(conn: asyncpg.Connection) -> int:
-        return int(
-            await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-        )
+    async def parent(conn: asyncpg.Connection) -> int:
+        # Read while the backend is alive: its parent is the postmaster.
+        backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
-    backend = run_pg(admin_dsn, pid)
-    stat = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
-    master = int(stat[1])
+    master = run_pg(admin_dsn, parent)
     return [master, *children(master)]
 
 
@@ -157,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=20000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--py-spy-rate", type=int, default=100, help="samples/s per worker (100)")
+    p.add_argument(
+        "--py-spy-flags",
+        default="--gil --native",
+        help="extra py-spy record flags (default '--gil --native': only samples holding the "
+        "GIL, i.e. the worker running Python, not waiting in epoll; Cython/C frames of "
+        "asyncpg and uvloop shown; '--nonblocking' samples without pausing the worker)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the files")
     p.add_argument("--json", type=Path, help="write everything here too")
     args = p.parse_args(argv)
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                             fmt,
                             "--output",
                             str(path),
-                            "--nonblocking",
+                            *args.py_spy_flags.split(),
                         ],
                         workdir / f"py-spy-{fmt}-{pid}.log",
                     )

@@ -14,9 +14,9 @@ PostgreSQL of ``--dsn`` must preload pg_stat_statements: use a throwaway cluster
     echo "shared_preload_libraries = 'pg_stat_statements'" >> /tmp/pg/postgresql.conf
     pg_ctl -D /tmp/pg -l /tmp/pg/log start
 
-Output: the step's row, the worker CPU split by layer (the stack's innermost msilo frame
-decides, see LAYERS), the top self-time frames, the statements with calls and mean time,
-and CPU µs per REGISTER of the workers and of PostgreSQL; ``--json`` keeps it all.
+Output: the step's row, the worker CPU split by layer (see OPERATIONS and LAYERS), the top
+self-time frames, the statements with calls and mean time, and CPU µs per REGISTER of the
+workers and of PostgreSQL; ``--json`` keeps it all. ``--analyse FILES`` re-reads raw files.
 """
 
 from __future__ import annotations
@@ -42,53 +42,66 @@ from bench.e2e.procs import BenchError, Proc
 from bench.e2e.servers import MsiloServer, database_dsn, run_pg
 from bench.e2e.workloads import WORKLOADS, Workload
 
-# (layer, pattern on "function (file:line)") from the innermost frame outwards: the first
-# frame that matches names the layer of the sample. Order matters only within one frame.
+# A sample's layer. First the database operation it is part of, wherever in the stack
+# (asyncpg's encode, the write(2) to PostgreSQL's socket and the decode are the round
+# trip's cost in the worker; a coroutine's stack starts at the task, here PostgresStore._run,
+# so the caller is seen by the closure's name); then the innermost msilo frame.
+OPERATIONS: list[tuple[str, re.Pattern[str]]] = [
+    (
+        "DB round trip 1: binding read (SELECT ... xmin)",
+        re.compile(r"update_bindings\.<locals>\.read"),
+    ),
+    (
+        "DB round trip 2: msilo_location_apply() call",
+        re.compile(r"^_fetchval |_update_bindings_locked"),
+    ),
+    (
+        "dump: silo claim query + delivery",
+        re.compile(r"_fetch\.<locals>\.run|claim_for_dump|m_dump|msilo/routing/delivery\.py"),
+    ),
+    ("DB: pool acquire / release", re.compile(r"asyncpg/pool\.py")),
+    # A coroutine resumed by the loop shows only asyncpg's frames: a round trip, but which
+    # of the above py-spy cannot see.
+    ("DB round trip, statement not in the stack", re.compile(r"asyncpg/connection\.py")),
+    ("send (UDP sendto)", re.compile(r"UdpEndpoint\.sendto")),
+]
 LAYERS: list[tuple[str, re.Pattern[str]]] = [
     (
-        "parse (C parser + message objects)",
+        "parse + header access (C parser, SipMessage)",
         re.compile(r"msilo/sip/(parser|message|headers|_parse_py)\.py|_fastparse"),
     ),
     ("response build", re.compile(r"msilo/sip/build\.py")),
     ("logging", re.compile(r"/logging/|msilo/log\.py")),
     (
-        "dump: silo claim + MESSAGE delivery",
-        re.compile(
-            r"msilo/routing/delivery\.py|claim_for_dump|delete_delivered|_delete_many|msilo/storage/coalesce\.py"
-        ),
+        "registrar plan + binding objects (RFC 3261 10.3)",
+        re.compile(r"msilo/routing/registrar\.py|msilo/storage/location(_pg)?\.py"),
     ),
-    (
-        "registrar plan (RFC 3261 10.3 rules)",
-        re.compile(r"msilo/routing/registrar\.py|msilo/storage/location\.py"),
-    ),
-    (
-        "DB: binding read + write (msilo side)",
-        re.compile(r"update_bindings|location_pg\.py|binding_from_row|live_bindings|apply_plan"),
-    ),
-    ("DB: pool / run wrapper", re.compile(r"msilo/storage/(postgres|base)\.py")),
-    ("routing (service, RouteContext)", re.compile(r"msilo/routing/")),
+    ("storage wrapper (PostgresStore)", re.compile(r"msilo/storage/")),
+    ("routing (service, policy checks)", re.compile(r"msilo/routing/")),
     ("transaction layer", re.compile(r"msilo/transaction/")),
-    ("transport (receive, send)", re.compile(r"msilo/transport/")),
-    ("worker / server", re.compile(r"msilo/server/")),
+    ("transport receive (datagram_received, spread)", re.compile(r"msilo/transport/")),
+    ("worker dispatch", re.compile(r"msilo/server/")),
 ]
-# Frames of the driver and the loop, attributed to the msilo frame that called them.
-DRIVER = re.compile(r"asyncpg/|uvloop/|asyncio/")
+# Only the loop's frames: uvloop's C code (epoll, socket reads including PostgreSQL's
+# replies, asyncpg's Cython protocol callbacks) with no Python frame of its own.
+LOOP_LAYER = "event loop (uvloop C: epoll, socket reads incl. PostgreSQL replies)"
+LOOP = re.compile(r"asyncio/|uvloop|multiprocessing/|<frozen runpy>|^_main |^run \(|child_main")
 
 
 def layer_of(frames: list[str]) -> str:
     """The layer of one sample (frames outermost first)."""
-    driver = False
+    for name, pattern in OPERATIONS:
+        if any(pattern.search(frame) for frame in frames):
+            return name
+    if frames and frames[-1].startswith(("Runner.run ", "run_until_complete")):
+        return LOOP_LAYER
     for frame in reversed(frames):
         for name, pattern in LAYERS:
             if pattern.search(frame):
-                if driver and name.startswith(("DB", "dump")):
-                    return name + " [in asyncpg]"
                 return name
-        if DRIVER.search(frame):
-            driver = True
-    if driver:
-        return "event loop / asyncpg outside msilo frames"
-    return "other"
+    if all(LOOP.search(frame) for frame in frames):
+        return LOOP_LAYER
+    return "other (asyncio / asyncpg outside the above)"
 
 
 def read_folded(path: Path) -> list[tuple[list[str], int]]:
@@ -101,6 +114,29 @@ def read_folded(path: Path) -> list[tuple[list[str], int]]:
         if stack and count.isdigit():
             out.append((stack.split(";"), int(count)))
     return out
+
+
+def tally(
+    samples: list[tuple[list[str], int]],
+) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
+    """(samples, samples per layer, samples per leaf frame)."""
+    layers: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
+    for frames, n in samples:
+        layers[layer_of(frames)] += n
+        leaves[frames[-1]] += n
+    return sum(n for _, n in samples) or 1, layers, leaves
+
+
+def print_layers(samples: list[tuple[list[str], int]]) -> None:
+    """The layer table and the top leaf frames, in Markdown."""
+    total, layers, leaves = tally(samples)
+    print(f"\n| layer | share of worker samples ({total}) |\n| --- | ---: |")
+    for name, n in layers.most_common():
+        print(f"| {name} | {n / total * 100:.1f} % |")
+    print("\n| leaf frame (self time) | share |\n| --- | ---: |")
+    for name, n in leaves.most_common(20):
+        print(f"| `{name}` | {n / total * 100:.1f} % |")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -123,14 +159,12 @@ def children(pid: int) -> list[int]:
 def postgres_pids(admin_dsn: str) -> list[int]:
     """The postmaster of ``admin_dsn`` and its children (backends and helpers)."""
 
-    async def pid(conn: asyncpg.Connection) -> int:
-        return int(
-            await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-        )
+    async def parent(conn: asyncpg.Connection) -> int:
+        # Read while the backend is alive: its parent is the postmaster.
+        backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
-    backend = run_pg(admin_dsn, pid)
-    stat = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
-    master = int(stat[1])
+    master = run_pg(admin_dsn, parent)
     return [master, *children(master)]
 
 
@@ -157,9 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=20000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--py-spy-rate", type=int, default=100, help="samples/s per worker (100)")
+    p.add_argument(
+        "--py-spy-flags",
+        default="--gil --native",
+        help="extra py-spy record flags (default '--gil --native': only samples holding the "
+        "GIL, i.e. the worker running Python, not waiting in epoll; Cython/C frames of "
+        "asyncpg and uvloop shown; '--nonblocking' samples without pausing the worker)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the files")
     p.add_argument("--json", type=Path, help="write everything here too")
+    p.add_argument(
+        "--analyse",
+        nargs="+",
+        type=Path,
+        help="only print the layers of these py-spy raw files (no run)",
+    )
     args = p.parse_args(argv)
+    if args.analyse:
+        samples = [s for path in args.analyse for s in read_folded(path)]
+        print_layers(samples)
+        return 0
     if shutil.which("py-spy") is None:
         print("py-spy not found: python3 -m pip install py-spy", file=sys.stderr)
         return 1
@@ -238,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                             fmt,
                             "--output",
                             str(path),
-                            "--nonblocking",
+                            *args.py_spy_flags.split(),
                         ],
                         workdir / f"py-spy-{fmt}-{pid}.log",
                     )
@@ -268,12 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         samples: list[tuple[list[str], int]] = []
         for pid in workers:
             samples += read_folded(args.out / f"profile-register-{stamp}-w{pid}.txt")
-        total = sum(n for _, n in samples) or 1
-        layers: collections.Counter[str] = collections.Counter()
-        leaves: collections.Counter[str] = collections.Counter()
-        for frames, n in samples:
-            layers[layer_of(frames)] += n
-            leaves[frames[-1]] += n
+        total, layers, leaves = tally(samples)
         result.update(
             {
                 "step": outcome,
@@ -298,15 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({cpu['postgres_us_per_register']:.0f} µs/REGISTER), "
             f"supervisor {cpu['supervisor_s']:.2f} s"
         )
-        print(
-            f"\n| layer (innermost msilo frame) | share of worker samples ({total}) |\n"
-            "| --- | ---: |"
-        )
-        for name, share in result["layers"].items():
-            print(f"| {name} | {share * 100:.1f} % |")
-        print("\n| leaf frame (self time) | share |\n| --- | ---: |")
-        for name, share in list(result["leaves"].items())[:20]:
-            print(f"| `{name}` | {share * 100:.1f} % |")
+        print_layers(samples)
         print(
             "\n| calls | calls/REGISTER | mean ms | total ms | statement |\n"
             "| ---: | ---: | ---: | ---: | --- |"

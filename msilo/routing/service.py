@@ -424,7 +424,8 @@ class MsiloService:
         self.db.ok()
         ctx.devices_tracked = True
         ctx.pending = outcome.pending
-        log.info("event=registered aor=%s contacts=%d", aor, len(outcome.bindings))
+        # Refreshes are most of a registrar's traffic: one line each only at debug.
+        log.debug("event=registered aor=%s contacts=%d", aor, len(outcome.bindings))
         return list(outcome.bindings)
 
     async def track_devices(self, ctx: RouteContext, wanted: list[RequestedBinding]) -> None:
@@ -851,7 +852,8 @@ class MsiloService:
         if outcome.error is not None:
             self.reply(txn, *outcome.error)
             return None
-        log.info("event=registered aor=%s contacts=%d", aor, len(outcome.bindings))
+        # Refreshes are most of a registrar's traffic: one line each only at debug.
+        log.debug("event=registered aor=%s contacts=%d", aor, len(outcome.bindings))
         return list(outcome.bindings)
 
     async def lookup(self, aor: str) -> list[Binding]:

@@ -346,7 +346,7 @@ class Store(abc.ABC):
         self, pairs: Sequence[tuple[int, str]], *, failed: bool = True
     ) -> int:
         """Drop the (mid, device) leases of deliveries that did not succeed; ``failed``
-        also counts an attempt on the row."""
+        also counts an attempt on the row.  Returns how many leases were dropped."""
 
     @abc.abstractmethod
     async def touch_devices(

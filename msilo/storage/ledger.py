@@ -22,8 +22,6 @@ Storage knows nothing of SIP: device keys are plain strings chosen by the routin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from msilo.storage.base import SiloNames, quote_ident
 
 DEVICE_TABLE = "msilo_device"
@@ -67,14 +65,6 @@ def ledger_ddl(names: SiloNames) -> list[str]:
     PRIMARY KEY (mid, device)
 )"""
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceClaim:
-    """What ``claim_for_device`` adds to a claimed row: whether this is the message's first
-    delivery attempt to the device (counted in ``devices_due``)."""
-
-    first_attempt: bool
 
 
 class LedgerSql:
@@ -121,7 +111,6 @@ class LedgerSql:
 __all__ = [
     "DEVICE_TABLE",
     "TOUCH_GRANULARITY",
-    "DeviceClaim",
     "LedgerSql",
     "device_ddl",
     "ledger_ddl",

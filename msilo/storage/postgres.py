@@ -419,10 +419,9 @@ class PostgresStore(Store):
         self.register_function = names.object_name("register", prefix="msilo_")
         self._ledger = ledger.LedgerSql(names)
         # Deliveries to devices from every concurrent dump settle in one call per round trip.
-        self._settles: Coalescer[tuple[int, str], bool] = Coalescer(
+        self._settles: Coalescer[tuple[int, str, int], bool] = Coalescer(
             self._settle_many, bool, max_batch=512
         )
-        self._device_memory = 0
         # Concurrent one-contact REGISTERs share one round trip and one commit.
         self._registers: Coalescer[tuple[Any, ...], RegisterOutcome | None] = Coalescer(
             self._register_many, lambda: None, max_batch=256
@@ -499,8 +498,9 @@ class PostgresStore(Store):
         self._q_register = location_pg.register_call(self.register_function)
         self._q_release_device = (
             f"WITH r AS (DELETE FROM {lt} l USING unnest($1::bigint[], $2::text[]) AS k(m, d) "
-            f"WHERE l.mid = k.m AND l.device = k.d AND l.delivered = 0 RETURNING l.mid) "
-            f"UPDATE {t} SET attempts = attempts + $3 WHERE {s.mid} IN (SELECT mid FROM r)"
+            f"WHERE l.mid = k.m AND l.device = k.d AND l.delivered = 0 RETURNING l.mid), "
+            f"u AS (UPDATE {t} SET attempts = attempts + $3 WHERE {s.mid} IN "
+            f"(SELECT mid FROM r)) SELECT count(*) FROM r"
         )
         self._q_ledger_mark = (
             f"INSERT INTO {lt} (mid, device, delivered, lease_until, lease_owner) "
@@ -1064,21 +1064,33 @@ class PostgresStore(Store):
         one call of the settle function)."""
         if not pairs:
             return 0
-        self._device_memory = memory
-        done = await asyncio.gather(*(self._settles.get(pair) for pair in dict.fromkeys(pairs)))
-        return sum(1 for gone in done if gone)
+        keys = dict.fromkeys((mid, device, memory) for mid, device in pairs)
+        done = await asyncio.gather(*(self._settles.get(key) for key in keys))
+        return len({key[0] for key, gone in zip(keys, done, strict=True) if gone})
 
-    async def _settle_many(self, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], bool]:
-        sql, memory = self._q_settle, self._device_memory
-        mids = [m for m, _ in pairs]
-        devices = [d for _, d in pairs]
+    async def _settle_many(
+        self, keys: list[tuple[int, str, int]]
+    ) -> dict[tuple[int, str, int], bool]:
+        # One call per memory setting (a deployment has one: normally a single call).
+        found: dict[tuple[int, str, int], bool] = {}
+        for memory in dict.fromkeys(k[2] for k in keys):
+            batch = [k for k in keys if k[2] == memory]
+            found.update(await self._settle_call(batch, memory))
+        return found
+
+    async def _settle_call(
+        self, keys: list[tuple[int, str, int]], memory: int
+    ) -> dict[tuple[int, str, int], bool]:
+        sql = self._q_settle
+        mids = [m for m, _, _ in keys]
+        devices = [d for _, d, _ in keys]
 
         async def run(conn: Conn) -> list[int]:
             return list(await conn.fetchval(sql, mids, devices, memory))
 
         # Idempotent: a delivery recorded twice is recorded once.
         gone = set(await self._run("settle delivered", run, idempotent=True))
-        return {pair: pair[0] in gone for pair in pairs}
+        return {key: key[0] in gone for key in keys}
 
     async def release_device_leases(
         self, pairs: Sequence[tuple[int, str]], *, failed: bool = True
@@ -1086,13 +1098,13 @@ class PostgresStore(Store):
         """Drop the leases of unsuccessful deliveries; ``failed`` counts an attempt."""
         if not pairs:
             return 0
-        return await self._execute(
-            "release lease",
-            self._q_release_device,
-            [m for m, _ in pairs],
-            [d for _, d in pairs],
-            1 if failed else 0,
-        )
+        args = ([m for m, _ in pairs], [d for _, d in pairs], 1 if failed else 0)
+        sql = self._q_release_device
+
+        async def run(conn: Conn) -> int:
+            return int(await conn.fetchval(sql, *args))
+
+        return await self._run("release lease", run, idempotent=True)
 
     async def touch_devices(
         self, username: str, domain: str, devices: Sequence[str], *, now: int

@@ -653,9 +653,10 @@ class SQLiteStore(Store):
         def run(conn: Conn) -> int:
             n = 0
             for mid, device in pairs:
-                if conn.execute(self._q_ledger_release, (mid, device)).rowcount and failed:
+                dropped = conn.execute(self._q_ledger_release, (mid, device)).rowcount
+                if dropped and failed:
                     conn.execute(self._q_bump, (mid,))
-                n += 1
+                n += dropped
             return n
 
         return await self._call("release lease", lambda c: self._write(c, run))

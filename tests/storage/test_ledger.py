@@ -98,7 +98,9 @@ async def test_a_failed_attempt_releases_the_device_lease_and_counts(store: Stor
     owner = _owner()
     await store.store_batch([_msg(owner, 1)], 0)
     [mid] = await _claim(store, owner, "phone")
-    await store.release_device_leases([(mid, "phone")], failed=True)
+    assert await store.release_device_leases([(mid, "phone")], failed=True) == 1
+    # Nothing left to drop: a second release (a retry) counts no second attempt.
+    assert await store.release_device_leases([(mid, "phone")], failed=True) == 0
     [row] = await store.list(*owner)
     assert row.attempts == 1
     claimed = await store.claim_for_device(

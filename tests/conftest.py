@@ -115,3 +115,24 @@ def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
         yield _with_database(pg_server_dsn, name)
     finally:
         _run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def pg_execute(dsn: str, sql: str) -> None:
+    """Run one statement on ``dsn`` (from synchronous fixtures and tests)."""
+    _run(_admin(dsn, sql))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A database URL for a whole msilo process: an SQLite file, or a fresh schema in the
+    session's PostgreSQL database (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('db')}/msilo.db"
+        return
+    dsn: str = request.getfixturevalue("pg_dsn")
+    schema = f"s_{uuid.uuid4().hex[:12]}"
+    pg_execute(dsn, f"CREATE SCHEMA {schema}")
+    yield f"{dsn}?search_path={schema}"
+    pg_execute(dsn, f"DROP SCHEMA {schema} CASCADE")

@@ -9,11 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from msilo.storage import open_store
@@ -32,28 +29,10 @@ def msilo(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Complet
     )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture
+def db_url(any_db: str) -> str:
     """A database URL for the CLI: an SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/cli.db"
-        return
-    dsn: str = request.getfixturevalue("pg_dsn")
-    schema = f"cli_{uuid.uuid4().hex[:10]}"
-    _pg(dsn, f"CREATE SCHEMA {schema}")
-    yield f"{dsn}?search_path={schema}"
-    _pg(dsn, f"DROP SCHEMA {schema} CASCADE")
-
-
-def _pg(dsn: str, sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    return any_db
 
 
 def _seed(db_url: str, user: str, bodies: list[bytes]) -> None:

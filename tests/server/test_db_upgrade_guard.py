@@ -3,7 +3,6 @@ lock) and shows progress on a terminal only."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pty
 import re
@@ -11,12 +10,10 @@ import select
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
-import pytest
-
+from tests.conftest import pg_execute
 from tests.server.conftest import ROOT, Instance, wait_for
 
 
@@ -26,30 +23,6 @@ def _upgrade(db_url: str, cwd: Path, **kwargs: object) -> subprocess.CompletedPr
         cwd=cwd, capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs,  # type: ignore[arg-type]
     )  # fmt: skip
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An SQLite file, or a fresh schema in the test session's PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/m.db"
-        return
-    dsn: str = request.getfixturevalue("pg_dsn")
-    schema = f"u_{uuid.uuid4().hex[:12]}"
-    _pg(dsn, f"CREATE SCHEMA {schema}")
-    yield f"{dsn}?search_path={schema}"
-    _pg(dsn, f"DROP SCHEMA {schema} CASCADE")
-
-
-def _pg(dsn: str, sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
 
 
 async def test_db_upgrade_refuses_while_a_leader_serves_then_runs(
@@ -125,7 +98,7 @@ def test_db_upgrade_of_a_large_postgresql_table_names_each_step_on_a_terminal(
     tmp_path: Path, pg_dsn: str
 ) -> None:
     schema = f"big_{uuid.uuid4().hex[:10]}"
-    _pg(pg_dsn, f"CREATE SCHEMA {schema}; SET search_path = {schema}; {OPENSIPS_SILO}")
+    pg_execute(pg_dsn, f"CREATE SCHEMA {schema}; SET search_path = {schema}; {OPENSIPS_SILO}")
     db_url = f"{pg_dsn}?search_path={schema}"
     try:
         status, terminal, stdout = _on_a_terminal(
@@ -134,7 +107,7 @@ def test_db_upgrade_of_a_large_postgresql_table_names_each_step_on_a_terminal(
             tmp_path,
         )  # fmt: skip
     finally:
-        _pg(pg_dsn, f"DROP SCHEMA {schema} CASCADE")
+        pg_execute(pg_dsn, f"DROP SCHEMA {schema} CASCADE")
     assert status == 0, terminal.decode(errors="replace")
     shown = terminal.decode(errors="replace")
     # The statement running at the time: the table rewrite or an index build.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -112,3 +113,19 @@ async def server(db_url: str) -> AsyncIterator[ServerFactory]:
     yield start
     for run in running:
         await stop_worker(run)
+
+
+async def rename_table(srv: Running, table: str, *, broken: bool) -> None:
+    """Rename ``table`` behind the server's back (every statement on it fails), or back."""
+    url = srv.config.msilo.db_url
+    old, new = (table, f"broken_{table}") if broken else (f"broken_{table}", table)
+    sql = f"ALTER TABLE {old} RENAME TO {new}"
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url[len("sqlite:///") :]) as db:
+            db.execute(sql)
+        return
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()

@@ -8,11 +8,21 @@ expiry had passed) while it stays remembered as a device of the user.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
+import pytest
+
 from msilo.sip.message import SipRequest
-from tests.service.conftest import Running, ServerFactory, start_worker, stop_worker
+from msilo.storage.ledger import DEVICE_TABLE, ledger_table
+from tests.service.conftest import (
+    Running,
+    ServerFactory,
+    rename_table,
+    start_worker,
+    stop_worker,
+)
 from tests.service.sipua import UserAgent, _response_for
 
 DOMAIN = "127.0.0.1"
@@ -396,3 +406,53 @@ async def test_silo_mode_tracks_devices_from_the_proxys_register_copies(
     assert (await proxy.register(600, contact=desktop_contact)).status == 200
     await desktop.wait_requests(1)
     await _eventually(lambda: _gone(srv))
+
+
+async def test_a_failing_ledger_aborts_the_dump_and_loses_nothing(
+    server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = await server("msilo.add_date=false")
+    phone, phone_contact = await _device(srv)
+    assert (await phone.register(600, contact=phone_contact)).status == 200
+    await _vanish(srv, devices=1)
+    alice = await srv.agent("alice", DOMAIN)
+    assert (await alice.message(f"sip:bob@{DOMAIN}", "kept")).status == 202
+    ledger = ledger_table(srv.store.names)
+    await rename_table(srv, ledger, broken=True)
+    with caplog.at_level(logging.ERROR, logger="msilo"):
+        # The binding is saved and answered; the dump cannot lease and stops, logged.
+        assert (await phone.register(600, contact=phone_contact)).status == 200
+        await _eventually(lambda: _logged(caplog, "event=dump_aborted"))
+    await _quiet(phone, 0)
+    assert await _count(srv) == 1
+    await rename_table(srv, ledger, broken=False)
+    assert (await phone.register(600, contact=phone_contact)).status == 200
+    await phone.wait_requests(1)
+    await _eventually(lambda: _gone(srv))
+    [got] = _messages(phone)
+    assert got.body == b"kept"
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, event: str) -> bool:
+    return any(event in r.getMessage() for r in caplog.records)
+
+
+async def test_a_device_table_that_fails_never_loses_a_message(server: ServerFactory) -> None:
+    # PostgreSQL writes the binding and the device in one call (the REGISTER gets 503 +
+    # Retry-After, nothing half-done); SQLite saves the binding and logs the device write
+    # (200).  Either way the worker goes on and nothing stored is lost.
+    srv = await server("msilo.add_date=false")
+    alice = await srv.agent("alice", DOMAIN)
+    assert (await alice.message(f"sip:bob@{DOMAIN}", "waiting")).status == 202
+    phone, phone_contact = await _device(srv)
+    await rename_table(srv, DEVICE_TABLE, broken=True)
+    try:
+        answer = await phone.register(600, contact=phone_contact)
+        assert answer.status in (200, 503)
+        if answer.status == 503:
+            assert answer.get_header("retry-after") is not None
+    finally:
+        await rename_table(srv, DEVICE_TABLE, broken=False)
+    assert (await phone.register(600, contact=phone_contact)).status == 200
+    await _eventually(lambda: _gone(srv))
+    assert [m.body for m in _messages(phone)] == [b"waiting"]

@@ -11,7 +11,7 @@ import time
 import asyncpg
 import pytest
 
-from tests.service.conftest import Running, ServerFactory
+from tests.service.conftest import Running, ServerFactory, rename_table
 from tests.service.sipua import UserAgent
 
 SILO = "server.mode=silo"
@@ -197,19 +197,7 @@ async def test_database_failure_is_answered_503_logged_once_and_recovered(
 
 async def _rename_silo_table(srv: Running, *, broken: bool) -> None:
     """Rename the silo table behind the server's back (every insert fails), or back."""
-    table = srv.config.msilo.db_table
-    url = srv.config.msilo.db_url
-    old, new = (table, f"broken_{table}") if broken else (f"broken_{table}", table)
-    sql = f"ALTER TABLE {old} RENAME TO {new}"
-    if url.startswith("sqlite:///"):
-        with sqlite3.connect(url[len("sqlite:///") :]) as db:
-            db.execute(sql)
-        return
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    await rename_table(srv, srv.config.msilo.db_table, broken=broken)
 
 
 async def test_a_flood_from_one_address_is_rate_limited_while_another_is_served(

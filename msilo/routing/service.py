@@ -138,6 +138,7 @@ class RouteContext:
         self.devices_tracked = False  # this REGISTER's devices were remembered/forgotten
         self.stored: StoreResult | None = None  # the fate of this request's m_store
         self.pending: bool | None = None  # REGISTER: the owner has stored messages (None: ?)
+        self.wanted: list[RequestedBinding] | None = None  # REGISTER: its Contacts, judged
         # Set by m_store: the offline notification waits for the reply to this request, so
         # the sender learns "stored" (202) before it hears about the message stored.
         self.notify_pending = False
@@ -374,8 +375,8 @@ class MsiloService:
         request, txn = ctx.request, ctx.txn
         if request.method != "REGISTER":
             raise SipError("save() needs a REGISTER", status=500, reason="Server Internal Error")
+        wanted = self.wanted(ctx)
         if self.settings.mode == "registrar":
-            wanted = requested_bindings(request, self.settings.registrar)
             bindings = await self._register_one(ctx, wanted)
             if bindings is None:
                 bindings = await self.save_bindings(request, txn, wanted)
@@ -388,12 +389,24 @@ class MsiloService:
             own = [want.contact.uri for want in wanted]
             lines = contact_lines(bindings, int(time.time()), budget=budget, own=own)
             self.reply(txn, 200, "OK", lines + paths)
-            await self.track_devices(ctx, wanted)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
-            await self.track_devices(ctx, _silo_bindings(request, self.settings.registrar))
+        await self.track_devices(ctx, wanted)
         return True
+
+    def wanted(self, ctx: RouteContext) -> list[RequestedBinding]:
+        """The REGISTER's Contacts with their expiries, judged once per request (save and
+        m_dump both need them): §10.3's rules in registrar mode; behind a proxy only
+        "positive or not" matters."""
+        if ctx.wanted is None:
+            policy = self.settings.registrar
+            ctx.wanted = (
+                requested_bindings(ctx.request, policy)
+                if self.settings.mode == "registrar"
+                else _silo_bindings(ctx.request, policy)
+            )
+        return ctx.wanted
 
     async def _register_one(
         self, ctx: RouteContext, wanted: list[RequestedBinding]
@@ -789,11 +802,7 @@ class MsiloService:
         request, source = ctx.request, ctx.txn.source
         if request.method != "REGISTER":
             return None
-        wanted = (
-            requested_bindings(request, self.settings.registrar)
-            if self.settings.mode == "registrar"
-            else _silo_bindings(request, self.settings.registrar)
-        )
+        wanted = self.wanted(ctx)
         await self.track_devices(ctx, wanted)
         contact = dump_target(wanted, request.allow)
         if contact is None:

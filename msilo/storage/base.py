@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 
 from msilo.errors import InvalidRecord
 from msilo.storage.location import Binding, BindingsOutcome, PlanFunction, RegisterOutcome
+from msilo.storage.push_targets import PushRecord
 from msilo.storage.subscriber import Subscriber
 from msilo.storage.values import OWNER_LIMIT, check_text
 
@@ -369,6 +370,49 @@ class Store(abc.ABC):
     async def forget_old_devices(self, before: int) -> int:
         """Forget devices last registered before ``before`` and drop ledger rows of
         messages that are gone; returns how many devices were forgotten."""
+
+    # -- push targets (RFC 8599; :mod:`msilo.storage.push_targets`) ---------------------
+
+    @abc.abstractmethod
+    async def save_push_target(
+        self,
+        username: str,
+        domain: str,
+        device: str,
+        *,
+        provider: str,
+        prid: str,
+        param: str | None,
+        now: int,
+    ) -> None:
+        """Keep (or replace) the push parameters of the owner's ``device``, registered at
+        ``now``; ``forget_devices`` and ``forget_old_devices`` forget them with the device."""
+
+    @abc.abstractmethod
+    async def claim_push_targets(
+        self,
+        username: str,
+        domain: str,
+        *,
+        now_ms: int,
+        window_ms: int,
+        since: int,
+        exclude: Sequence[str] = (),
+    ) -> list[PushRecord]:
+        """Atomically take the owner's push targets that may be pushed now: registered at
+        ``since`` or later, not in ``exclude``, not pushed in the last ``window_ms``
+        milliseconds.  Each taken one is marked pushed at ``now_ms`` (across processes and
+        hosts one caller gets a device per window)."""
+
+    @abc.abstractmethod
+    async def drop_push_target(self, username: str, domain: str, device: str, *, prid: str) -> bool:
+        """Forget a device's push parameters whose token ``prid`` the provider says is
+        dead (unless the device registered another token meanwhile); True if dropped."""
+
+    @abc.abstractmethod
+    async def take_push_time(self, username: str, domain: str, device: str) -> int | None:
+        """When the device was last pushed (epoch milliseconds), cleared so the next
+        delivery does not count it again; None when no push is outstanding."""
 
     @abc.abstractmethod
     async def delete_delivered(self, mids: Sequence[int]) -> int:

@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, TypeVar
 
+import orjson
+
 from msilo.errors import DatabaseUnavailable, SchemaError, StorageError
-from msilo.storage import _sql, ledger, subscriber
+from msilo.storage import _sql, ledger, push_targets, subscriber
 from msilo.storage.base import (
     DEFAULT_NAMES,
     SILO_VERSION,
@@ -45,6 +47,7 @@ from msilo.storage.location import (
     validate_binding,
     validate_owner,
 )
+from msilo.storage.push_targets import PushRecord, PushSql
 from msilo.storage.subscriber import (
     Subscriber,
     validate_auth_keys,
@@ -321,6 +324,7 @@ class SQLiteStore(Store):
         for table, statements in (
             (ledger.DEVICE_TABLE, ledger.device_ddl()),
             (ledger.ledger_table(self.names), ledger.ledger_ddl(self.names)),
+            (push_targets.PUSH_TABLE, push_targets.push_ddl()),
         ):
             if self._columns(conn, table) is None:
                 actions.append(f"created table {table}")
@@ -682,8 +686,11 @@ class SQLiteStore(Store):
         def run(conn: Conn) -> int:
             if devices is None:
                 conn.execute(_sql.to_sqlite(led.forget_all), (username, domain))
+                conn.execute(_sql.to_sqlite(PushSql.forget_all), (username, domain))
             else:
-                conn.executemany(self._q_forget_one, [(username, domain, d) for d in devices])
+                pairs = [(username, domain, d) for d in devices]
+                conn.executemany(self._q_forget_one, pairs)
+                conn.executemany(_sql.to_sqlite(PushSql.forget_one), pairs)
             done = conn.execute(
                 _sql.to_sqlite(led.complete_of_owner), (username, domain, memory)
             ).fetchall()
@@ -706,10 +713,79 @@ class SQLiteStore(Store):
 
         def run(conn: Conn) -> int:
             n = conn.execute(_sql.to_sqlite(led.forget_old), (before,)).rowcount
+            conn.execute(_sql.to_sqlite(PushSql.forget_old), (before,))
             conn.execute(led.orphans)
             return n
 
         return await self._call("forget devices", lambda c: self._write(c, run))
+
+    async def save_push_target(
+        self,
+        username: str,
+        domain: str,
+        device: str,
+        *,
+        provider: str,
+        prid: str,
+        param: str | None,
+        now: int,
+    ) -> None:
+        """Keep (or replace) the push parameters of the owner's ``device``."""
+        sql, args = (
+            _sql.to_sqlite(PushSql.save),
+            (username, domain, device, provider, prid, param, now),
+        )
+        await self._call(
+            "save push target", lambda c: self._write(c, lambda c2: c2.execute(sql, args))
+        )
+
+    async def claim_push_targets(
+        self,
+        username: str,
+        domain: str,
+        *,
+        now_ms: int,
+        window_ms: int,
+        since: int,
+        exclude: Sequence[str] = (),
+    ) -> list[PushRecord]:
+        """Take the owner's push targets that may be pushed now (marked pushed)."""
+        sql = _sql.to_sqlite(PushSql.sqlite_claim)
+        args = (
+            username,
+            domain,
+            now_ms,
+            since,
+            now_ms - window_ms,
+            orjson.dumps(list(exclude)).decode(),
+        )
+
+        def run(conn: Conn) -> list[PushRecord]:
+            return [PushRecord(*r) for r in conn.execute(sql, args).fetchall()]
+
+        return await self._call("claim push targets", lambda c: self._write(c, run))
+
+    async def drop_push_target(self, username: str, domain: str, device: str, *, prid: str) -> bool:
+        """Forget a device's dead push token."""
+        sql = _sql.to_sqlite(PushSql.drop)
+
+        def run(conn: Conn) -> bool:
+            return conn.execute(sql, (username, domain, device, prid)).rowcount > 0
+
+        return await self._call("drop push target", lambda c: self._write(c, run))
+
+    async def take_push_time(self, username: str, domain: str, device: str) -> int | None:
+        """When the device was last pushed (ms), cleared; None when none is outstanding."""
+        read, clear = _sql.to_sqlite(PushSql.pushed_at), _sql.to_sqlite(PushSql.clear_pushed)
+
+        def run(conn: Conn) -> int | None:
+            row = conn.execute(read, (username, domain, device)).fetchone()
+            if row is None:
+                return None
+            taken = conn.execute(clear, (username, domain, device, row[0])).rowcount
+            return int(row[0]) if taken else None
+
+        return await self._call("push time", lambda c: self._write(c, run))
 
     async def claim_due_reminders(
         self, *, now: int, lease_owner: str, lease_seconds: int, limit: int

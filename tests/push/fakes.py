@@ -244,7 +244,8 @@ class FakeServer:
         self.clock = clock or Clock()
         self.endpoint = ""  # base URL once running
         self.requests: list[Recorded] = []
-        self.fail_next: list[int] = []  # statuses to answer before the real answer
+        # statuses (or whole answers) to give before the real answer, first one first
+        self.fail_next: list[int | Answer] = []
         self.retry_after: str | None = None  # Retry-After sent with a 429/503
         self.delay = 0.0  # seconds before answering
         self.received = asyncio.Event()  # set on every request (tests wait on it)
@@ -270,8 +271,10 @@ class FakeServer:
         """The answer to ``request``."""
         raise NotImplementedError
 
-    def failure(self, status: int) -> Answer:
+    def failure(self, status: int | Answer) -> Answer:
         """The answer for a status queued in ``fail_next``."""
+        if isinstance(status, Answer):
+            return status
         headers = [("retry-after", self.retry_after)] if self.retry_after is not None else []
         return Answer(status, b"", headers)
 
@@ -321,7 +324,9 @@ class FakeServer:
             await server.stop()
 
 
-def _error(status: int, google_status: str, message: str, error_code: str | None = None) -> Answer:
+def fcm_error(
+    status: int, google_status: str, message: str, error_code: str | None = None
+) -> Answer:
     # FCM v1 error shape: google.rpc.Status with an FcmError detail.
     error: dict[str, Any] = {"code": status, "message": message, "status": google_status}
     if error_code is not None:
@@ -354,7 +359,7 @@ class FakeFcm(FakeServer):
         self.access_tokens: dict[str, float] = {}  # token -> expiry (clock seconds)
         self.dead_tokens: set[str] = set()
         self.invalid_tokens: set[str] = set()
-        self.token_fail_next: list[int] = []  # statuses the token endpoint answers first
+        self.token_fail_next: list[int | Answer] = []  # statuses the token endpoint answers first
 
     @property
     def token_endpoint(self) -> str:
@@ -445,14 +450,14 @@ class FakeFcm(FakeServer):
         """messages:send as FCM HTTP v1 answers it."""
         expected = f"/v1/projects/{self.project_id}/messages:send"
         if request.path != expected:
-            return _error(404, "NOT_FOUND", "Requested entity was not found.")
+            return fcm_error(404, "NOT_FOUND", "Requested entity was not found.")
         if request.method != "POST":
-            return _error(405, "METHOD_NOT_ALLOWED", "Method not allowed.")
+            return fcm_error(405, "METHOD_NOT_ALLOWED", "Method not allowed.")
         auth = request.headers.get("authorization", "")
         token = auth.removeprefix("Bearer ")
         expiry = self.access_tokens.get(token)
         if not auth.startswith("Bearer ") or expiry is None or expiry < self.clock():
-            return _error(
+            return fcm_error(
                 401,
                 "UNAUTHENTICATED",
                 "Request had invalid authentication credentials. Expected OAuth 2 access token",
@@ -464,21 +469,21 @@ class FakeFcm(FakeServer):
             assert isinstance(device, str) and device
             assert isinstance(data, dict)
         except (ValueError, KeyError, TypeError, AssertionError):
-            return _error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+            return fcm_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
         bad = [k for k, v in data.items() if not isinstance(v, str)]
         if bad:
-            return _error(
+            return fcm_error(
                 400,
                 "INVALID_ARGUMENT",
                 f"Invalid value at 'message.data[0].value' (TYPE_STRING), {bad[0]!r}",
             )
         android = message.get("android", {})
         if android.get("priority", "normal").lower() not in ("normal", "high"):
-            return _error(400, "INVALID_ARGUMENT", "Invalid value at 'message.android.priority'")
+            return fcm_error(400, "INVALID_ARGUMENT", "Invalid value at 'message.android.priority'")
         if device in self.dead_tokens:
-            return _error(404, "NOT_FOUND", "Requested entity was not found.", "UNREGISTERED")
+            return fcm_error(404, "NOT_FOUND", "Requested entity was not found.", "UNREGISTERED")
         if device in self.invalid_tokens:
-            return _error(
+            return fcm_error(
                 400,
                 "INVALID_ARGUMENT",
                 "The registration token is not a valid FCM registration token",
@@ -537,8 +542,10 @@ class FakeApns(FakeServer):
     def _reason(status: int, reason: str, **extra: Any) -> Answer:
         return Answer.json(status, {"reason": reason} | extra, [("apns-id", str(uuid.uuid4()))])
 
-    def failure(self, status: int) -> Answer:
+    def failure(self, status: int | Answer) -> Answer:
         """A queued failure, with the reason APNs gives for it."""
+        if isinstance(status, Answer):
+            return status
         reason = {429: "TooManyRequests", 500: "InternalServerError", 503: "ServiceUnavailable"}
         answer = self._reason(status, reason.get(status, "BadRequest"))
         if self.retry_after is not None:

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from msilo.log import redact_text
+from msilo.lograte import LogRate
 
 if TYPE_CHECKING:
     from msilo.config import PushConfig
 
 log = logging.getLogger("msilo.push")
+# A push service outage fails every push: a few lines a second say so, with suppressed=N.
+_failures = LogRate(log, burst=10, interval=1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +130,14 @@ async def send_with_retries(
 
 
 def log_failure(provider: str, request: PushRequest, result: PushResult, attempts: int) -> None:
-    """The one ``event=push_failed`` line (the device token is never in it)."""
+    """The one ``event=push_failed`` line (the device token is never in it): a warning, but
+    a dead token is routine (an app was removed) and logged at info; at most 10 a second."""
     detail = redact_text(result.detail, (request.target.prid,))
-    log.warning(
-        "event=push_failed provider=%s aor=%s device=%s outcome=%s status=%s attempts=%d detail=%s",
+    level = logging.INFO if result.outcome is PushOutcome.DEAD_TOKEN else logging.WARNING
+    _failures.log(
+        level,
+        "push_failed",
+        "provider=%s aor=%s device=%s outcome=%s status=%s attempts=%d detail=%s",
         provider,
         request.target.aor,
         _quote(request.target.device),

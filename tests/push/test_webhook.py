@@ -165,6 +165,33 @@ async def test_5xx_every_time_gives_retry_after_max_attempts(
     assert "secret-token" not in caplog.text  # a device token is never logged
 
 
+async def test_failure_lines_are_rate_limited_and_dead_tokens_are_info(
+    fake_webhook: FakeWebhook,
+    make_provider: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from msilo.lograte import LogRate
+    from msilo.push import base
+
+    now = [0.0]
+    monkeypatch.setattr(base, "_failures", LogRate(base.log, burst=10, clock=lambda: now[0]))
+    fake_webhook.status = 400
+    provider = make_provider(**fake_webhook.settings(Path()))
+    with caplog.at_level(logging.INFO, logger="msilo.push"):
+        for _ in range(25):  # an outage: every push fails within the same second
+            await send_with_retries(provider, request("webhook", "t"), max_attempts=1)
+        now[0] = 1.5
+        fake_webhook.status = 410
+        await send_with_retries(provider, request("webhook", "t"), max_attempts=1)
+    lines = [r for r in caplog.records if "event=push_failed" in r.getMessage()]
+    assert len(lines) == 11 and len(fake_webhook.requests) == 26
+    assert {r.levelno for r in lines[:10]} == {logging.WARNING}
+    assert lines[10].levelno == logging.INFO
+    assert "outcome=dead_token" in lines[10].getMessage()
+    assert "suppressed=15" in lines[10].getMessage()
+
+
 async def test_a_slow_receiver_times_out_and_is_retried(
     fake_webhook: FakeWebhook, make_provider: Any
 ) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from msilo import __version__
-from msilo.config import Config, describe, load_config
+from msilo.config import Config, describe, load_config, secret_header
 from msilo.errors import ConfigError, MsiloError, StorageError
 from msilo.log import REDACTED, redact_text, redact_url
 
@@ -298,7 +298,14 @@ def _cmd_check_config(config: Config) -> int:
     for note in notes:
         print(f"# {note}")
     for section, key, _default, _doc in describe():
-        value = getattr(getattr(config, section), key)
+        table = config.table(section)
+        if table is None:  # an optional table that is absent ([push.fcm] not configured)
+            continue
+        value = getattr(table, key)
+        if section == "push.webhook" and key == "headers":
+            value = [(n, REDACTED if secret_header(n) else v) for n, v in value]
+        elif section == "push.webhook" and key == "url":
+            value = redact_url(value)
         if isinstance(value, tuple):
             value = list(value)
         if section == "auth" and key == "secret" and value:

@@ -718,6 +718,340 @@ class LimitsConfig:
     )
 
 
+# ---- [push]: RFC 8599 wake-up pushes (issue 16) ------------------------------------------
+
+# A webhook header whose value is a credential: kept out of logs and check-config's output.
+SECRET_HEADER = re.compile(r"(?i)auth|key|token|secret|cookie|signature|password")
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.1: a token
+
+DEFAULT_WEBHOOK_BODY = (
+    '{"user": "$user", "domain": "$domain", "aor": "$aor", "device": "$device",'
+    ' "provider": "$provider", "prid": "$prid", "param": "$param", "count": $count,'
+    ' "from": "$from", "call_id": "$call_id"}'
+)
+
+
+def _base_url(key: str, value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    text = _str(key, value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query:
+        raise ConfigError(
+            f"{key}: must be an http(s) URL such as 'https://push.example.com' (got {text!r})"
+        )
+    return text.rstrip("/")
+
+
+def _opt_base_url(key: str, value: Any) -> str:
+    text = _str(key, value)
+    return _base_url(key, text) if text else text
+
+
+def _ca_file(key: str, value: Any) -> str:
+    import ssl
+
+    text = _str(key, value)
+    if text:
+        try:
+            ssl.create_default_context(cafile=text)
+        except FileNotFoundError:
+            raise ConfigError(f"{key}: {text} does not exist") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{key}: {text} is not a PEM CA bundle ({exc})") from None
+    return text
+
+
+def _service_account(key: str, value: Any) -> str:
+    from msilo.push.keys import KeyFileError, load_service_account
+
+    text = _str(key, value)
+    if text:
+        try:
+            load_service_account(text)
+        except KeyFileError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return text
+
+
+def _p8(key: str, value: Any) -> str:
+    from msilo.push.keys import KeyFileError, load_p8
+
+    text = _str(key, value)
+    if text:
+        try:
+            load_p8(text)
+        except KeyFileError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return text
+
+
+def _push_template(key: str, value: Any) -> str:
+    from msilo.push.template import TemplateError, check_template
+
+    text = _str(key, value)
+    try:
+        check_template(text)
+    except TemplateError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return text
+
+
+def _webhook_url(key: str, value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    from msilo.push.template import SAMPLE, check_template, render_url
+
+    text = _push_template(key, value)
+    sample = urlsplit(render_url(check_template(text), SAMPLE))
+    if text and (sample.scheme not in ("https", "http") or not sample.hostname):
+        raise ConfigError(
+            f"{key}: must be an http(s) URL (placeholders allowed), e.g. "
+            f"'https://push.example.com/notify?to=$aor' (got {text!r})"
+        )
+    return text
+
+
+def _webhook_headers(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{key}: must be a table of header = "value" (got {value!r})')
+    items: list[tuple[str, str]] = []
+    for name, text in value.items():
+        if not HEADER_NAME.match(name):
+            raise ConfigError(f"{key}: {name!r} is not a header name")
+        if not isinstance(text, str):
+            raise ConfigError(f"{key}.{name}: must be a string")
+        items.append((name, _push_template(f"{key}.{name}", text)))
+    return tuple(items)
+
+
+def secret_header(name: str) -> bool:
+    """True for a webhook header whose value is a credential (Authorization, X-Api-Key...)."""
+    return SECRET_HEADER.search(name) is not None
+
+
+@dataclass(frozen=True)
+class FcmConfig:
+    """``[push.fcm]``: Firebase Cloud Messaging HTTP v1, OAuth 2 with a service account."""
+
+    service_account: str = field(
+        default="",
+        metadata=_doc(
+            "path of the service account's JSON key (Firebase console: Project settings,"
+            " Service accounts, Generate new private key); required",
+            _service_account,
+        ),
+    )
+    project_id: str = field(
+        default="",
+        metadata=_doc("Firebase project id; empty = the service account's project_id", _str),
+    )
+    endpoint: str = field(
+        default="https://fcm.googleapis.com",
+        metadata=_doc("FCM base URL (`…/v1/projects/{project_id}/messages:send`)", _base_url),
+    )
+    token_endpoint: str = field(
+        default="",
+        metadata=_doc(
+            "OAuth 2 token URL; empty = the key's token_uri, else"
+            " https://oauth2.googleapis.com/token",
+            _opt_base_url,
+        ),
+    )
+    ca_file: str = field(
+        default="",
+        metadata=_doc("PEM CA bundle to trust instead of the system's (tests)", _ca_file),
+    )
+    timeout: float = field(
+        default=5.0, metadata=_doc("seconds one HTTP request may take", _number(0.05))
+    )
+
+
+@dataclass(frozen=True)
+class ApnsConfig:
+    """``[push.apns]``: Apple Push Notification service, HTTP/2 with token (JWT) auth."""
+
+    key_file: str = field(
+        default="",
+        metadata=_doc("path of the `.p8` token-signing key (Apple Developer: Keys); required", _p8),
+    )
+    key_id: str = field(default="", metadata=_doc("the key's 10-character Key ID; required", _str))
+    team_id: str = field(default="", metadata=_doc("the Apple Team ID; required", _str))
+    topic: str = field(
+        default="",
+        metadata=_doc(
+            "`apns-topic` (the app's bundle id) when a device's pn-param gives none", _str
+        ),
+    )
+    endpoint: str = field(
+        default="https://api.push.apple.com",
+        metadata=_doc(
+            "APNs base URL (https://api.sandbox.push.apple.com for development builds)",
+            _base_url,
+        ),
+    )
+    push_type: str = field(
+        default="alert",
+        metadata=_doc(
+            "`alert` (a visible notification) or `background` (content-available, wakes the"
+            " app silently; Apple throttles these); a `.voip` pn-param sends `voip`",
+            _choice("alert", "background"),
+        ),
+    )
+    ttl: int = field(
+        default=86400,
+        metadata=_doc(
+            "seconds APNs keeps trying to reach a device that is off (`apns-expiration`)",
+            _int(0),
+        ),
+    )
+    ca_file: str = field(
+        default="",
+        metadata=_doc("PEM CA bundle to trust instead of the system's (tests)", _ca_file),
+    )
+    timeout: float = field(
+        default=5.0, metadata=_doc("seconds one HTTP request may take", _number(0.05))
+    )
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """``[push.webhook]``: one HTTP request per push to a URL of yours (a push gateway, a
+    chat bridge, an SMS fallback)."""
+
+    url: str = field(
+        default="",
+        metadata=_doc(
+            "URL template, e.g. `https://gw.example.com/push?to=$aor`; placeholders `$user"
+            " $domain $aor $device $provider $prid $param $count $from $call_id $body`"
+            " (percent-encoded); required",
+            _webhook_url,
+        ),
+    )
+    method: str = field(
+        default="POST",
+        metadata=_doc(
+            "POST, PUT, PATCH or GET (GET sends no body)", _choice("POST", "PUT", "PATCH", "GET")
+        ),
+    )
+    body: str = field(
+        default=DEFAULT_WEBHOOK_BODY,
+        metadata=_doc(
+            'JSON body template, same placeholders (JSON-escaped: write `"$from"`, and'
+            " `$count` bare); not JSON only with a non-JSON Content-Type in headers",
+            _push_template,
+        ),
+    )
+    headers: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata=_doc(
+            'extra request headers, a table: `{ Authorization = "Bearer …" }` (placeholders'
+            " allowed; credentials are never printed)",
+            _webhook_headers,
+        ),
+    )
+    ca_file: str = field(
+        default="",
+        metadata=_doc("PEM CA bundle to trust instead of the system's (tests)", _ca_file),
+    )
+    timeout: float = field(
+        default=5.0, metadata=_doc("seconds one HTTP request may take", _number(0.05))
+    )
+
+    def header(self, name: str) -> str | None:
+        """The configured value of header ``name`` (any case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+# The [push.NAME] tables, by pn-provider name (RFC 8599 §4.1): present = enabled.
+PUSH_TABLES: dict[str, type] = {"fcm": FcmConfig, "apns": ApnsConfig, "webhook": WebhookConfig}
+
+
+def _table(name: str) -> dict[str, Any]:
+    return {"doc": f"[push.{name}]", "check": None, "table": PUSH_TABLES[name]}
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """``[push]``: wake a sleeping device when a message is stored for it (RFC 8599)."""
+
+    coalesce: float = field(
+        default=10.0,
+        metadata=_doc(
+            "seconds: at most one push per device in this window, carrying the count of"
+            " waiting messages",
+            _number(0),
+        ),
+    )
+    include_body: bool = field(
+        default=False,
+        metadata=_doc(
+            "put the message text in the push (it then passes through the push service)",
+            _flag,
+        ),
+    )
+    max_attempts: int = field(
+        default=3,
+        metadata=_doc(
+            "tries per push when the service answers 429/5xx or times out (exponential back-off)",
+            _int(1, 10),
+        ),
+    )
+    fcm: FcmConfig | None = field(default=None, metadata=_table("fcm"))
+    apns: ApnsConfig | None = field(default=None, metadata=_table("apns"))
+    webhook: WebhookConfig | None = field(default=None, metadata=_table("webhook"))
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The pn-provider names enabled (``Feature-Caps: +sip.pns=``, RFC 8599 §5)."""
+        return tuple(name for name in PUSH_TABLES if getattr(self, name) is not None)
+
+
+def _finish_push(push: PushConfig) -> PushConfig:
+    """Required keys of the tables present, and the defaults read from the key files."""
+    from dataclasses import replace
+
+    from msilo.push.keys import load_service_account
+
+    fcm, apns, webhook = push.fcm, push.apns, push.webhook
+    if fcm is not None:
+        if not fcm.service_account:
+            raise ConfigError("push.fcm.service_account: must be set when [push.fcm] is present")
+        account = load_service_account(fcm.service_account)  # checked by _service_account
+        project = fcm.project_id or account.project_id
+        if not project:
+            raise ConfigError(
+                "push.fcm.project_id: must be set (the service account names no project_id)"
+            )
+        fcm = replace(
+            fcm, project_id=project, token_endpoint=fcm.token_endpoint or account.token_uri
+        )
+    if apns is not None:
+        for key in ("key_file", "key_id", "team_id"):
+            if not getattr(apns, key):
+                raise ConfigError(f"push.apns.{key}: must be set when [push.apns] is present")
+    if webhook is not None:
+        if not webhook.url:
+            raise ConfigError("push.webhook.url: must be set when [push.webhook] is present")
+        content_type = webhook.header("Content-Type")
+        if webhook.method != "GET" and (content_type is None or "json" in content_type.lower()):
+            import json
+
+            from msilo.push.template import SAMPLE, check_template, render_json
+
+            try:
+                json.loads(render_json(check_template(webhook.body), SAMPLE))
+            except ValueError:
+                raise ConfigError(
+                    "push.webhook.body: must be JSON once filled in (quote string placeholders:"
+                    f' "$from"; or set a non-JSON Content-Type in headers) (got {webhook.body!r})'
+                ) from None
+    return replace(push, fcm=fcm, apns=apns, webhook=webhook)
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "msilo": MsiloConfig,
@@ -725,6 +1059,7 @@ SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "tls": TLSConfig,
     "limits": LimitsConfig,
+    "push": PushConfig,
 }
 
 
@@ -738,6 +1073,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     source: str | None = None  # the file it was read from, for messages
 
     @classmethod
@@ -751,13 +1087,27 @@ class Config:
                 raise ConfigError(f"{name}: must be a table ([{name}])")
         for name, klass in SECTIONS.items():
             sections[name] = _build_section(name, klass, data.get(name, {}))
+        sections["push"] = _finish_push(sections["push"])
         config = cls(**sections, source=source)
         config._check_cross_keys()
         return config
 
     def secrets(self) -> tuple[str, ...]:
         """Values never to print (logs redact them; URL passwords are redacted anyway)."""
-        return tuple(s for s in (self.auth.secret,) if s)
+        values = [self.auth.secret]
+        if self.push.webhook is not None:
+            values += [v for k, v in self.push.webhook.headers if secret_header(k)]
+        return tuple(s for s in values if s)
+
+    def table(self, section: str) -> Any:
+        """The settings object of ``section`` as :func:`describe` names it (``"server"``,
+        ``"push.fcm"``), or None for an optional table that is absent."""
+        table: Any = self
+        for name in section.split("."):
+            table = getattr(table, name)
+            if table is None:
+                return None
+        return table
 
     def route_search_path(self) -> tuple[str, ...]:
         """Where ``server.route``'s module is looked for after ``sys.path``: the
@@ -805,6 +1155,12 @@ def _build_section(section: str, klass: type, values: Mapping[str, Any]) -> Any:
             raise ConfigError(
                 f"{section}.{key}: unknown key (known in [{section}]: {', '.join(known)})"
             )
+        table = spec.metadata.get("table")
+        if table is not None:  # a sub-table such as [push.fcm]
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{section}.{key}: must be a table ([{section}.{key}])")
+            kwargs[key] = _build_section(f"{section}.{key}", table, value)
+            continue
         check = spec.metadata.get("check")
         kwargs[key] = check(f"{section}.{key}", value) if check else value
     return klass(**kwargs)
@@ -814,7 +1170,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     """Parse one ``--set section.key=value``; the value is a TOML literal or else a string."""
     path, sep, raw = text.partition("=")
     section, dot, key = path.strip().partition(".")
-    if not sep or not dot or not section or not key or "." in key:
+    # A key of a sub-table is dotted: push.fcm.project_id=...
+    if not sep or not dot or not section or not all(key.split(".")):
         raise ConfigError(
             f"--set {redact_text(text)!r}: must be section.key=value (e.g. server.workers=2)"
         )
@@ -842,18 +1199,31 @@ def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Confi
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     for item in overrides:
         section, key, value = parse_override(item)
-        table = data.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{section}: must be a table ([{section}])")
-        table[key] = value
+        *tables, last = [section, *key.split(".")]
+        table = data
+        for depth, name in enumerate(tables):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                dotted = ".".join(tables[: depth + 1])
+                raise ConfigError(f"{dotted}: must be a table ([{dotted}])")
+        table[last] = value
     return Config.from_mapping(data, source=path)
 
 
 def describe() -> list[tuple[str, str, Any, str]]:
     """Every key as (section, key, default, meaning), for docs and ``check-config``."""
     rows: list[tuple[str, str, Any, str]] = []
-    for section, klass in SECTIONS.items():
+
+    def add(section: str, klass: type) -> None:
+        tables = []
         for spec in fields(klass):
-            default = spec.default
-            rows.append((section, spec.name, default, spec.metadata.get("doc", "")))
+            if "table" in spec.metadata:
+                tables.append((f"{section}.{spec.name}", spec.metadata["table"]))
+                continue
+            rows.append((section, spec.name, spec.default, spec.metadata.get("doc", "")))
+        for name, table in tables:
+            add(name, table)
+
+    for section, klass in SECTIONS.items():
+        add(section, klass)
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -131,18 +132,27 @@ def test_serve_with_no_config_uses_sqlite_and_stops_on_sigterm(tmp_path: Path) -
          f'server.listen=["udp:127.0.0.1:{port}"]', "--set", 'server.http=""'],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[str] = []
     try:
-        deadline = time.monotonic() + 20
-        while not (tmp_path / "msilo.db").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
+        # SIGTERM once a worker serves (not after a fixed sleep: a loaded host starts slowly).
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            while not any("event=serving" in line for line in seen):
+                assert time.monotonic() < deadline, "".join(seen)
+                if sel.select(timeout=0.5):
+                    line = proc.stderr.readline()
+                    assert line, "".join(seen)  # exited before serving
+                    seen.append(line)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        _, rest = proc.communicate(timeout=20)
     finally:
         proc.kill()
+    err = "".join(seen) + rest
     assert proc.returncode == 0, err
     assert (tmp_path / "msilo.db").exists()  # the embedded default, relative to the cwd
-    assert "event=serving" in err and "event=stopped" in err
+    assert "event=stopped" in err
 
 
 def test_serve_on_a_taken_port_exits_with_one_line(tmp_path: Path) -> None:

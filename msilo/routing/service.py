@@ -55,6 +55,7 @@ from msilo.routing.delivery import (
 from msilo.routing.notify import NotifySettings, notification_for, send_notification
 from msilo.routing.overload import OverloadGuard
 from msilo.routing.policy import ALLOW, check_request, check_source
+from msilo.routing.push import NOT_SUPPORTED, PushDispatch
 from msilo.routing.pv import pv_values
 from msilo.routing.ratelimit import RateLimiter
 from msilo.routing.registrar import (
@@ -201,8 +202,10 @@ class MsiloService:
         deliverer: Deliverer,
         count: Callable[[str], None],
         route: Route | None = None,
+        push: PushDispatch | None = None,
     ) -> None:
         self.settings = settings
+        self.push = push  # RFC 8599 wake-up; None: no [push] provider configured
         self.store = store
         self.writer = writer
         self.requester = requester
@@ -376,7 +379,16 @@ class MsiloService:
         if request.method != "REGISTER":
             raise SipError("save() needs a REGISTER", status=500, reason="Server Internal Error")
         wanted = self.wanted(ctx)
+        push = self.push
+        asks_push = push is not None and push.asks_for_push(wanted)
         if self.settings.mode == "registrar":
+            if push is not None and (missing := push.unsupported(wanted)) is not None:
+                # RFC 8599 §5.2: refused, with the services we do push with.
+                log.info(
+                    "event=push_not_supported call_id=%s provider=%s", request.call_id, missing
+                )
+                self.reply(txn, *NOT_SUPPORTED, [push.feature_caps])
+                return False
             bindings = await self._register_one(ctx, wanted)
             if bindings is None:
                 bindings = await self.save_bindings(request, txn, wanted)
@@ -388,11 +400,17 @@ class MsiloService:
             budget = udp_contact_budget(request, paths) if udp else 0
             own = [want.contact.uri for want in wanted]
             lines = contact_lines(bindings, int(time.time()), budget=budget, own=own)
+            if asks_push:
+                assert push is not None
+                paths = [*paths, push.feature_caps]  # RFC 8599 §5.2: on the 2xx too
             self.reply(txn, 200, "OK", lines + paths)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
         await self.track_devices(ctx, wanted)
+        if asks_push and push is not None and request.to is not None:
+            # Before the dump that follows: a push it answers is then timed.
+            await push.remember(*mstore.split_owner(normalize_aor(request.to.uri)), wanted)
         return True
 
     def wanted(self, ctx: RouteContext) -> list[RequestedBinding]:
@@ -752,6 +770,9 @@ class MsiloService:
             )
             if notify:
                 ctx.notify_pending = True  # sent after the reply (send_pending_notification)
+            if self.push is not None:
+                # In the background: the 202 that follows does not wait for it.
+                self.push.stored(*mstore.split_owner(aor), request, exclude=delivered_to)
         elif result.outcome is StoreOutcome.ONLINE:
             pass  # nothing stored: the caller relays
         elif result.outcome is StoreOutcome.DUPLICATE:
@@ -835,6 +856,8 @@ class MsiloService:
             route=hop.route,
             device=device_key(contact.instance, contact.uri),
         )
+        if report.delivered and self.push is not None:
+            await self.push.delivered(user, host, device_key(contact.instance, contact.uri))
         if report.delivered or report.failed:
             log.info(
                 "event=dump_done aor=%s delivered=%d failed=%d released=%d",

@@ -61,6 +61,9 @@ SERVER_COUNTERS: dict[str, str] = {
     "leases_recovered": "delivery leases recovered after their deadline",
     "expired_messages": "stored messages deleted because they expired",
     "expiry_notices_sent": "notices sent to senders whose message expired undelivered",
+    "pushes_sent": "push notifications a provider accepted (RFC 8599 wake-ups)",
+    "pushes_failed": ("push notifications not accepted after every attempt (dead tokens included)"),
+    "push_tokens_removed": "devices whose push token a provider called dead (forgotten)",
     "responses_handed_off": (
         "responses to our requests that reached another worker, handed to the sender"
     ),
@@ -88,6 +91,11 @@ HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "batch_size_rows": (
         "rows per batch-writer commit (group commit: grows with concurrent MESSAGEs)",
         (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0),
+    ),
+    "push_delivery_seconds": (
+        "a push sent to a device to a stored message delivered to it (push, REGISTER, "
+        "dump), seconds",
+        (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
     ),
     "dump_duration_seconds": (
         "one m_dump that delivered or tried at least one message, first claim to last answer",

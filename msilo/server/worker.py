@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from msilo.config import LISTEN, Config
@@ -21,9 +21,11 @@ from msilo.errors import ConfigError, ParseError
 from msilo.leader.cycles import CycleSettings, TimerCycles
 from msilo.leader.election import LeaderElection, leader_election_for
 from msilo.log import redact_url
+from msilo.push.base import build_providers
 from msilo.routing.delivery import Deliverer, DeliverySettings, binding_hop
 from msilo.routing.notify import ExpirySettings, NotifySettings
 from msilo.routing.policy import trusted_networks
+from msilo.routing.push import PushDispatch, PushSettings
 from msilo.routing.registrar import RegistrarPolicy
 from msilo.routing.service import (
     AuthSettings,
@@ -165,6 +167,27 @@ def service_settings(config: Config) -> ServiceSettings:
     )
 
 
+def push_dispatch(
+    config: Config,
+    store: Store,
+    count: Callable[[str], None],
+    observe: Callable[[str, float], None],
+) -> PushDispatch | None:
+    """The RFC 8599 wake-up of this worker, or None when no ``[push.NAME]`` is configured."""
+    providers = build_providers(config.push)
+    if not providers:
+        return None
+    p = config.push
+    settings = PushSettings(
+        providers=providers,
+        coalesce=p.coalesce,
+        include_body=p.include_body,
+        max_attempts=p.max_attempts,
+        device_memory=config.msilo.device_memory,
+    )
+    return PushDispatch(settings, store=store, count=count, observe=observe)
+
+
 def expiry_settings(config: Config) -> ExpirySettings | None:
     """The notice about messages that expired undelivered, or None when it is off."""
     m = config.msilo
@@ -248,6 +271,7 @@ class Worker:
         self.layer: TransactionLayer | None = None
         self.writer: BatchWriter | None = None
         self.service: MsiloService | None = None
+        self.push: PushDispatch | None = None
         self.election: LeaderElection | None = None
         self.http: asyncio.Server | None = None
         self.trace: SipTrace | None = None
@@ -339,6 +363,7 @@ class Worker:
             count=self.count,
             counters=self.counters,
         )
+        self.push = push_dispatch(config, self.store, self.count, self.counters.observe)
         self.service = MsiloService(
             settings,
             store=self.store,
@@ -347,6 +372,7 @@ class Worker:
             deliverer=deliverer,
             count=self.count,
             route=route,
+            push=self.push,
         )
         tls = config.tls
         self.transports.configure_tls(
@@ -547,6 +573,8 @@ class Worker:
             await self.layer.drain(grace)
         if self.writer is not None:
             await self.writer.close()
+        if self.push is not None:
+            await self.push.aclose()
         if self._cycles_task is not None:
             self._cycles_task.cancel()
         if self.election is not None:

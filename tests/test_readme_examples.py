@@ -238,3 +238,38 @@ def test_check_config_reads_the_sqlite_file_but_never_creates_it(tmp_path: Path)
     out = msilo("check-config", cwd=tmp_path)
     assert out.returncode == 2
     assert f"msilo.db_url: cannot read {tmp_path}/msilo.db (Is a directory)" in out.stderr
+
+
+def _push_example(tmp_path: Path, after: str) -> Path:
+    """The README's ``[push.NAME]`` block after ``after`` as a config, /etc/msilo/ under
+    tmp_path."""
+    toml = _block(after, "toml").replace("/etc/msilo/", f"{tmp_path}/etc/")
+    conf = tmp_path / "msilo.toml"
+    conf.write_text(toml)
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    return conf
+
+
+def test_readme_push_examples_load_with_their_keys(tmp_path: Path) -> None:
+    """Each provider's example passes check-config once its key file is there, and names the
+    missing file before (the worked examples of "Push notifications", as printed)."""
+    from tests.push.fakes import ec_key, rsa_key, write_p8, write_service_account
+
+    etc = tmp_path / "etc"
+    keys = {
+        "**FCM**": lambda: write_service_account(
+            etc / "fcm-service-account.json", rsa_key(),
+            token_uri="https://oauth2.googleapis.com/token",
+        ),
+        "**APNs**": lambda: write_p8(etc / "AuthKey_ABC123DEFG.p8", ec_key()),
+        "**Webhook**": None,
+    }  # fmt: skip
+    for after, write_key in keys.items():
+        conf = _push_example(tmp_path, after)
+        if write_key is not None:
+            out = msilo("-c", str(conf), "check-config", cwd=tmp_path)
+            assert out.returncode == 2, out.stdout
+            assert f"{etc}/" in out.stderr  # names the key file it cannot read
+            write_key()
+        out = msilo("-c", str(conf), "check-config", cwd=tmp_path)
+        assert out.returncode == 0, (after, out.stderr)

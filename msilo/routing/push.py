@@ -87,6 +87,9 @@ class PushDispatch:
         self._count = count
         self._observe = observe
         self._tasks: set[asyncio.Task[None]] = set()
+        # Owners this process claimed for within the window: a burst for one user costs one
+        # claim, not one per message (the database still decides across processes).
+        self._claimed: dict[tuple[str, str], float] = {}
         names = sorted(settings.providers)
         # RFC 8599 §13.2 / RFC 6809: one indicator listing every service we push with.
         self.feature_caps = ("Feature-Caps", f'*;+sip.pns="{",".join(names)}"')
@@ -140,6 +143,14 @@ class PushDispatch:
         push parameters that does not have it (``exclude``: devices that got it)."""
         if not self.settings.providers or _non_urgent(request):
             return
+        if not exclude:
+            now = time.monotonic()
+            owner = (username, domain)
+            if self._claimed.get(owner, 0.0) > now:
+                return  # claimed here less than push.coalesce ago: nothing to win
+            if len(self._claimed) >= _CLAIMED_MAX:
+                self._claimed = {k: t for k, t in self._claimed.items() if t > now}
+            self._claimed[owner] = now + self.settings.coalesce
         self._spawn(self._push_owner(username, domain, request, tuple(exclude)))
 
     async def _push_owner(
@@ -246,6 +257,9 @@ class PushDispatch:
                 await provider.aclose()
             except Exception as exc:  # closing must not fail a stop
                 log.debug("event=push_close_failed provider=%s error=%r", provider.name, exc)
+
+
+_CLAIMED_MAX = 100_000  # owners remembered at once (pruned to the live ones past this)
 
 
 def _non_urgent(request: SipRequest) -> bool:

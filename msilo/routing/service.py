@@ -203,6 +203,7 @@ class MsiloService:
         count: Callable[[str], None],
         route: Route | None = None,
         push: PushDispatch | None = None,
+        backlog: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.push = push  # RFC 8599 wake-up; None: no [push] provider configured
@@ -214,7 +215,9 @@ class MsiloService:
         self.route = route
         self.limiter = RateLimiter(settings.rate, settings.burst) if settings.rate > 0 else None
         self.guard = (
-            OverloadGuard(settings.max_queue_delay) if settings.max_queue_delay > 0 else None
+            OverloadGuard(settings.max_queue_delay, backlog=backlog)
+            if settings.max_queue_delay > 0
+            else None
         )
         self.db = DatabaseHealth()
         self._background: set[asyncio.Future[None]] = set()  # relay branches followed
@@ -255,6 +258,21 @@ class MsiloService:
         finally:
             if guard is not None:
                 guard.done(txn)
+
+    def shed_early(self, request: SipRequest, txn: ServerTransaction) -> bool:
+        """The transaction layer's overload check, before a task is made for ``request``:
+        True when it was refused (503 + Retry-After) because this worker is overloaded.
+        Refusing costs a parse and a send, a fraction of serving (RFC 6357 §3.2); the
+        transaction keeps the answer for the client's retransmissions."""
+        guard = self.guard
+        if guard is None or not guard.overloaded():
+            return False
+        guard.refused()
+        self.count("requests")
+        self.count(_METHOD_COUNTERS.get(request.method, "requests_other"))
+        self.count("overload_shed")
+        self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+        return True
 
     async def _handle(self, request: SipRequest, txn: ServerTransaction) -> None:
         ctx: RouteContext | None = None

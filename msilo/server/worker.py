@@ -373,7 +373,10 @@ class Worker:
             count=self.count,
             route=route,
             push=self.push,
+            backlog=self._udp_backlog,
         )
+        if self.service.guard is not None:
+            self.layer.shed = self.service.shed_early
         tls = config.tls
         self.transports.configure_tls(
             server_context(tls.certificate, tls.private_key, tls.ca or None)
@@ -495,6 +498,12 @@ class Worker:
                 self._cycles_task = None
 
         self._tasks.append(asyncio.get_running_loop().create_task(self.election.run(elected, lost)))
+
+    def _udp_backlog(self) -> int:
+        """Requests waiting unread in this worker's UDP sockets (overload control)."""
+        if self.transports is None:
+            return 0
+        return sum(endpoint.backlog() for endpoint in self.transports.udp_listeners)
 
     def _leading(self) -> bool:
         return self.election is not None and self.election.is_leader

@@ -119,6 +119,8 @@ class TransactionLayer:
         self._forward = forward
         self._max_pending = max_pending
         self._pending = 0  # server transactions without a final response
+        # Overload control before any task is made: True = it answered the request itself.
+        self.shed: Callable[[SipRequest, ServerTransaction], bool] | None = None
         # A completed UDP transaction waits out Timer J as a plain (response, rport,
         # via port) tuple: of strings and ints, so the garbage collector stops tracking
         # it (tens of thousands at a time; full collections walked every one of them).
@@ -216,6 +218,8 @@ class TransactionLayer:
             self.stats.rejected_busy += 1
             txn.respond(503, "Service Unavailable", headers=("Retry-After: 5",))
             return
+        if self.shed is not None and self.shed(request, txn):
+            return  # refused at once; its retransmissions get the same answer from txn
         self._run_handler(request, txn)
 
     def receive_response(

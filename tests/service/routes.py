@@ -49,3 +49,16 @@ async def owner_from_header(request: SipRequest, ctx: RouteContext) -> None:
     """Store every MESSAGE for the owner named in X-Owner (a script that trusts its input)."""
     await ctx.m_store(owner=request.get_header("X-Owner"), notify=False)
     ctx.reply(202, "Accepted")
+
+
+async def stall_when_marked(request: SipRequest, ctx: RouteContext) -> None:
+    """Store and answer 202; a request with ``X-Stall`` first blocks the event loop for
+    that many seconds (what a long GC pause or a slow host does to a worker: requests
+    pile up unread in its socket)."""
+    import time
+
+    stall = request.get_header("X-Stall")
+    if stall is not None:
+        time.sleep(float(stall))
+    await ctx.m_store(notify=False)
+    ctx.reply(202, "Accepted")

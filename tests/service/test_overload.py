@@ -55,3 +55,33 @@ async def test_a_stalled_worker_answers_503_at_once_then_recovers(
     assert (await waiting).status == 200  # the admitted one goes on
     assert (await carol.register(600)).status == 200  # and admission resumes
     assert srv.stats()["overload_shed"] >= 1
+
+
+async def test_requests_piled_up_unread_in_the_socket_are_shed_not_served_late(
+    server: ServerFactory, db_url: str
+) -> None:
+    """While the loop is stuck, 1,500 MESSAGEs wait in the UDP socket, where no timer of
+    ours sees them. Once it reads again, the backlog says they would be answered late:
+    the excess is refused 503 at once (RFC 6357), the rest stored; every one answered,
+    every 202 a row."""
+    srv = await server(
+        "limits.max_queue_delay=0.2", 'server.route="tests.service.routes:stall_when_marked"'
+    )
+    alice = await srv.agent("alice", DOMAIN)
+    stalled = asyncio.ensure_future(
+        alice.message(f"sip:bob@{DOMAIN}", "stall", headers=["X-Stall: 0.8"])
+    )
+    await asyncio.sleep(0.2)  # the worker's loop is blocked now
+    senders = [await srv.agent(f"s{n}", DOMAIN) for n in range(10)]
+    burst = [
+        asyncio.ensure_future(senders[n % 10].message(f"sip:bob@{DOMAIN}", f"m{n}", timeout=20))
+        for n in range(1500)
+    ]
+    answers = await asyncio.gather(*burst)
+    assert (await stalled).status == 202
+    statuses = [a.status for a in answers]
+    shed = statuses.count(503)
+    assert set(statuses) <= {202, 503}
+    assert shed > 0 and srv.stats()["overload_shed"] == shed
+    assert all(a.get_header("retry-after") for a in answers if a.status == 503)
+    assert await srv.store.count("bob", DOMAIN) == statuses.count(202) + 1  # none lost

@@ -687,8 +687,9 @@ class LimitsConfig:
         default=1.0,
         metadata=_doc(
             "overload: while the oldest unanswered request of a worker has waited this many"
-            " seconds, new requests get 503 + Retry-After at once (0.2-0.3 keeps answers"
-            " within T1 = 0.5 s on a host with steady latency); 0 = off",
+            " seconds, or the requests still unread in its UDP sockets would have, new"
+            " requests get 503 + Retry-After at once (0.2-0.3 keeps answers within T1 ="
+            " 0.5 s on a host with steady latency); 0 = off",
             _number(0),
         ),
     )

@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or one register-KIND-MAILBOXES (default: store,dump)",
     )
     p.add_argument("--workers", type=int, default=2, help="msilo server.workers (default 2)")
+    p.add_argument(
+        "--msilo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra msilo --set, e.g. limits.max_queue_delay=0.25 (repeatable)",
+    )
     p.add_argument("--kamailio-children", type=int, default=8, help="Kamailio children (8)")
     p.add_argument(
         "--kamailio-check-time",
@@ -297,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             sdir.mkdir()
             server: Server
             if name == "msilo":
-                server = MsiloServer(args.dsn, "msilo_bench", sdir, args.workers)
+                server = MsiloServer(
+                    args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
+                )
             else:
                 db_mode = 1 if name == "kamailio-db1" else 0
                 server = KamailioServer(

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -210,10 +210,18 @@ class MsiloServer(Server):
 
     name = "msilo"
 
-    def __init__(self, admin_dsn: str, database: str, workdir: Path, workers: int) -> None:
+    def __init__(
+        self,
+        admin_dsn: str,
+        database: str,
+        workdir: Path,
+        workers: int,
+        extra: Sequence[str] = (),
+    ) -> None:
         super().__init__(admin_dsn, database, workdir)
         self.workers = workers
         self.http_port = 0
+        self.extra_sets = tuple(extra)  # "key=value", after the bench's own settings
 
     def _msilo(self) -> list[str]:
         return [sys.executable, "-m", "msilo"]
@@ -237,7 +245,8 @@ class MsiloServer(Server):
             "server.log_level": '"warning"',
             "msilo.db_url": f'"{self.dsn}"',
         }
-        return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+        argv = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+        return argv + [arg for item in self.extra_sets for arg in ("--set", item)]
 
     def prepare(self) -> None:
         create_database(self.admin_dsn, self.database)

@@ -259,11 +259,11 @@ class MsiloService:
             if guard is not None:
                 guard.done(txn)
 
-    def shed_early(self, request: SipRequest, txn: ServerTransaction) -> bool:
-        """The transaction layer's overload check, before a task is made for ``request``:
-        True when it was refused (503 + Retry-After) because this worker is overloaded.
-        Refusing costs a parse and a send, a fraction of serving (RFC 6357 §3.2); the
-        transaction keeps the answer for the client's retransmissions."""
+    def shed_early(self, request: SipRequest) -> bool:
+        """The transaction layer's overload check for a new request, before a transaction
+        or a task is made for it: True = refuse it now (the layer answers 503 +
+        Retry-After statelessly).  Refusing then costs a parse and a send, a fraction of
+        serving (RFC 6357 §3.2)."""
         guard = self.guard
         if guard is None or not guard.overloaded():
             return False
@@ -271,7 +271,7 @@ class MsiloService:
         self.count("requests")
         self.count(_METHOD_COUNTERS.get(request.method, "requests_other"))
         self.count("overload_shed")
-        self.reply(txn, 503, "Service Unavailable", [RETRY_AFTER])
+        self.count("replies_5xx")
         return True
 
     async def _handle(self, request: SipRequest, txn: ServerTransaction) -> None:

@@ -18,7 +18,15 @@ from datetime import datetime
 from typing import Any
 
 from msilo.errors import ParseError, SipError, TransportError
-from msilo.sip.build import HeaderLine, OutgoingRequest, build_request, new_branch
+from msilo.sip.build import (
+    HeaderLine,
+    OutgoingRequest,
+    annotate_via,
+    build_request,
+    build_response,
+    new_branch,
+    new_tag,
+)
 from msilo.sip.message import SipRequest, SipResponse
 from msilo.transaction.client import ClientTransaction
 from msilo.transaction.clock import Clock, DeadlineQueue, ExpiringKeys, TimerValues
@@ -57,6 +65,7 @@ class TransactionStats:
     responses_replayed: int = 0  # request retransmissions answered from the cache
     acks_dropped: int = 0
     rejected_busy: int = 0  # 503 because too many requests were in progress
+    stateless_responses: int = 0  # answered without a transaction (overload refusals)
     handler_errors: int = 0
     abandoned: int = 0  # server transactions the handler never answered
     dropped: int = 0  # server transactions ended on purpose without an answer
@@ -119,8 +128,9 @@ class TransactionLayer:
         self._forward = forward
         self._max_pending = max_pending
         self._pending = 0  # server transactions without a final response
-        # Overload control before any task is made: True = it answered the request itself.
-        self.shed: Callable[[SipRequest, ServerTransaction], bool] | None = None
+        # Overload control before any transaction or task is made for a new request:
+        # True = refuse it (answered statelessly, see respond_stateless).
+        self.shed: Callable[[SipRequest], bool] | None = None
         # A completed UDP transaction waits out Timer J as a plain (response, rport,
         # via port) tuple: of strings and ints, so the garbage collector stops tracking
         # it (tens of thousands at a time; full collections walked every one of them).
@@ -206,6 +216,13 @@ class TransactionLayer:
             # transaction of ours has nothing to do here.
             self.stats.acks_dropped += 1
             return
+        if self.shed is not None and self.shed(request):
+            # Past capacity: a stateless 503 (RFC 3261 §8.2.6, RFC 6357 §3.2) keeps nothing
+            # -- no transaction, no Timer J replay -- so refusing stays cheap; a
+            # retransmission is judged again.  Retransmissions of admitted requests matched
+            # their transaction above and are never refused.
+            self.respond_stateless(request, source, 503, "Service Unavailable", ("Retry-After: 5",))
+            return
         txn = ServerTransaction(self, key, request, source)
         self._server[key] = txn
         self.stats.requests += 1
@@ -218,9 +235,28 @@ class TransactionLayer:
             self.stats.rejected_busy += 1
             txn.respond(503, "Service Unavailable", headers=("Retry-After: 5",))
             return
-        if self.shed is not None and self.shed(request, txn):
-            return  # refused at once; its retransmissions get the same answer from txn
         self._run_handler(request, txn)
+
+    def respond_stateless(
+        self,
+        request: SipRequest,
+        source: Source,
+        status: int,
+        reason: str,
+        headers: Iterable[HeaderLine] = (),
+    ) -> None:
+        """Answer ``request`` without a transaction (RFC 3261 §8.2.6: Via annotated as
+        §18.2.1 says, a To tag made up); nothing is kept for its retransmissions."""
+        via = request.via
+        top = annotate_via(via, source.ip, source.port) if via is not None else None
+        to = request.to
+        tag = to.tag if to is not None and to.tag else new_tag()
+        data = build_response(request, status, reason, to_tag=tag, headers=headers, top_via=top)
+        try:
+            source.reply(data, via)
+        except OSError as exc:
+            log.info("event=response_send_failed status=%d peer=%r error=%r", status, source, exc)
+        self.stats.stateless_responses += 1
 
     def receive_response(
         self, response: SipResponse, data: bytes = b"", source: Source | None = None

@@ -345,3 +345,28 @@ def test_a_replay_without_rport_goes_to_the_via_port() -> None:
     # RFC 3261 §18.2.2: no rport -> the source IP and the sent-by port of the Via.
     assert net.replies[1].addr == ("203.0.113.9", PEER[1])
     assert net.replies[1].data == net.replies[0].data
+
+
+def test_a_refused_new_request_gets_a_stateless_503_and_leaves_nothing_behind() -> None:
+    net = FakeNetwork()
+    handler = RecordingHandler(status=None)  # the admitted request answers later
+    layer = net.make_layer(handler)
+    overloaded = [False]
+    layer.shed = lambda request: overloaded[0]
+    admitted, refused = make_request(), make_request(branch="z9hG4bK-c2", call_id="other@x")
+    net.deliver(admitted)
+    overloaded[0] = True
+    net.deliver(refused)
+    net.deliver(admitted)  # a retransmission of the admitted one: absorbed, never refused
+    assert len(handler.calls) == 1
+    [reply] = net.replies
+    response = _response(reply.data)
+    assert (response.status, response.get_header("retry-after")) == (503, "5")
+    assert response.call_id == "other@x" and response.to is not None and response.to.tag
+    assert response.via is not None and response.via.received == PEER[0]  # §18.2.1
+    assert layer.stats.stateless_responses == 1 and layer.stats.requests == 1
+    net.deliver(refused)  # its retransmission is judged again: no transaction was kept
+    assert layer.stats.stateless_responses == 2
+    overloaded[0] = False
+    net.deliver(refused)
+    assert len(handler.calls) == 2  # admitted now

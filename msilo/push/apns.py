@@ -16,7 +16,7 @@ import httpx
 import jwt
 
 from msilo.config import ApnsConfig
-from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushResult
+from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushResult, preview
 from msilo.push.http import REQUEST_ERRORS, make_client, network_failure, short, transient
 from msilo.push.keys import load_p8
 
@@ -87,12 +87,13 @@ class ApnsProvider(PushProvider):
             "from": request.from_uri,
             "call_id": request.call_id,
         }
-        if request.body is not None:
-            ours["body"] = request.body
+        body = preview(request.body) if request.body is not None else None
+        if body is not None:
+            ours["body"] = body
         if push_type == "background":
             aps: dict[str, Any] = {"content-available": 1}
         else:
-            text = request.body if request.body is not None else _waiting(request.count)
+            text = body if body is not None else _waiting(request.count)
             aps = {
                 "alert": {"title": request.from_uri, "body": text},
                 "badge": request.count,
@@ -107,7 +108,9 @@ class ApnsProvider(PushProvider):
             return PushResult(
                 PushOutcome.FAILED, detail="no apns-topic: set push.apns.topic or send pn-param"
             )
-        content = json.dumps(self.payload(request, push_type)).encode()
+        content = json.dumps(self.payload(request, push_type), ensure_ascii=False).encode(
+            errors="replace"
+        )
         expiration = int(self.clock()) + self.config.ttl if self.config.ttl else 0
         headers = {
             "apns-topic": topic,

@@ -129,6 +129,19 @@ async def send_with_retries(
     return result
 
 
+# APNs and FCM refuse payloads over 4 KB: a push wakes the app, which then fetches the
+# message itself, so a preview of the text is plenty.
+PREVIEW_BYTES = 1024
+
+
+def preview(body: str, limit: int = PREVIEW_BYTES) -> str:
+    """``body`` cut to at most ``limit`` UTF-8 bytes (at a character boundary, with "…")."""
+    raw = body.encode()
+    if len(raw) <= limit:
+        return body
+    return raw[: limit - 3].decode(errors="ignore") + "…"
+
+
 def log_failure(provider: str, request: PushRequest, result: PushResult, attempts: int) -> None:
     """The one ``event=push_failed`` line (the device token is never in it): a warning, but
     a dead token is routine (an app was removed) and logged at info; at most 10 a second."""

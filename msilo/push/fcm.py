@@ -17,7 +17,7 @@ import httpx
 import jwt
 
 from msilo.config import FcmConfig
-from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushResult
+from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushResult, preview
 from msilo.push.http import REQUEST_ERRORS, make_client, network_failure, short, transient
 from msilo.push.keys import ServiceAccount, load_service_account
 
@@ -67,7 +67,8 @@ class FcmProvider(PushProvider):
         self.account: ServiceAccount = load_service_account(config.service_account)
         self.project_id = config.project_id or self.account.project_id
         self.token_endpoint = config.token_endpoint or self.account.token_uri
-        self.url = f"{config.endpoint}/v1/projects/{self.project_id}/messages:send"
+        # parsed once: httpx parses a str URL on every request
+        self.url = httpx.URL(f"{config.endpoint}/v1/projects/{self.project_id}/messages:send")
         self._client = make_client(timeout=config.timeout, ca_file=config.ca_file)
         self._token: str | None = None
         self._expires = 0.0
@@ -136,12 +137,12 @@ class FcmProvider(PushProvider):
             "call_id": request.call_id,
         }
         if request.body is not None:
-            data["body"] = request.body
+            data["body"] = preview(request.body)
         return {"message": {"token": target.prid, "data": data, "android": {"priority": "high"}}}
 
     async def send(self, request: PushRequest) -> PushResult:
         """Send one FCM message; a 401 gets a fresh access token and one more try."""
-        content = json.dumps(self.message(request)).encode()
+        content = json.dumps(self.message(request), ensure_ascii=False).encode(errors="replace")
         stale: str | None = None
         for _ in range(2):
             try:

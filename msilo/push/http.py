@@ -41,12 +41,12 @@ class PushClient:
         )
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def request(self, method: str, url: str | httpx.URL, **kwargs: Any) -> httpx.Response:
         """``httpx.AsyncClient.request``, waiting for a free slot first."""
         async with self._slots:
             return await self._client.request(method, url, **kwargs)
 
-    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+    async def post(self, url: str | httpx.URL, **kwargs: Any) -> httpx.Response:
         """A POST (see :meth:`request`)."""
         return await self.request("POST", url, **kwargs)
 

@@ -53,7 +53,7 @@ class WebhookProvider(PushProvider):
         headers = {k: render_header(v, values) for k, v in self._headers}
         content: bytes | None = None
         if self.config.method != "GET":
-            content = render_json(self._body, values).encode()
+            content = render_json(self._body, values).encode(errors="replace")
             if self._json:
                 headers["Content-Type"] = "application/json"
         try:

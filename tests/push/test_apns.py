@@ -117,6 +117,14 @@ async def test_the_body_goes_in_the_alert_only_when_given(fake_apns: FakeApns, m
     assert payload["aps"]["alert"]["body"] == "lunch?" and payload["msilo"]["body"] == "lunch?"
 
 
+async def test_a_long_body_is_cut_to_fit_the_4k_payload(fake_apns: FakeApns, make: Make) -> None:
+    text = "é" * 3000  # 6000 bytes
+    result = await make().send(request("apns", APNS_TOKEN, body=text))
+    assert result.outcome is PushOutcome.SENT  # the fake answers 413 past 4096 bytes
+    body = fake_apns.requests[0].json()["aps"]["alert"]["body"]
+    assert body.endswith("…") and text.startswith(body[:-1]) and len(body.encode()) <= 1024
+
+
 async def test_one_provider_token_is_reused_for_50_minutes(
     fake_apns: FakeApns, make: Make, push_clock: Clock
 ) -> None:

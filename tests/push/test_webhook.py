@@ -252,3 +252,13 @@ def test_the_default_body_is_valid_json_for_any_values() -> None:
     values = template_values(request("webhook", 'a"b', from_uri='"\\', param=None))
     assert json.loads(render_json(check_template(config.body), values))["param"] == ""
     assert json.loads(render_json(check_template(config.body), SAMPLE))
+
+
+async def test_undecodable_text_is_replaced_not_a_crash(
+    fake_webhook: FakeWebhook, make_provider: Any
+) -> None:
+    provider = make_provider(url=f"{fake_webhook.endpoint}/p", body='{"text": "$body"}')
+    # a body decoded with surrogateescape keeps its bad bytes as lone surrogates
+    result = await provider.send(request("webhook", "t", body="ok \udcff"))
+    assert result.outcome is PushOutcome.SENT
+    assert fake_webhook.requests[0].json() == {"text": "ok ?"}

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import jwt
@@ -121,7 +122,8 @@ class ApnsProvider(PushProvider):
             "apns-collapse-id": COLLAPSE_ID,
             "content-type": "application/json",
         }
-        url = f"{self.config.endpoint}/3/device/{request.target.prid}"
+        # The token comes from a REGISTER: it must stay one path segment whatever it holds.
+        url = f"{self.config.endpoint}/3/device/{quote(request.target.prid, safe='')}"
         stale: str | None = None
         for _ in range(2):
             token = self._provider_token(stale)

@@ -1,7 +1,8 @@
 """Webhook templates: ``$user $domain $aor $device $provider $prid $param $count $from
 $call_id $body`` (string.Template syntax, ``$$`` for a dollar sign), each value escaped for
 where it lands: JSON string escapes in a JSON body, percent-encoding in a URL, no line breaks
-in a header.  (The placeholder names follow Flexisip's ``external-push-uri`` idea.)"""
+and no non-ASCII (percent-encoded) in a header.  (The placeholder names follow Flexisip's
+``external-push-uri`` idea.)"""
 
 from __future__ import annotations
 
@@ -55,13 +56,17 @@ def _json_escape(value: str) -> str:
 
 
 def _url_escape(value: str) -> str:
-    return quote(value, safe="")
+    return quote(value, safe="", errors="replace")
 
 
 def _header_escape(value: str) -> str:
     # A header value is one line (RFC 9110 §5.5): a CR/LF from a SIP header must not
-    # start a header of its own.
-    return _CONTROL.sub(" ", value)
+    # start a header of its own.  Non-ASCII (which httpx refuses in a header) is sent
+    # percent-encoded as UTF-8.
+    line = _CONTROL.sub(" ", value)
+    if line.isascii():
+        return line
+    return "".join(c if c.isascii() else quote(c, safe="", errors="replace") for c in line)
 
 
 def _fill(

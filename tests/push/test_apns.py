@@ -184,13 +184,16 @@ async def test_unregistered_and_bad_device_tokens_are_dead(fake_apns: FakeApns, 
     provider = make()
     gone = await send_with_retries(provider, request("apns", APNS_TOKEN), max_attempts=3)
     bad = await send_with_retries(provider, request("apns", "abc"), max_attempts=3)
+    sneaky = await provider.send(request("apns", "../../../v1/x?y"))
     assert (gone.outcome, gone.status, gone.detail) == (
         PushOutcome.DEAD_TOKEN,
         410,
         "Unregistered",
     )
     assert (bad.outcome, bad.status, bad.detail) == (PushOutcome.DEAD_TOKEN, 400, "BadDeviceToken")
-    assert len(fake_apns.requests) == 2
+    assert sneaky.outcome is PushOutcome.DEAD_TOKEN
+    assert fake_apns.requests[2].raw_path == "/3/device/..%2F..%2F..%2Fv1%2Fx%3Fy"
+    assert len(fake_apns.requests) == 3
 
 
 async def test_a_topic_the_key_may_not_use_fails_and_keeps_the_token(

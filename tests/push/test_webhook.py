@@ -86,11 +86,14 @@ async def test_header_templates_are_filled_and_stay_on_one_line(
     )
     result = await provider.send(request("webhook", "t", from_uri="sip:a@x\r\nX-Evil: 1"))
     assert result.outcome is PushOutcome.SENT
-    [got] = fake_webhook.requests
+    result = await provider.send(request("webhook", "t", from_uri='"Zoë \udcff" <sip:z@x>'))
+    assert result.outcome is PushOutcome.SENT
+    got, other = fake_webhook.requests
     assert got.headers["authorization"] == "Bearer s3cret"
     assert got.headers["x-from"] == "sip:a@x  X-Evil: 1"
     assert "x-evil" not in got.headers
     assert got.headers["x-count"] == "1"
+    assert other.headers["x-from"] == '"Zo%C3%AB %3F" <sip:z@x>'  # non-ASCII percent-encoded
 
 
 async def test_get_sends_no_body_and_a_custom_content_type_is_kept(

@@ -236,7 +236,8 @@ class Answer:
 
 
 class FakeServer:
-    """An ASGI app served by hypercorn on 127.0.0.1; subclasses answer in ``handle``."""
+    """A fake service: records each request and answers it in ``handle``; ``running`` serves it
+    on 127.0.0.1 (tests/push/httpserver.py)."""
 
     name: ClassVar[str] = "fake"
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from msilo.errors import ParseError, StorageError
+from msilo.lograte import LogRate
 from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushTarget, send_with_retries
 from msilo.routing.registrar import RequestedBinding, device_key
 from msilo.sip.message import Contact, SipRequest
@@ -69,6 +70,7 @@ class PushSettings:
     include_body: bool = False
     max_attempts: int = 3
     device_memory: int = 2592000
+    max_pending: int = 10_000  # pushes (owners) in flight at once; past it a push is skipped
 
 
 class PushDispatch:
@@ -90,6 +92,7 @@ class PushDispatch:
         # Owners this process claimed for within the window: a burst for one user costs one
         # claim, not one per message (the database still decides across processes).
         self._claimed: dict[tuple[str, str], float] = {}
+        self._log = LogRate(log)  # a stalled provider means one line a second, not thousands
         names = sorted(settings.providers)
         # RFC 8599 §13.2 / RFC 6809: one indicator listing every service we push with.
         self.feature_caps = ("Feature-Caps", f'*;+sip.pns="{",".join(names)}"')
@@ -151,6 +154,15 @@ class PushDispatch:
             if len(self._claimed) >= _CLAIMED_MAX:
                 self._claimed = {k: t for k, t in self._claimed.items() if t > now}
             self._claimed[owner] = now + self.settings.coalesce
+        if len(self._tasks) >= self.settings.max_pending:
+            # A provider that stalls must not pile up work without bound; the message is
+            # stored and waits for the device's next REGISTER, as without push.
+            self._count("pushes_failed")
+            self._log.log(
+                logging.WARNING, "push_skipped", "aor=%s@%s reason=too_many_pending pending=%d",
+                username, domain, len(self._tasks),
+            )  # fmt: skip
+            return
         self._spawn(self._push_owner(username, domain, request, tuple(exclude)))
 
     async def _push_owner(

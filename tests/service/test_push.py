@@ -378,3 +378,26 @@ async def test_silo_mode_keeps_push_parameters_from_the_proxys_register_copies(
     assert (await alice.message(f"sip:bob@{DOMAIN}", "offline, says the proxy")).status == 202
     [push] = await fcm.wait_for(1, timeout=1.0)
     assert push.json()["message"]["token"] == phone.prid
+
+
+async def test_a_stalled_provider_does_not_pile_up_pushes_without_bound(
+    server: ServerFactory, fcm: FakeFcm, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    srv = await server("msilo.add_date=false", *push_overrides(fcm, tmp_path))
+    push = srv.worker.push
+    assert push is not None
+    push.settings = dataclasses.replace(push.settings, max_pending=1)
+    fcm.delay = 1.0  # the service hangs
+    bob, carol = await _phone(srv, fcm, "bob"), await _phone(srv, fcm, "carol")
+    for phone in (bob, carol):
+        assert (await phone.register()).status == 200
+    await _sleeps(srv, bob)
+    alice = await srv.agent("alice", DOMAIN)
+    assert (await alice.message(f"sip:bob@{DOMAIN}", "one")).status == 202
+    assert (await alice.message(f"sip:carol@{DOMAIN}", "two")).status == 202  # stored anyway
+    await _eventually(lambda: _stat(srv, "pushes_failed", 1))  # carol's push was skipped
+    await fcm.wait_for(1, timeout=3.0)
+    await _eventually(lambda: _stat(srv, "pushes_sent", 1))
+    assert await srv.store.count("carol", DOMAIN) == 1  # nothing lost

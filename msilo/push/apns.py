@@ -13,12 +13,18 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import jwt
 
 from msilo.config import ApnsConfig
 from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushResult, preview
-from msilo.push.http import REQUEST_ERRORS, make_client, network_failure, short, transient
+from msilo.push.http import (
+    REQUEST_ERRORS,
+    Reply,
+    make_client,
+    network_failure,
+    short,
+    transient,
+)
 from msilo.push.keys import load_p8
 
 TOKEN_REUSE = 50 * 60  # seconds one provider token is used (Apple: between 20 and 60 min)
@@ -145,7 +151,7 @@ class ApnsProvider(PushProvider):
         return self._outcome(response)
 
     @staticmethod
-    def _outcome(response: httpx.Response) -> PushResult:
+    def _outcome(response: Reply) -> PushResult:
         status = response.status_code
         if status == 200:
             return PushResult(PushOutcome.SENT, status, response.headers.get("apns-id", ""))
@@ -161,7 +167,7 @@ class ApnsProvider(PushProvider):
         await self._client.aclose()
 
 
-def _reason(response: httpx.Response) -> str:
+def _reason(response: Reply) -> str:
     try:
         return str(response.json().get("reason", ""))
     except (ValueError, AttributeError):

@@ -13,12 +13,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import jwt
 
 from msilo.config import FcmConfig
 from msilo.push.base import PushOutcome, PushProvider, PushRequest, PushResult, preview
-from msilo.push.http import REQUEST_ERRORS, make_client, network_failure, short, transient
+from msilo.push.http import (
+    REQUEST_ERRORS,
+    Reply,
+    make_client,
+    network_failure,
+    short,
+    transient,
+)
 from msilo.push.keys import ServiceAccount, load_service_account
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -35,7 +41,7 @@ class _TokenError(Exception):
         self.result = result
 
 
-def fcm_error(response: httpx.Response) -> tuple[str, str, str]:
+def fcm_error(response: Reply) -> tuple[str, str, str]:
     """(status, errorCode, message) of an FCM v1 error answer (google.rpc.Status with an
     FcmError detail); empty strings for what is not there."""
     try:
@@ -67,9 +73,9 @@ class FcmProvider(PushProvider):
         self.account: ServiceAccount = load_service_account(config.service_account)
         self.project_id = config.project_id or self.account.project_id
         self.token_endpoint = config.token_endpoint or self.account.token_uri
-        # parsed once: httpx parses a str URL on every request
-        self.url = httpx.URL(f"{config.endpoint}/v1/projects/{self.project_id}/messages:send")
-        self._client = make_client(timeout=config.timeout, ca_file=config.ca_file)
+        self.url = f"{config.endpoint}/v1/projects/{self.project_id}/messages:send"
+        # HTTP/1.1: FCM takes it, and it costs a twentieth of httpx's HTTP/2 (push/http.py).
+        self._client = make_client(timeout=config.timeout, ca_file=config.ca_file, http2=False)
         self._token: str | None = None
         self._expires = 0.0
         self._lock = asyncio.Lock()  # one token exchange at a time, shared by every push
@@ -166,7 +172,7 @@ class FcmProvider(PushProvider):
         return self._outcome(response)
 
     @staticmethod
-    def _outcome(response: httpx.Response) -> PushResult:
+    def _outcome(response: Reply) -> PushResult:
         status = response.status_code
         if status == 200:
             try:

@@ -45,7 +45,7 @@ class WebhookProvider(PushProvider):
         self._headers = [(k, check_template(v)) for k, v in config.headers]
         self._json = config.header("Content-Type") is None
         # A webhook is often a small HTTP/1.1 service: HTTP/2 only when it offers it (ALPN).
-        self._client = make_client(timeout=config.timeout, ca_file=config.ca_file)
+        self._client = make_client(timeout=config.timeout, ca_file=config.ca_file, http2=False)
 
     async def send(self, request: PushRequest) -> PushResult:
         """Send the webhook request for ``request``."""

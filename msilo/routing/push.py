@@ -175,12 +175,12 @@ class PushDispatch:
                 username, domain, now_ms=now_ms, window_ms=int(self.settings.coalesce * 1000),
                 since=now_ms // 1000 - self.settings.device_memory, exclude=exclude,
             )  # fmt: skip
-            if not targets:
-                return
-            waiting = int(await store.count(username, domain))
         except StorageError as exc:
             log.error("event=push_claim_failed aor=%s@%s error=%s", username, domain, exc)
             return
+        if not targets:
+            return
+        waiting = max(t.waiting for t in targets)
         body = None
         if self.settings.include_body and request.body:
             body = request.body.decode("utf-8", "replace")

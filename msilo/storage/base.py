@@ -402,7 +402,8 @@ class Store(abc.ABC):
         """Atomically take the owner's push targets that may be pushed now: registered at
         ``since`` or later, not in ``exclude``, not pushed in the last ``window_ms``
         milliseconds.  Each taken one is marked pushed at ``now_ms`` (across processes and
-        hosts one caller gets a device per window)."""
+        hosts one caller gets a device per window) and says how many messages the owner
+        has stored (``waiting``)."""
 
     @abc.abstractmethod
     async def drop_push_target(self, username: str, domain: str, device: str, *, prid: str) -> bool:

@@ -82,6 +82,9 @@ _OPTIMISTIC_REGISTERS = 3
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('msilo schema', 0))"
 _PUSH_SAVE = _sql.to_pg(PushSql.save)
 _PUSH_CLAIM = _sql.to_pg(PushSql.pg_claim)
+# A lost push window costs at most a second push after a crash, never a message: claims do
+# not wait for a WAL flush (one per push would be a disk flush per push).
+_NO_FLUSH = "SET LOCAL synchronous_commit = off"
 _PUSH_DROP = _sql.to_pg(PushSql.drop)
 _PUSH_AT = _sql.to_pg(PushSql.pushed_at)
 _PUSH_CLEAR = _sql.to_pg(PushSql.clear_pushed)
@@ -428,6 +431,10 @@ class PostgresStore(Store):
         self._settles: Coalescer[tuple[int, str, int], bool] = Coalescer(
             self._settle_many, bool, max_batch=512
         )
+        # Concurrent push claims (a burst of messages for sleeping phones) share one.
+        self._push_claims: Coalescer[tuple[str, str, int, int, int], list[PushRecord]] = Coalescer(
+            self._claim_pushes, list, max_batch=256
+        )
         # Concurrent one-contact REGISTERs share one round trip and one commit.
         self._registers: Coalescer[tuple[Any, ...], RegisterOutcome | None] = Coalescer(
             self._register_many, lambda: None, max_batch=256
@@ -519,6 +526,15 @@ class PostgresStore(Store):
             f"ON CONFLICT (username, domain, device) DO UPDATE SET "
             f"last_register = excluded.last_register "
             f"WHERE d.last_register <= excluded.last_register - {ledger.TOUCH_GRANULARITY}"
+        )
+        waiting = (
+            f"SELECT count(*) FROM {t} m WHERE m.{s.username} = p.username "
+            f"AND m.{s.domain} = p.domain"
+        )
+        self._q_claim_pushes = PushSql.pg_claim_many(waiting)
+        self._q_claim_push = (
+            f"WITH c AS ({_PUSH_CLAIM}) SELECT c.*, (SELECT count(*) FROM {t} "
+            f"WHERE {s.username} = $1 AND {s.domain} = $2) FROM c"
         )
         self._q_forget_push = (
             f"DELETE FROM {push_targets.PUSH_TABLE} WHERE username = $1 AND domain = $2 "
@@ -1197,17 +1213,37 @@ class PostgresStore(Store):
         exclude: Sequence[str] = (),
     ) -> list[PushRecord]:
         """Take the owner's push targets that may be pushed now (marked pushed)."""
+        if not exclude:
+            key = (username, domain, now_ms, now_ms - window_ms, since)
+            return await self._push_claims.get(key)
         args = (username, domain, now_ms, since, now_ms - window_ms, list(exclude))
+        sql = self._q_claim_push
 
         async def run(conn: Conn) -> list[PushRecord]:
             async with conn.transaction():
-                # A lost window costs at most a second push after a crash, not a message:
-                # no WAL flush for it (a claim per push would be a disk flush per push).
-                await conn.execute("SET LOCAL synchronous_commit = off")
-                return [PushRecord(*r) for r in await conn.fetch(_PUSH_CLAIM, *args)]
+                await conn.execute(_NO_FLUSH)
+                rows = await conn.fetch(sql, *args)
+                return [PushRecord(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
 
         # Not idempotent: a retry after a lost answer could claim a window twice.
         return await self._run("claim push targets", run)
+
+    async def _claim_pushes(
+        self, keys: list[tuple[str, str, int, int, int]]
+    ) -> dict[tuple[str, str, int, int, int], list[PushRecord]]:
+        columns = [list(column) for column in zip(*keys, strict=True)]
+        sql = self._q_claim_pushes
+
+        async def run(conn: Conn) -> list[Any]:
+            async with conn.transaction():
+                await conn.execute(_NO_FLUSH)
+                return list(await conn.fetch(sql, *columns))
+
+        found: dict[tuple[str, str, int, int, int], list[PushRecord]] = {}
+        for r in await self._run("claim push targets", run):
+            record = PushRecord(r[1], r[2], r[3], r[4], waiting=int(r[5]))
+            found.setdefault(keys[r[0] - 1], []).append(record)
+        return found
 
     async def drop_push_target(self, username: str, domain: str, device: str, *, prid: str) -> bool:
         """Forget a device's dead push token."""

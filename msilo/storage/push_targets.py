@@ -30,6 +30,7 @@ class PushRecord:
     provider: str
     prid: str
     param: str | None
+    waiting: int = 0  # the owner's stored messages when it was claimed (the push's count)
 
 
 def push_ddl() -> list[str]:
@@ -81,6 +82,21 @@ class PushSql:
     )
     pg_claim = _claim.replace("{excluded}", "device <> ALL({5}::text[])")
     sqlite_claim = _claim.replace("{excluded}", "device NOT IN (SELECT value FROM json_each({5}))")
+
+    @staticmethod
+    def pg_claim_many(waiting: str) -> str:
+        """PostgreSQL: claims of many owners in one statement (one row of the arrays per
+        claim; ``k.i`` says whose), each taken device with ``waiting``, SQL that counts
+        the owner ``p``'s stored messages."""
+        return (
+            f"UPDATE {PUSH_TABLE} p SET pushed_ms = k.now_ms "
+            f"FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) "
+            f"WITH ORDINALITY AS k(u, d, now_ms, cutoff, since, i) "
+            f"WHERE p.username = k.u AND p.domain = k.d AND p.last_register >= k.since "
+            f"AND (p.pushed_ms IS NULL OR p.pushed_ms <= k.cutoff) "
+            f"RETURNING k.i, p.device, p.provider, p.prid, p.param, ({waiting})"
+        )
+
     # The time of the push that woke the device, cleared: a later delivery is not its doing.
     pushed_at = (
         f"SELECT pushed_ms FROM {PUSH_TABLE} WHERE username = {{0}} AND domain = {{1}} "

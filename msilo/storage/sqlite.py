@@ -760,8 +760,14 @@ class SQLiteStore(Store):
             orjson.dumps(list(exclude)).decode(),
         )
 
+        count = _sql.to_sqlite(self._sql.count)
+
         def run(conn: Conn) -> list[PushRecord]:
-            return [PushRecord(*r) for r in conn.execute(sql, args).fetchall()]
+            taken = conn.execute(sql, args).fetchall()
+            if not taken:
+                return []
+            (waiting,) = conn.execute(count, (username, domain)).fetchone()
+            return [PushRecord(r[0], r[1], r[2], r[3], int(waiting)) for r in taken]
 
         return await self._call("claim push targets", lambda c: self._write(c, run))
 

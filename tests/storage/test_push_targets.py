@@ -116,3 +116,30 @@ async def test_the_push_time_is_taken_once(store: Store) -> None:
     assert await store.take_push_time(*owner, "phone") is None
     # Cleared by the delivery: the device may be pushed again at once.
     assert await _claim(store, owner, NOW_MS + 1) == ["phone"]
+
+
+async def test_a_claim_says_how_many_messages_wait(store: Store) -> None:
+    from storage_helpers import message
+
+    owner = _owner()
+    await _save(store, owner, "phone")
+    await store.store_batch(
+        [message(*owner, body=f"m{n}".encode(), key=f"{owner[0]}-{n}") for n in range(3)], 0
+    )
+    [got] = await store.claim_push_targets(
+        *owner, now_ms=NOW_MS, window_ms=WINDOW_MS, since=NOW - 60
+    )
+    assert got.waiting == 3
+
+
+async def test_many_owners_claimed_at_once_each_get_their_own_devices(store: Store) -> None:
+    owners = [_owner() for _ in range(20)]
+    for owner in owners:
+        await _save(store, owner, f"phone-{owner[0]}", prid=f"tok-{owner[0]}")
+    # Concurrent claims (PostgreSQL answers them in one statement).
+    results = await asyncio.gather(
+        *(_claim(store, o, NOW_MS) for o in owners), _claim(store, owners[0], NOW_MS + 1)
+    )
+    assert results[1:20] == [[f"phone-{o[0]}"] for o in owners[1:]]
+    # owners[0] was asked twice in the window: one of the two claims has the phone.
+    assert sorted([results[0], results[20]]) == [[], [f"phone-{owners[0][0]}"]]

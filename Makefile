@@ -15,13 +15,17 @@ debug:              ## debug build: annotate HTML, line tracing, invariant check
 # Debian packages the tests drive, as command:package (a missing command installs its
 # package): sipp, sipsak, dnsmasq (SRV), baresip and linphonec (real clients), stdbuf (their
 # line-buffered output), ip and nft (a NAT in network namespaces), promtool (alert rules and
-# dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file).
+# dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file),
+# chromium (the browser tests, driven by Playwright's Python package: no browser download)
+# and npm (the JsSIP and SIP.js those tests load, pinned in tests/clients/web).
 TEST_TOOLS = sipp:sip-tester sipsak:sipsak dnsmasq:dnsmasq-base baresip:baresip-core \
              linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables \
-             promtool:prometheus sngrep:sngrep systemd-analyze:systemd
+             promtool:prometheus sngrep:sngrep systemd-analyze:systemd \
+             chromium:chromium npm:npm
+WEB_TESTS = tests/clients/web
 
-test-deps:          ## Python test dependencies, plus the Debian tools the tests drive (when missing)
-	$(PIP) install -q -e '.[test]'
+test-deps:          ## Python test dependencies, the Debian tools the tests drive (when missing), npm packages
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PIP) install -q -e '.[test]'
 	@missing=""; for pair in $(TEST_TOOLS); do \
 	    command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; \
 	done; \
@@ -32,6 +36,7 @@ test-deps:          ## Python test dependencies, plus the Debian tools the tests
 	        echo "install these Debian packages:$$missing"; exit 1; \
 	    fi; \
 	fi
+	cd $(WEB_TESTS) && npm ci --loglevel=error   # exactly the lock file's versions
 
 test: test-deps     ## install the test dependencies and run the whole suite
 	$(PYTHON) -m pytest

@@ -178,15 +178,20 @@ class Browsers:
         self.browser = browser
         self.site = site
         self.people: list[Person] = []
+        self.contexts: list[BrowserContext] = []
         self.refused: list[str] = []
+
+    async def new_context(self) -> BrowserContext:
+        """A new browser profile that can load nothing but pages on 127.0.0.1 (WebSockets
+        are not routed by Playwright's HTTP routing: the pages open only the one given)."""
+        context = await self.browser.new_context()
+        self.contexts.append(context)
+        await context.route(re.compile(r"^(?!http://127\.0\.0\.1:)"), self._refuse)
+        return context
 
     async def person(self, user: str, page_name: str, server: str) -> Person:
         """A new browser profile for ``user`` that opens ``page_name`` against ``server``."""
-        context = await self.browser.new_context()
-        # Nothing from the network: only our static site and our msilo (WebSockets are
-        # not routed by Playwright's HTTP routing; the page only opens the one it is given).
-        await context.route(re.compile(r"^(?!http://127\.0\.0\.1:)"), self._refuse)
-        person = Person(user, context, self.site, page_name, server)
+        person = Person(user, await self.new_context(), self.site, page_name, server)
         self.people.append(person)
         return person
 
@@ -210,7 +215,7 @@ async def chromium(site: str) -> AsyncIterator[Browsers]:
         try:
             yield browsers
         finally:
-            for person in browsers.people:
-                await person.context.close()
+            for context in browsers.contexts:
+                await context.close()
             await browser.close()
         assert not browsers.refused, f"pages asked for outside addresses: {browsers.refused}"

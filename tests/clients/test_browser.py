@@ -4,6 +4,7 @@ A real ``msilo serve`` (two workers, registrar mode) with only the README's ``ws
 listener; each user is a Chromium profile of its own on the README's JsSIP page, run as
 printed, or on the same page built with SIP.js. The npm packages are the pinned ones in
 ``web/package.json`` (``make test-deps`` runs ``npm ci``); nothing is fetched at run time.
+The ``server.ws_origins`` allow-list is checked against the Origin a real page sends.
 """
 
 from __future__ import annotations
@@ -147,3 +148,33 @@ def test_make_test_deps_installs_the_browser_and_the_npm_packages() -> None:
     assert "chromium:chromium" in out.stdout and "npm:npm" in out.stdout  # Debian packages
     assert "cd tests/clients/web && npm ci" in out.stdout  # the lock file's versions
     assert "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1" in out.stdout  # the system Chromium only
+
+
+_OPEN_WS = """url => new Promise(resolve => {
+    const ws = new WebSocket(url, "sip");
+    ws.onopen = () => { resolve("open " + ws.protocol); ws.close(); };
+    ws.onerror = () => resolve("refused");
+})"""
+
+
+async def test_the_origin_allow_list_holds_for_a_real_browser(
+    db_url: str, tmp_path: Path, browsers: Browsers, ws_port: int
+) -> None:
+    # Two sites on 127.0.0.1 are two origins (another port): only the listed one may connect.
+    with static_site(tmp_path / "other") as other:
+        allowed = browsers.site
+        instance = Instance(
+            tmp_path, "msilo-origins", db_url,
+            (f'server.listen=["ws:127.0.0.1:{ws_port}"]', f'server.ws_origins=["{allowed}"]'),
+        )  # fmt: skip
+        try:
+            await instance.wait_ready(workers=2)
+            page = await (await browsers.new_context()).new_page()
+            url = f"ws://127.0.0.1:{ws_port}/"
+            await page.goto(f"{allowed}/sipjs.html")
+            assert await page.evaluate(_OPEN_WS, url) == "open sip"
+            await page.goto(f"{other}/sipjs.html")  # cross-site WebSocket hijacking
+            assert await page.evaluate(_OPEN_WS, url) == "refused"
+            assert "status=403 reason='origin not allowed'" in instance.log()
+        finally:
+            instance.kill_all()

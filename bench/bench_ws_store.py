@@ -10,9 +10,10 @@ the same store workload runs twice, one right after the other:
 * **WS**: our own asyncio load generator (``bench/wsload.py``, picows client) sending
   the same MESSAGEs, open-loop at the same rate, round-robin over ``--connections``
   WebSocket connections (browsers: ``.invalid`` Via host, ``sip`` subprotocol).
-  The step passes when every MESSAGE got 202 (none failed, none unanswered), every
-  202 is a row and no row is extra, no connection was dropped, and 202s in the
-  measuring window reached 95 % of the offered rate.
+  The step passes when every MESSAGE got 202 (none failed, none unanswered), none
+  later than T1 = 500 ms (when the UDP client would have retransmitted, which fails
+  the UDP step), every 202 is a row and no row is extra, no connection was dropped,
+  and 202s in the measuring window reached 95 % of the offered rate.
 
 Each transport's ramp stops at its first failed step; its store rate is its highest
 passing step. The ratio WS / UDP is printed (goal >= 0.5) and the whole run saved as JSON.
@@ -60,6 +61,7 @@ from bench.wsload import (
 
 GOAL_RATIO = 0.5
 MIN_ACHIEVED = steps.MIN_ACHIEVED  # the UDP step's rule, for both
+T1 = 0.5  # RFC 3261 T1: a UDP client retransmits an unanswered request after it
 GRACE = 30.0  # seconds the last MESSAGEs may take to be answered after the sending ends
 
 
@@ -116,6 +118,7 @@ async def _ws_load(
     window = [n for n in range(made) if begin <= sent_at[n] < end]
     ok_window = [n for n in window if status[n] == 202]
     latencies = [(answered_at[n] - sent_at[n]) * 1000.0 for n in ok_window]
+    late = sum(1 for n in range(made) if status[n] and answered_at[n] - sent_at[n] > T1)
     successful = sum(1 for s in status if s == 202)
     failed = sum(1 for s in status[:made] if s not in (0, 202))
     return {
@@ -124,6 +127,7 @@ async def _ws_load(
         "successful": successful,
         "failed": failed,
         "unanswered": made - answered,
+        "answered_after_t1": late,
         "dropped_connections": dropped,
         "achieved_rate": len(ok_window) / wl.duration,
         "latency_ms": summarize(latencies),
@@ -151,6 +155,13 @@ def run_ws_store(
     check("all_calls_made", out["made"] == calls, f"sent {out['made']} of {calls} in time")
     check("no_failed_calls", out["failed"] == 0, f"{out['failed']} non-202 answers")
     check("all_answered", out["unanswered"] == 0, f"{out['unanswered']} unanswered")
+    # The UDP step fails on any retransmission, which sipp sends when an answer takes more
+    # than T1 = 500 ms (store_uac.xml's retrans="500"): the same bound here.
+    check(
+        "no_late_answers",
+        out["answered_after_t1"] == 0,
+        f"{out['answered_after_t1']} answers after {T1 * 1000:.0f} ms (UDP would retransmit)",
+    )
     check("no_dropped_connections", out["dropped_connections"] == 0, "connections dropped")
     check("every_202_is_a_row", rows >= ok, f"{ok} MESSAGEs answered 202 but only {rows} rows")
     check("no_extra_rows", rows <= ok, f"{rows} rows for {ok} 202s")

@@ -23,7 +23,7 @@ from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from bench.e2e.procs import BenchError, free_port
+from bench.e2e.procs import BenchError, Proc, free_port, wait_for_sip
 from bench.e2e.servers import HOST, MsiloServer
 
 SIP_PROTOCOL = {"Sec-WebSocket-Protocol": "sip"}  # RFC 7118 §4.1: required by msilo
@@ -49,8 +49,17 @@ class WsMsilo(MsiloServer):
         return [*sets, *(arg for item in self.extra for arg in ("--set", item))]
 
     def start(self) -> None:
-        self.ws_port = free_port()
-        super().start()
+        # Three ports free now and distinct (free_port alone may hand out one twice).
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.port, self.http_port, self.ws_port = sorted(ports)
+        argv = [*self._msilo(), "serve", *self.settings()]
+        self.info["command"] = " ".join(argv)
+        self.proc = Proc(
+            "msilo", argv, self.workdir / "msilo.log", cwd=self.workdir, env=self._env()
+        )
+        wait_for_sip(self.proc, HOST, self.port, timeout=60)
 
     @property
     def url(self) -> str:

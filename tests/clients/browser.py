@@ -131,6 +131,7 @@ class Person:
         page = self._page()
         await page.fill("#to", to)
         await page.fill("#text", text)
+        await page.eval_on_selector("#result", "e => { e.value = ''; }")  # the last send's
         await page.click("#send")
         await self.wait_filled("#result")
         return await self._value("#result")

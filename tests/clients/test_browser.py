@@ -178,3 +178,26 @@ async def test_the_origin_allow_list_holds_for_a_real_browser(
             assert "status=403 reason='origin not allowed'" in instance.log()
         finally:
             instance.kill_all()
+
+
+# How each page words msilo's 486 Mailbox Full (JsSIP maps statuses to its causes).
+REFUSED = {"jssip": "failed: Busy", "sipjs": "failed: 486 Mailbox Full"}
+
+
+@pytest.mark.parametrize("library", sorted(PAGES))
+async def test_a_full_mailbox_shows_as_a_failed_send_on_the_senders_page(
+    library: str, db_url: str, tmp_path: Path, msilo_overrides: tuple[str, ...],
+    browsers: Browsers, ws_port: int,
+) -> None:  # fmt: skip
+    instance = Instance(tmp_path, "msilo-quota", db_url, (*msilo_overrides, "msilo.max_messages=1"))
+    try:
+        await instance.wait_ready(workers=2)
+        alice = await browsers.person("alice", PAGES[library], f"ws://127.0.0.1:{ws_port}/")
+        await alice.open()
+        assert await alice.send("carol", "first") == "202 Accepted"
+        assert await alice.send("carol", "second") == REFUSED[library]
+        assert await _count(db_url, "carol") == 1
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{browsers.diagnostics()}\n{instance.log()[-4000:]}") from exc
+    finally:
+        instance.kill_all()

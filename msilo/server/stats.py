@@ -67,6 +67,10 @@ SERVER_COUNTERS: dict[str, str] = {
     "responses_handed_off": (
         "responses to our requests that reached another worker, handed to the sender"
     ),
+    "requests_handed_off": (
+        "requests for a device's TCP/TLS/WebSocket connection held by another worker,"
+        " written on it by that worker"
+    ),
 }
 
 COUNTERS: dict[str, str] = {**MSILO_COUNTERS, **SERVER_COUNTERS}

@@ -331,6 +331,9 @@ class Worker:
                 tag,
                 on_response=self._handed_response,
                 on_send=self.transports.send_from_listener if self.listen else None,
+                # A device's TCP/TLS/WS connection may be held here, by another worker's
+                # request (msilo.transport.handoff).
+                on_connection=self.transports.write_held if self.listen else None,
             )
         self.trace = SipTrace.from_settings(
             log_level=server.log_level, sip_trace=server.sip_trace, hep=hep
@@ -446,7 +449,9 @@ class Worker:
             known = client_hosts.get(family)
             client_hosts[family] = host if known in (None, host) else wildcard
         if self.handoff is not None:
-            self.transports.use_handoff(self.handoff, shared)
+            self.transports.use_handoff(
+                self.handoff, shared, lambda: self.count("requests_handed_off")
+            )
         for family, host in client_hosts.items():
             # UDP requests leave from the listener (a device behind NAT only hears the
             # port it registered to, RFC 4787 §5); a client socket is left for a family

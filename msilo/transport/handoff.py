@@ -10,6 +10,15 @@ to that process over a Unix socket in the abstract namespace.  The leader,
 which binds no listening socket, asks a worker to send its requests the same way, so
 reminders leave from the listening port too.
 
+TCP, TLS and WebSocket connections are accepted by whichever worker the kernel picks
+(``SO_REUSEPORT``), and a device that registered over one is reachable only over it.  A
+process that must send to such a connection and does not hold it asks the other workers
+(:meth:`Handoff.ask`): the one that holds it writes the request on it and answers ``A``,
+the others answer ``N``.  The device's response comes back on that connection to the
+holder, whose branch tag check hands it to the sender as it does a UDP response.  No
+answer within :data:`ASK_TIMEOUT` counts as "nobody has it", so a branch to a closed
+connection fails at once instead of waiting for Timer F.
+
 Why not a reuseport BPF program keyed on the tag: classic BPF returns an index into
 the group's socket array, which is the order the sockets joined and is reshuffled when
 one leaves (the kernel moves the last socket into the hole); a worker cannot learn its
@@ -30,8 +39,15 @@ its buffer in bytes (4 MB asked).  Each process connects once to each peer it ne
 keeps the connection.  Frames are one packet each: a kind byte, an ASCII header line,
 the SIP datagram::
 
-    R<ip> <port>\\n<response>                       response from ip:port, for you
+    R<ip> <port>\\n<response>                         response from ip:port, for you
     S<ip> <port> <local ip> <local port>\\n<request>  send this from your listener
+    C<transport> <ip> <port> <id>\\n<request>         write this on the connection
+                                                      from ip:port, if you hold it
+    A<id> or N<id>                                    the answer to C, on its connection:
+                                                      written / no such connection here
+
+A frame longer than :data:`MAX_FRAME` is never sent (the request goes the way it would
+without the hand-off) and one that arrives longer is refused.
 """
 
 from __future__ import annotations
@@ -60,7 +76,11 @@ MAX_SLOT: Final = 0xFFF  # three hex digits in the branch
 _TAG_LEN: Final = 4  # role letter + three hex digits
 _HEX: Final = frozenset("0123456789abcdef")
 _CREDS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_MAX_FRAME: Final = 65535 + 128
+MAX_FRAME: Final = 65535 + 128
+_ID_DIGITS: Final = 20  # an ask's id: decimal, at most this long
+_STREAMS: Final = frozenset({"TCP", "TLS", "WS", "WSS"})
+ASK_TIMEOUT: Final = 0.15  # s for the holder of a connection to answer; then "nobody has it"
+_MAX_ASKS: Final = 10_000  # asks waiting for answers; past that, send as if alone
 _BATCH: Final = 64  # frames read per wake-up before yielding to the loop
 _BACKLOG: Final = 512
 _BUFFER: Final = 4 * 1024 * 1024  # per connection: a burst of responses, not 10 datagrams
@@ -68,6 +88,8 @@ _RESCAN_AFTER: Final = 1.0  # seconds between looks for workers when none answer
 
 OnResponse = Callable[[bytes, Address], None]
 OnSend = Callable[[bytes, Address, Address], None]
+OnConnection = Callable[[str, Address, bytes], bool]
+Answered = Callable[[bool], None]
 
 
 def process_tag(role: str, slot: int) -> str:
@@ -138,6 +160,13 @@ class HandoffStats:
     sent_for_leader: int = 0  # requests this worker sent for the leader
     undeliverable: int = 0  # frames whose receiver is gone or full
     refused: int = 0  # frames from another user or malformed
+    asked: int = 0  # requests we asked the other workers to write on their connection
+    handed_off: int = 0  # ... that one of them wrote
+    not_held: int = 0  # ... that every worker asked answered it holds no such connection
+    ask_timeouts: int = 0  # ... that not every worker answered in time, none with "written"
+    late_answers: int = 0  # answers that came after the ask was settled
+    sent_for_others: int = 0  # requests this worker wrote on its connection for another
+    not_here: int = 0  # asks this worker answered N: it holds no such connection
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -148,7 +177,9 @@ class Handoff:
     """One process's hand-off sockets (see the module docstring).
 
     ``on_response(data, peer)`` gets every response forwarded to us; ``on_send(data,
-    dest, local)`` every request the leader wants sent (workers only).
+    dest, local)`` every request the leader wants sent (workers only);
+    ``on_connection(transport, peer, data)`` writes a request another process asked us
+    to write on the connection ``peer`` opened to us, and says whether it did (workers).
     """
 
     def __init__(
@@ -158,12 +189,14 @@ class Handoff:
         *,
         on_response: OnResponse,
         on_send: OnSend | None = None,
+        on_connection: OnConnection | None = None,
     ) -> None:
         self.deployment = deployment
         self.tag = tag
         self.stats = HandoffStats()
         self._on_response = on_response
         self._on_send = on_send
+        self._on_connection = on_connection
         self._listener: socket.socket | None = None
         self._sender: socket.socket | None = None
         # fd -> (connection from a peer, accepted on the sender socket)
@@ -174,6 +207,8 @@ class Handoff:
         self._workers: list[bytes] = []
         self._next_worker = itertools.count()
         self._scanned_at = float("-inf")
+        self._asks: dict[int, _Ask] = {}  # id -> an ask waiting for its answers
+        self._next_ask = itertools.count(1)
 
     @property
     def name(self) -> bytes:
@@ -189,7 +224,7 @@ class Handoff:
         """Bind the listening socket(s) and start accepting (in the running loop)."""
         self._loop = asyncio.get_running_loop()
         self._listener = self._listen(self.name, sending=False)
-        if self._on_send is not None:
+        if self._on_send is not None or self._on_connection is not None:
             try:
                 self._sender = self._listen(self.sender_name, sending=True)
             except OSError:
@@ -231,8 +266,12 @@ class Handoff:
             self._close(conn)
         self._accepted.clear()
         for conn in self._peers.values():
-            conn.close()
+            self._close(conn)
         self._peers.clear()
+        # Closing down: the transactions waiting on these go with the transaction layer.
+        for ask in self._asks.values():
+            ask.timer.cancel()
+        self._asks.clear()
 
     def _close(self, sock: socket.socket | None) -> None:
         if sock is None or sock.fileno() < 0:
@@ -272,6 +311,60 @@ class Handoff:
                 break
         return False
 
+    def ask(self, transport: str, peer: Address, data: bytes, answered: Answered) -> bool:
+        """Ask the other workers to write ``data`` on the ``transport`` connection that
+        ``peer`` opened to one of them (see the module docstring).
+
+        ``answered(True)`` when one wrote it; ``answered(False)`` when every worker asked
+        said it holds no such connection, or not all answered within
+        :data:`ASK_TIMEOUT`.  Returns False, and never calls ``answered``, when nobody
+        could be asked (no other worker, the frame too long, too many asks waiting).
+        """
+        if self._listener is None or len(self._asks) >= _MAX_ASKS or transport not in _STREAMS:
+            return False
+        ident = next(self._next_ask)
+        header = b"C%s %s %d" % (transport.encode(), _format_addr(peer), ident)
+        if len(header) + 1 + len(data) > MAX_FRAME:
+            return False
+        if time.monotonic() - self._scanned_at >= _RESCAN_AFTER:
+            # A worker that started since the last look may hold the connection.
+            self._rescan()
+        asked = 0
+        for name in list(self._workers):
+            if self._frame(name, header, data):
+                asked += 1
+            else:
+                self._workers.remove(name)
+        if not asked:
+            return False
+        assert self._loop is not None
+        timer = self._loop.call_later(ASK_TIMEOUT, self._ask_timed_out, ident)
+        self._asks[ident] = _Ask(answered, asked, timer)
+        self.stats.asked += 1
+        return True
+
+    def _answered(self, ident: int, held: bool) -> None:
+        ask = self._asks.get(ident)
+        if ask is None:  # timed out already, or written by another (cannot happen twice)
+            self.stats.late_answers += 1
+            return
+        if not held:
+            ask.waiting -= 1
+            if ask.waiting > 0:
+                return
+            self.stats.not_held += 1
+        else:
+            self.stats.handed_off += 1
+        del self._asks[ident]
+        ask.timer.cancel()
+        _settle(ask, held)
+
+    def _ask_timed_out(self, ident: int) -> None:
+        ask = self._asks.pop(ident, None)
+        if ask is not None:
+            self.stats.ask_timeouts += 1
+            _settle(ask, False)
+
     def _frame(self, name: bytes, header: bytes, data: bytes) -> bool:
         if self._listener is None:  # closed
             return False
@@ -288,8 +381,7 @@ class Handoff:
                 return self._undeliverable(name, exc)
             except OSError as exc:
                 self._peers.pop(name, None)
-                if conn is not None:
-                    conn.close()
+                self._close(conn)
                 if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
                     return self._undeliverable(name, exc)  # nobody has that name
         return self._undeliverable(name, None)
@@ -306,12 +398,22 @@ class Handoff:
             conn.close()
             raise
         self._peers[name] = conn
+        assert self._loop is not None
+        # Asks are answered on the connection; any connection's end says its peer is gone.
+        self._loop.add_reader(conn.fileno(), self._answers, conn, name)
         return conn
 
     def _undeliverable(self, name: bytes, exc: BaseException | None) -> bool:
         self.stats.undeliverable += 1
         log.debug("event=handoff_failed to=%r error=%r", name[1:], exc)
         return False
+
+    def _answer(self, conn: socket.socket, frame: bytes) -> None:
+        try:
+            conn.send(frame, socket.MSG_NOSIGNAL)
+        except OSError as exc:  # full or gone: the asker's timeout answers for us
+            self.stats.undeliverable += 1
+            log.debug("event=handoff_answer_lost error=%r", exc)
 
     def _rescan(self) -> bool:
         now = time.monotonic()
@@ -348,7 +450,8 @@ class Handoff:
     def _readable(self, conn: socket.socket, sending: bool) -> None:
         for _ in range(_BATCH):
             try:
-                frame = conn.recv(_MAX_FRAME)
+                # One byte more than a frame may hold: a longer one was cut, refuse it.
+                frame = conn.recv(MAX_FRAME + 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -357,9 +460,32 @@ class Handoff:
                 self._accepted.pop(conn.fileno(), None)
                 self._close(conn)
                 return
-            self._handle(frame, sending)
+            if len(frame) > MAX_FRAME:
+                self.stats.refused += 1
+                continue
+            self._handle(frame, sending, conn)
 
-    def _handle(self, frame: bytes, sending: bool) -> None:
+    def _answers(self, conn: socket.socket, name: bytes) -> None:
+        """Frames on a connection we made: answers to our asks, or its end."""
+        for _ in range(_BATCH):
+            try:
+                frame = conn.recv(_ID_DIGITS + 2)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                frame = b""
+            if not frame:  # the peer closed it (stopped, or stopped sending for others)
+                if self._peers.get(name) is conn:
+                    del self._peers[name]
+                self._close(conn)
+                return
+            kind, digits = frame[:1], frame[1:]
+            if kind in (b"A", b"N") and 0 < len(digits) <= _ID_DIGITS and digits.isdigit():
+                self._answered(int(digits), kind == b"A")
+            else:
+                self.stats.refused += 1
+
+    def _handle(self, frame: bytes, sending: bool, conn: socket.socket) -> None:
         head, sep, data = frame.partition(b"\n")
         parts = head[1:].split(b" ")
         if not sep or not data:
@@ -383,12 +509,48 @@ class Handoff:
                 self._on_send(data, dest, local)
                 self.stats.sent_for_leader += 1
                 return
+            if (
+                frame_kind == b"C"
+                and sending
+                and len(parts) == 4
+                and self._on_connection is not None
+                and 0 < len(parts[3]) <= _ID_DIGITS
+                and parts[3].isdigit()
+                and not data.startswith(b"SIP/")
+            ):
+                transport = parts[0].decode("ascii")
+                peer = (parts[1].decode("ascii"), int(parts[2]))
+                if transport not in _STREAMS:
+                    raise ValueError(transport)
+                held = self._on_connection(transport, peer, data)
+                if held:
+                    self.stats.sent_for_others += 1
+                else:
+                    self.stats.not_here += 1
+                self._answer(conn, (b"A" if held else b"N") + parts[3])
+                return
         except (ValueError, UnicodeDecodeError):
             pass
         except OSError as exc:  # our listener is closing: the leader's Timer E resends
             log.debug("event=send_for_leader_failed error=%r", exc)
             return
         self.stats.refused += 1
+
+
+@dataclass(slots=True)
+class _Ask:
+    """A request other workers were asked to write on their connection."""
+
+    answered: Answered
+    waiting: int  # workers asked that have not answered
+    timer: asyncio.TimerHandle
+
+
+def _settle(ask: _Ask, held: bool) -> None:
+    try:
+        ask.answered(held)
+    except Exception:  # a bug in the callback: never out of the socket's reader
+        log.exception("event=handoff_answer_failed")
 
 
 def live_workers(deployment: str, path: str = "/proc/net/unix") -> list[bytes]:
@@ -407,6 +569,8 @@ def live_workers(deployment: str, path: str = "/proc/net/unix") -> list[bytes]:
 
 
 __all__ = [
+    "ASK_TIMEOUT",
+    "MAX_FRAME",
     "Handoff",
     "HandoffStats",
     "branch_tag",

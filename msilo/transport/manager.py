@@ -12,6 +12,13 @@ a listener of that family (the leader, a worker that stopped listening while it
 drains) asks a worker to send for it through the hand-off
 (:mod:`msilo.transport.handoff`); failing that, or for a family we do not listen on
 over UDP at all, it sends from its own client socket.
+
+A TCP, TLS or WebSocket connection a device opened belongs to the worker that
+accepted it.  A request for a peer this process has no connection to is first
+offered to the other workers (:meth:`Handoff.ask`); the one holding a connection
+the peer opened writes it there.  When none does, the request goes as it would
+without them: over TCP/TLS a new connection is opened, over WebSocket (a browser
+cannot be connected to) the send fails.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from msilo.errors import TransportError
@@ -52,14 +60,16 @@ from msilo.transport.tcp import (
     DEFAULT_MESSAGE_TIMEOUT,
     BufferBudget,
     ConnectionPool,
+    TcpConnection,
 )
 from msilo.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
-    from msilo.transport.ws import WsPool
+    from msilo.transport.ws import WsConnection, WsPool
 
 log = logging.getLogger("msilo.transport")
 WS_TRANSPORTS = ("WS", "WSS")
+HANDED_OFF = frozenset({TCP, TLS, *WS_TRANSPORTS})  # connections may be another worker's
 
 
 class Transports:
@@ -123,6 +133,7 @@ class Transports:
         # without a listener of its own names in Via and asks a worker to send from.
         self._shared: dict[int, list[Address]] = {}
         self.handoff: Handoff | None = None
+        self._handed_off: Callable[[], None] | None = None  # counts a request handed off
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -169,13 +180,21 @@ class Transports:
         if self.handoff is not None:
             self.handoff.stop_sending()
 
-    def use_handoff(self, handoff: Handoff, shared: list[Address]) -> None:
-        """Send through ``handoff`` when this process has no listener of a family.
+    def use_handoff(
+        self,
+        handoff: Handoff,
+        shared: list[Address],
+        handed_off: Callable[[], None] | None = None,
+    ) -> None:
+        """Send through ``handoff`` when this process has no listener of a family, or
+        no connection to a TCP/TLS/WebSocket peer.
 
         ``shared`` are the deployment's UDP listening addresses (host, port) as
-        configured: what our Via names and the worker sends from.
+        configured: what our Via names and the worker sends from.  ``handed_off()`` is
+        called for each request another worker wrote on its connection for us.
         """
         self.handoff = handoff
+        self._handed_off = handed_off
         self._shared = {}
         for host, port in shared:
             self._shared.setdefault(family_of(host), []).append((host.strip("[]"), int(port)))
@@ -194,6 +213,30 @@ class Transports:
                 endpoint.sendto(data, dest)
                 return
         listeners[pick_local([str(e.local[0]) for e in listeners], str(dest[0]))].sendto(data, dest)
+
+    def write_held(self, transport: str, peer: Address, data: bytes) -> bool:
+        """Write ``data`` on the ``transport`` connection ``peer`` opened to us (another
+        process asked, :meth:`Handoff.ask`); False when we hold none or it is closed.
+
+        Only connections the peer opened: one we dialled, the asker can dial too.
+        """
+        host, port = str(peer[0]), int(peer[1])
+        conn: TcpConnection | WsConnection | None
+        if transport == TCP:
+            conn = self.pool.get(host, port)
+        elif transport == TLS:
+            conn = self.tls_pool.get(host, port) if self.tls_pool is not None else None
+        else:
+            pool = self.ws_pools.get(transport)
+            conn = pool.get(host, port) if pool is not None else None
+        if conn is None or (isinstance(conn, TcpConnection) and conn.outbound):
+            return False
+        try:
+            conn.write(data)
+        except OSError as exc:
+            log.debug("event=write_held_failed transport=%s error=%r", transport, exc)
+            return False
+        return True
 
     async def listen_tcp(self, host: str, port: int, *, reuse_port: bool = True) -> asyncio.Server:
         """Bind a TCP listener (SO_REUSEPORT: shared with the other workers)."""
@@ -343,10 +386,51 @@ class Transports:
     def _send_to_ip(
         self, data: bytes, target: Target, on_error: ErrorCallback, server_name: str | None = None
     ) -> None:
-        host = target.host
         if target.transport == UDP:
-            self._send_udp(data, (host, target.port))
-        elif target.transport == TCP:
+            self._send_udp(data, (target.host, target.port))
+        elif not self._hand_off(data, target, on_error, server_name):
+            self._send_here(data, target, on_error, server_name)
+
+    def _hand_off(
+        self, data: bytes, target: Target, on_error: ErrorCallback, server_name: str | None
+    ) -> bool:
+        """Offer a request for a peer we have no connection to to the other workers;
+        True when they were asked (the answer sends it here, or fails it, later)."""
+        handoff = self.handoff
+        transport = target.transport
+        if handoff is None or transport not in HANDED_OFF or self._connected(target):
+            return False
+
+        def answered(held: bool) -> None:
+            if held:
+                if self._handed_off is not None:
+                    self._handed_off()
+                return
+            # Nobody holds one: as without the hand-off (TCP and TLS open a connection,
+            # WebSocket fails: a browser cannot be connected to, RFC 7118 §5.2).
+            try:
+                self._send_here(data, target, on_error, server_name)
+            except (OSError, TransportError) as exc:
+                on_error(exc)
+
+        return handoff.ask(transport, (target.host, target.port), data, answered)
+
+    def _connected(self, target: Target) -> bool:
+        """True when this process has (or is opening) a connection to ``target``."""
+        host, port = target.host, target.port
+        if target.transport == TCP:
+            return self.pool.get(host, port) is not None or self.pool.connecting(host, port)
+        if target.transport == TLS:
+            pool = self.tls_pool
+            return pool is None or pool.get(host, port) is not None or pool.connecting(host, port)
+        ws = self.ws_pools.get(target.transport)
+        return ws is not None and ws.get(host, port) is not None
+
+    def _send_here(
+        self, data: bytes, target: Target, on_error: ErrorCallback, server_name: str | None
+    ) -> None:
+        host = target.host
+        if target.transport == TCP:
             self.pool.send(data, host, target.port, on_error)
         elif target.transport == TLS and self.tls_pool is not None:
             self.tls_pool.send(data, host, target.port, on_error, server_name=server_name)

@@ -296,6 +296,10 @@ class ConnectionPool:
         conn = self._by_peer.get((host, port))
         return conn if conn is not None and conn.is_open else None
 
+    def connecting(self, host: str, port: int) -> bool:
+        """True while a connection to ``host:port`` is being opened."""
+        return (host, port) in self._connecting
+
     def protocol_factory(self) -> Callable[[], TcpConnection]:
         """Factory for ``loop.create_server``."""
         return lambda: TcpConnection(self)

@@ -1,4 +1,5 @@
-"""Requests leave from the shared UDP port; responses reach their sender through the hand-off.
+"""Requests leave from the shared UDP port; responses reach their sender through the hand-off;
+a request for a connection another worker holds is written there.
 
 Several "processes" (a Transports + TransactionLayer + Handoff each) share one port in this
 event loop, as the supervisor's workers do across processes.  A reuseport program that sends
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
+from msilo.errors import TransportError
 from msilo.sip.build import new_branch
 from msilo.sip.message import SipRequest
 from msilo.transaction import ServerTransaction, TransactionLayer
@@ -25,7 +28,9 @@ from msilo.transaction.client import ClientTransaction
 from msilo.transport import Target, Transports
 from msilo.transport.base import UDP, Source
 from msilo.transport.handoff import (
+    ASK_TIMEOUT,
     LEADER,
+    MAX_FRAME,
     WORKER,
     Handoff,
     branch_tag,
@@ -36,7 +41,15 @@ from msilo.transport.handoff import (
 )
 from msilo.transport.spread import always, attach
 
-from .conftest import PARSE, UdpPeer, free_port_pair, parse_request, udp_peer
+from .conftest import (
+    PARSE,
+    UdpPeer,
+    free_port_pair,
+    parse_request,
+    read_message,
+    start_server,
+    udp_peer,
+)
 
 
 @dataclass
@@ -47,6 +60,20 @@ class Proc:
     layer: TransactionLayer
     handoff: Handoff
     seen: list[SipRequest] = field(default_factory=list)
+    handed_off: int = 0  # what the worker counts as requests_handed_off
+
+    def count_handed_off(self) -> None:
+        self.handed_off += 1
+
+    def request(self, target: Target) -> ClientTransaction:
+        """An OPTIONS to ``target`` (a device's connection, by its address)."""
+        return self.layer.request(
+            "OPTIONS",
+            f"sip:bob@127.0.0.1:{target.port};transport={target.transport.lower()}",
+            target,
+            from_="sip:msilo@127.0.0.1",
+            to="sip:bob@127.0.0.1",
+        )
 
     def message(self, peer: UdpPeer) -> ClientTransaction:
         return self.layer.request(
@@ -81,6 +108,7 @@ async def start_proc(deployment: str, role: str, slot: int, port: int) -> Proc:
         tag,
         on_response=on_response,
         on_send=transports.send_from_listener if role == WORKER else None,
+        on_connection=transports.write_held if role == WORKER else None,
     )
     layer = TransactionLayer(
         handler,
@@ -96,8 +124,9 @@ async def start_proc(deployment: str, role: str, slot: int, port: int) -> Proc:
         await transports.listen_udp("127.0.0.1", port)
     else:
         await transports.open_client_udp("127.0.0.1")
-    transports.use_handoff(handoff, [("127.0.0.1", port)])
-    return Proc(transports, layer, handoff, seen)
+    proc = Proc(transports, layer, handoff, seen)
+    transports.use_handoff(handoff, [("127.0.0.1", port)], proc.count_handed_off)
+    return proc
 
 
 @dataclass
@@ -293,28 +322,39 @@ def _send_frame_as(uid: int | None, name: bytes, frame: bytes) -> None:
 async def test_frames_from_another_user_or_malformed_are_refused(deployment: Deployment) -> None:
     worker = await deployment.start(WORKER, 0)
     response = b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"
+    request = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 0\r\n\r\n"
     name = socket_name(deployment.name, "w000")
     assert os.getuid() == 0, "this test runs as root (CI does) to send as another user"
     _send_frame_as(65534, name, b"R127.0.0.1 5060\n" + response)  # nobody
+    _send_frame_as(65534, socket_name(deployment.name, "s000"), b"CTCP 127.0.0.1 5 1\n" + request)
     for frame in (
         b"R127.0.0.1 5060" + response,  # no header line
         b"R127.0.0.1 http\n" + response,  # bad port
         b"R127.0.0.1 5060\nOPTIONS sip:x SIP/2.0\r\n\r\n",  # not a response
         b"S127.0.0.1 5 127.0.0.1 5060\n" + response,  # a send, on the response socket
         b"X127.0.0.1 5060\n" + response,  # unknown kind
+        b"CTCP 127.0.0.1 5 1\nOPTIONS sip:x SIP/2.0\r\n\r\n",  # a connection ask, here
     ):
         _send_frame_as(None, name, frame)
     sender = socket_name(deployment.name, "s000")
     for frame in (
         b"S127.0.0.1 5 127.0.0.1\n" + response,  # a send without its local address
         b"R127.0.0.1 5060\n" + response,  # a response, on the sender socket
+        b"CUDP 127.0.0.1 5 1\n" + request,  # not a connection transport
+        b"CTCP 127.0.0.1 5 x1\n" + request,  # a bad id
+        b"CTCP 127.0.0.1 5 " + b"1" * 21 + b"\n" + request,  # an id too long
+        b"CTCP 127.0.0.1 port 1\n" + request,  # a bad port
+        b"CTCP 127.0.0.1 5\n" + request,  # no id
+        b"CTCP 127.0.0.1 5 1\n" + response,  # a response to write
+        b"CTCP 127.0.0.1 5 1\n" + request + b"x" * MAX_FRAME,  # longer than a frame
     ):
         _send_frame_as(None, sender, frame)
     for _ in range(100):
-        if worker.handoff.stats.refused == 8:
+        if worker.handoff.stats.refused == 17:
             break
         await asyncio.sleep(0.01)
-    assert worker.handoff.stats.refused == 8
+    assert worker.handoff.stats.refused == 17
+    assert worker.handoff.stats.sent_for_others == 0
     assert worker.handoff.stats.received == worker.handoff.stats.sent_for_leader == 0
 
 
@@ -440,3 +480,193 @@ async def test_a_peer_that_does_not_read_makes_frames_undeliverable_not_errors(
         stuck.close()
     assert sender.handoff.stats.undeliverable == 1
     assert sender.handoff.stats.forwarded > 0
+
+
+# -- a request for a connection another worker holds --------------------------------------
+
+
+async def _answer_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SipRequest:
+    """Read one request on a TCP connection and answer it 200 on the same connection."""
+    request = parse_request(await read_message(reader))
+    writer.write(_ok(request))
+    return request
+
+
+def _ok(request: SipRequest) -> bytes:
+    assert request.via is not None
+    lines = ["SIP/2.0 200 OK", f"Via: {request.via.raw}"]
+    lines += [f"{name}: {request.get_header(name)}" for name in ("from", "to", "call-id", "cseq")]
+    return ("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+async def _wait(check: Any, what: str) -> None:
+    for _ in range(200):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize("role", [WORKER, LEADER])
+async def test_a_request_for_another_workers_tcp_connection_is_written_there(
+    deployment: Deployment, role: str
+) -> None:
+    holder = await deployment.start(WORKER, 0)
+    sender = await deployment.start(role, 1)
+    server = await holder.transports.listen_tcp("127.0.0.1", 0, reuse_port=False)
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    try:
+        writer.write(b"\r\n\r\n")  # a keep-alive ping: the connection is registered
+        assert await asyncio.wait_for(reader.readexactly(2), 3) == b"\r\n"
+        bob = writer.get_extra_info("sockname")
+        txn = sender.request(Target("127.0.0.1", bob[1], "TCP", True))
+        request = await _answer_stream(reader, writer)
+        result = await asyncio.wait_for(txn.wait(), 3)
+    finally:
+        writer.close()
+    # The sender built it (its branch tag): the response, on the holder's connection, was
+    # handed back by that tag (TransactionLayer.receive's forward path, over TCP).
+    assert request.via is not None and branch_tag(request.via.branch) == sender.handoff.tag
+    assert result.status == 200 and not result.local
+    assert len(sender.transports.pool) == 0  # no connection of its own was opened
+    assert sender.handoff.stats.asked == sender.handoff.stats.handed_off == 1
+    assert sender.handed_off == 1 and sender.handoff.stats.received == 1
+    assert holder.handoff.stats.sent_for_others == 1
+    assert holder.layer.stats.responses_forwarded == 1
+
+
+async def test_a_request_for_another_workers_ws_connection_is_written_there(
+    deployment: Deployment,
+) -> None:
+    holder = await deployment.start(WORKER, 0)
+    other = await deployment.start(WORKER, 1)  # holds nothing: answers N
+    sender = await deployment.start(WORKER, 2)
+    server = await holder.transports.listen_ws("127.0.0.1", 0, reuse_port=False)
+    for proc in (other, sender):  # every worker listens on ws: (nobody else connects)
+        await proc.transports.listen_ws("127.0.0.1", 0, reuse_port=False)
+    port = server.sockets[0].getsockname()[1]
+    async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["sip"]) as ws:  # type: ignore[list-item]
+        await _wait(lambda: len(holder.transports.ws_pools["WS"]) == 1, "registered")
+        bob = ws.local_address
+        txn = sender.request(Target("127.0.0.1", bob[1], "WS", True))
+        frame = await asyncio.wait_for(ws.recv(), 3)
+        request = parse_request(frame.encode() if isinstance(frame, str) else frame)
+        assert request.via is not None and request.via.transport == "WS"
+        await ws.send(_ok(request).decode())
+        result = await asyncio.wait_for(txn.wait(), 3)
+    assert result.status == 200
+    assert sender.handoff.stats.handed_off == 1 and sender.handed_off == 1
+    assert other.handoff.stats.sent_for_others == 0
+    assert holder.layer.stats.responses_forwarded == 1
+    # The N came before or after the A: either way the ask was settled once, by the A.
+    await _wait(lambda: other.handoff.stats.not_here == 1, "the other worker's N")
+    assert sender.handoff.stats.late_answers <= 1
+    assert sender.handoff.stats.not_held == sender.handoff.stats.ask_timeouts == 0
+
+
+async def test_a_ws_connection_nobody_holds_fails_the_request_at_once(
+    deployment: Deployment,
+) -> None:
+    await deployment.start(WORKER, 0)
+    sender = await deployment.start(WORKER, 1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    txn = sender.request(Target("127.0.0.1", 9, "WS", True))
+    result = await asyncio.wait_for(txn.wait(), 3)
+    assert result.status == 503 and result.local
+    assert loop.time() - started < ASK_TIMEOUT  # every worker asked answered N at once
+    assert sender.handoff.stats.not_held == 1 and sender.handed_off == 0
+
+
+async def test_a_tcp_connection_nobody_holds_is_opened_as_without_the_handoff(
+    deployment: Deployment,
+) -> None:
+    await deployment.start(WORKER, 0)
+    sender = await deployment.start(WORKER, 1)
+    target_server = await start_server()  # a TCP peer that listens: dialled
+    with socket.socket() as probe:  # a closed connection's port: refused
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    try:
+        ok = sender.request(Target("127.0.0.1", target_server.port, "TCP", True))
+        assert (await asyncio.wait_for(ok.wait(), 3)).status == 200
+        assert len(sender.transports.pool) == 1  # its own connection, dialled
+        refused = sender.request(Target("127.0.0.1", dead, "TCP", True))
+        result = await asyncio.wait_for(refused.wait(), 3)
+        # A connection we dialled is never written on for another worker: it can dial too.
+        assert not sender.transports.write_held("TCP", ("127.0.0.1", target_server.port), b"x")
+    finally:
+        target_server.layer.close()
+        await target_server.transports.close()
+    assert result.status == 503 and result.local
+    assert sender.handoff.stats.asked == 2 and sender.handoff.stats.not_held == 2
+
+
+async def test_a_worker_that_does_not_answer_fails_the_ask_after_the_timeout(
+    deployment: Deployment,
+) -> None:
+    sender = await deployment.start(WORKER, 0)
+    # Something holding worker 1's sender name that accepts nothing and answers nothing.
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stuck.bind(socket_name(deployment.name, "s001"))
+    stuck.listen(1)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        txn = sender.request(Target("127.0.0.1", 9, "WSS", True))
+        result = await asyncio.wait_for(txn.wait(), 3)
+        elapsed = loop.time() - started
+    finally:
+        stuck.close()
+    assert result.status == 503 and result.local
+    assert elapsed >= ASK_TIMEOUT
+    assert sender.handoff.stats.ask_timeouts == 1 and sender.handoff.stats.handed_off == 0
+
+
+async def test_answers_that_make_no_sense_are_refused_not_errors(deployment: Deployment) -> None:
+    sender = await deployment.start(WORKER, 0)
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fake.bind(socket_name(deployment.name, "s001"))
+    fake.listen(1)
+    fake.setblocking(False)
+    loop = asyncio.get_running_loop()
+    answered: list[bool] = []
+    try:
+        assert sender.handoff.ask(
+            "WS", ("127.0.0.1", 9), b"OPTIONS x SIP/2.0\r\n\r\n", answered.append
+        )
+        conn, _ = await loop.sock_accept(fake)
+        with conn:
+            frame = await loop.sock_recv(conn, MAX_FRAME)
+            assert frame.startswith(b"CWS 127.0.0.1 9 ")
+            ident = frame.partition(b"\n")[0].rpartition(b" ")[2]
+            for garbage in (b"Axyz", b"Z" + ident, b"A", b"A" + b"1" * 21, b"A" + ident + b"0"):
+                await loop.sock_sendall(conn, garbage)
+            await loop.sock_sendall(conn, b"N" + ident)  # the real answer: not here
+            await _wait(lambda: answered == [False], "the N")
+            await loop.sock_sendall(conn, b"A" + ident)  # settled already
+            await _wait(lambda: sender.handoff.stats.late_answers == 2, "the late answers")
+    finally:
+        fake.close()
+    assert sender.handoff.stats.refused == 4  # the unknown id ...0 counts as late
+    assert sender.handoff.stats.not_held == 1 and answered == [False]
+
+
+async def test_what_cannot_be_asked_is_sent_as_without_the_handoff(deployment: Deployment) -> None:
+    sender = await deployment.start(WORKER, 0)
+    called: list[bool] = []
+    errors: list[BaseException] = []
+    request = b"OPTIONS x SIP/2.0\r\n\r\n"
+    assert not sender.handoff.ask("WS", ("127.0.0.1", 9), request, called.append)  # nobody
+    other = await deployment.start(WORKER, 1)
+    await asyncio.sleep(1.0)  # the list of workers is looked at again at most once a second
+    assert not sender.handoff.ask("UDP", ("127.0.0.1", 9), request, called.append)
+    big = request + b"x" * MAX_FRAME
+    assert not sender.handoff.ask("WS", ("127.0.0.1", 9), big, called.append)
+    with pytest.raises(TransportError):  # a WS send with nobody to ask fails at once, as before
+        sender.transports.send(big, Target("127.0.0.1", 9, "WS", True), errors.append)
+    assert sender.handoff.ask("WS", ("127.0.0.1", 9), request, called.append)
+    await _wait(lambda: called == [False], "the answer")
+    assert other.handoff.stats.not_here == 1 and errors == []
+    sender.handoff.close()  # asks waiting when it closes are dropped, not answered
+    assert not sender.handoff.ask("WS", ("127.0.0.1", 9), request, called.append)

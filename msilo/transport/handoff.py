@@ -30,7 +30,8 @@ others, and closes it (and the connections it accepted there) when it stops list
 so those that look for a worker to send through (:func:`live_workers`) find only workers
 that still listen.  Abstract names vanish with their socket (no stale files) and are
 private to the network namespace, but any local process may connect to them: a
-connection whose peer (``SO_PEERCRED``) is not our own user is closed at once.
+connection whose peer (``SO_PEERCRED``) is not our own user is closed at once, and so is
+one we made to a name another user listens on.
 
 ``SOCK_SEQPACKET`` rather than datagrams: a Unix datagram socket queues at most
 ``net.unix.max_dgram_qlen`` (10 by default) datagrams, and a worker that took a burst
@@ -394,6 +395,11 @@ class Handoff:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER)
             # A Unix connect completes at once or fails (EAGAIN: its backlog is full).
             conn.connect(name)
+            # The name may be anybody's: requests (message text) go to our own user only.
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+            if _CREDS.unpack(creds)[1] != self._uid:
+                self.stats.refused += 1
+                raise ConnectionRefusedError(f"{name[1:]!r} is another user's")
         except OSError:
             conn.close()
             raise

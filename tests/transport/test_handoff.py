@@ -670,3 +670,36 @@ async def test_what_cannot_be_asked_is_sent_as_without_the_handoff(deployment: D
     assert other.handoff.stats.not_here == 1 and errors == []
     sender.handoff.close()  # asks waiting when it closes are dropped, not answered
     assert not sender.handoff.ask("WS", ("127.0.0.1", 9), request, called.append)
+
+
+async def test_a_name_another_user_listens_on_is_never_sent_to(deployment: Deployment) -> None:
+    sender = await deployment.start(WORKER, 0)
+    assert os.getuid() == 0, "this test runs as root (CI does) to listen as another user"
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: worker 1's sender name, as nobody
+        code = 1
+        try:
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.bind(socket_name(deployment.name, "s001"))
+                sock.listen(8)
+                os.write(ready_w, b"x")
+                os.read(stop_r, 1)  # until the test is done
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        called: list[bool] = []
+        request = b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 0\r\n\r\n"
+        assert not sender.handoff.ask("WS", ("127.0.0.1", 9), request, called.append)
+        assert sender.handoff.stats.refused == 1 and sender.handoff.stats.asked == 0
+        assert not sender.handoff.relay(request, ("127.0.0.1", 9), ("127.0.0.1", 5060))
+    finally:
+        os.write(stop_w, b"x")
+        _, status = os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, stop_r, stop_w):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0 and called == []

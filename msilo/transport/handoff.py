@@ -330,12 +330,9 @@ class Handoff:
         if time.monotonic() - self._scanned_at >= _RESCAN_AFTER:
             # A worker that started since the last look may hold the connection.
             self._rescan()
-        asked = 0
-        for name in list(self._workers):
-            if self._frame(name, header, data):
-                asked += 1
-            else:
-                self._workers.remove(name)
+        # A worker whose queue is full stays listed (it is alive); one that is gone fails
+        # its connect at once until the next look.
+        asked = sum(self._frame(name, header, data) for name in self._workers)
         if not asked:
             return False
         assert self._loop is not None

@@ -28,7 +28,6 @@ from msilo.transaction.client import ClientTransaction
 from msilo.transport import Target, Transports
 from msilo.transport.base import UDP, Source
 from msilo.transport.handoff import (
-    ASK_TIMEOUT,
     LEADER,
     MAX_FRAME,
     WORKER,
@@ -569,13 +568,12 @@ async def test_a_ws_connection_nobody_holds_fails_the_request_at_once(
 ) -> None:
     await deployment.start(WORKER, 0)
     sender = await deployment.start(WORKER, 1)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     txn = sender.request(Target("127.0.0.1", 9, "WS", True))
     result = await asyncio.wait_for(txn.wait(), 3)
     assert result.status == 503 and result.local
-    assert loop.time() - started < ASK_TIMEOUT  # every worker asked answered N at once
-    assert sender.handoff.stats.not_held == 1 and sender.handed_off == 0
+    # Every worker asked answered N: settled by the answers, not by ASK_TIMEOUT.
+    assert sender.handoff.stats.not_held == 1 and sender.handoff.stats.ask_timeouts == 0
+    assert sender.handed_off == 0
 
 
 async def test_a_tcp_connection_nobody_holds_is_opened_as_without_the_handoff(
@@ -611,15 +609,11 @@ async def test_a_worker_that_does_not_answer_fails_the_ask_after_the_timeout(
     stuck.bind(socket_name(deployment.name, "s001"))
     stuck.listen(1)
     try:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         txn = sender.request(Target("127.0.0.1", 9, "WSS", True))
-        result = await asyncio.wait_for(txn.wait(), 3)
-        elapsed = loop.time() - started
+        result = await asyncio.wait_for(txn.wait(), 3)  # ASK_TIMEOUT, not Timer F
     finally:
         stuck.close()
     assert result.status == 503 and result.local
-    assert elapsed >= ASK_TIMEOUT
     assert sender.handoff.stats.ask_timeouts == 1 and sender.handoff.stats.handed_off == 0
 
 

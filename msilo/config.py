@@ -684,7 +684,7 @@ class LimitsConfig:
         metadata=_doc("seconds before an idle TCP/TLS/WS connection is closed", _int(1)),
     )
     max_queue_delay: float = field(
-        default=1.0,
+        default=0.25,
         metadata=_doc(
             "overload: while the oldest unanswered request of a worker has waited this many"
             " seconds, or the requests still unread in its UDP sockets would have, new"

@@ -181,6 +181,24 @@ def mysql_execute(url: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[
     return _run(_my_admin(url, sql, args))
 
 
+async def mysql_connect(url: str) -> Any:
+    """An asyncmy connection to ``url`` in msilo's session mode (autocommit), for tests that
+    hold locks behind a server's back; close it with ``ensure_closed()``."""
+    import asyncmy
+
+    from msilo.storage.mysql_sql import SESSION_SQL_MODE
+    from msilo.storage.myurl import parse_my_url
+
+    u = parse_my_url(url)
+    conn = await asyncmy.connect(
+        host=u.host, port=u.port, user=u.user, password=u.password, database=u.database,
+        autocommit=True, charset="utf8mb4", connect_timeout=10,
+    )  # fmt: skip
+    async with conn.cursor() as cur:
+        await cur.execute(f"SET SESSION sql_mode = '{SESSION_SQL_MODE}'")
+    return conn
+
+
 async def mysql_script(url: str, sql: str) -> list[tuple[Any, ...]]:
     """Run statements separated by ``;`` on ``url``; the first one's rows."""
     return await _my_admin(url, sql, script=True)

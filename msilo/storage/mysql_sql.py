@@ -132,14 +132,18 @@ def silo_indexes(s: SiloSql) -> list[tuple[str, tuple[str, ...], str]]:
     MySQL).
 
     MySQL has no partial indexes: the reminder and lease indexes cover every row (their
-    NULL and 0 values are one key each, skipped by the range scans that use them).
+    NULL and 0 values are one key each, skipped by the range scans that use them).  The
+    owner index holds the arrival time too: InnoDB locks rows as it reads them, before any
+    sort, so a claim (``ORDER BY inc_time LIMIT n FOR UPDATE SKIP LOCKED``) must read them in
+    index order -- after a sort it would have locked every deliverable row of the owner, and
+    a concurrent claimer would skip them all.
     """
     n = s.names
     return [
         (
             n.object_name("account_idx"),
-            (n.username, n.domain),
-            f"INDEX {s.idx_account} ({s.username}, {s.domain})",
+            (n.username, n.domain, n.inc_time),
+            f"INDEX {s.idx_account} ({s.username}, {s.domain}, {s.inc_time})",
         ),
         (n.object_name("exp_time_idx"), (n.exp_time,), f"INDEX {s.idx_expiry} ({s.exp_time})"),
         (n.object_name("snd_time_idx"), (n.snd_time,), f"INDEX {s.idx_due} ({s.snd_time})"),
@@ -298,6 +302,18 @@ def ledger_ddl(names: SiloNames) -> str:
 _TEXT = f"CHARACTER SET utf8mb4 COLLATE {COLLATION}"
 
 
+def _json_rows(with_body: bool) -> str:
+    """``JSON_TABLE`` over the batch (``p_rows``): one row per message, ``ord`` from 1."""
+    body = "b LONGTEXT PATH '$.b', " if with_body else ""
+    return f"""JSON_TABLE(p_rows, '$[*]' COLUMNS (
+            ord FOR ORDINALITY,
+            u VARCHAR(64) PATH '$.u', d VARCHAR(64) PATH '$.d',
+            sa VARCHAR(255) PATH '$.s', da VARCHAR(255) PATH '$.t',
+            {body}ct TEXT PATH '$.c',
+            inc BIGINT PATH '$.i', exp BIGINT PATH '$.e', snd BIGINT PATH '$.n',
+            k VARCHAR(255) PATH '$.k', chk INT PATH '$.o', cid TEXT PATH '$.x')) AS j"""
+
+
 def store_procedure_body(s: SiloSql) -> str:
     """The body of the batch-store procedure (compared with information_schema on start).
 
@@ -305,15 +321,36 @@ def store_procedure_body(s: SiloSql) -> str:
     ``p_rows`` is a JSON array of row objects (bodies base64: JSON holds text); ``p_slots``
     the owners' lock rows, sorted, so two batches sharing owners queue instead of
     deadlocking.  The session runs READ COMMITTED, so each statement after the locks sees
-    what the previous holder committed: the quota holds across processes and hosts.  A
-    dedupe key inserted by a concurrent transaction makes the INSERT wait for it and fail
-    with a duplicate key (1062): the row is then that transaction's (DUPLICATE).
+    what the previous holder committed: the quota holds across processes and hosts.
+
+    The fast path (``p_fast``) is set-based: one SELECT gives every row its fate (a dedupe
+    key already stored, the owner online, the owner's count plus the row's rank over the
+    quota), one INSERT ... SELECT stores the rest in input order.  Its ids are consecutive
+    (``innodb_autoinc_lock_mode`` 0 or 1: an INSERT ... SELECT holds the AUTO-INC lock to its
+    end), so the caller derives each row's id from the first one.  A dedupe key inserted by
+    a concurrent transaction fails that INSERT as a whole (1062, nothing of it stays) and the
+    batch takes the slow path: a loop storing row by row, each duplicate found by its key.
     """
     t = s.table
+    owner_count = f"(SELECT count(*) FROM {t} x WHERE x.{s.username} = j.u AND x.{s.domain} = j.d)"
+    online = (
+        "(j.chk = 1 AND EXISTS (SELECT 1 FROM location l "
+        "WHERE l.username = j.u AND l.domain = j.d AND l.expires > p_now "
+        "AND (l.methods IS NULL OR FIND_IN_SET('MESSAGE', l.methods) > 0)))"
+    )
+    columns = (
+        f"{s.username}, {s.domain}, {s.src_addr}, {s.dst_addr}, {s.body}, {s.ctype}, "
+        f"{s.inc_time}, {s.exp_time}, {s.snd_time}, dedupe_key, callid"
+    )
     return f"""BEGIN
     DECLARE v_done INT DEFAULT 0;
     DECLARE v_i INT DEFAULT 0;
     DECLARE v_slot INT;
+    DECLARE v_conflict INT DEFAULT 0;
+    DECLARE v_codes LONGTEXT CHARACTER SET ascii;
+    DECLARE v_olds LONGTEXT CHARACTER SET ascii;
+    DECLARE v_first BIGINT DEFAULT NULL;
+    DECLARE v_n BIGINT DEFAULT 0;
     DECLARE v_u VARCHAR(64) {_TEXT};
     DECLARE v_d VARCHAR(64) {_TEXT};
     DECLARE v_sa VARCHAR(255) {_TEXT};
@@ -332,13 +369,7 @@ def store_procedure_body(s: SiloSql) -> str:
     DECLARE v_out LONGTEXT CHARACTER SET ascii DEFAULT '';
     DECLARE v_rows CURSOR FOR
         SELECT j.u, j.d, j.sa, j.da, j.b, j.ct, j.inc, j.exp, j.snd, j.k, j.chk, j.cid
-        FROM JSON_TABLE(p_rows, '$[*]' COLUMNS (
-            ord FOR ORDINALITY,
-            u VARCHAR(64) PATH '$.u', d VARCHAR(64) PATH '$.d',
-            sa VARCHAR(255) PATH '$.s', da VARCHAR(255) PATH '$.t',
-            b LONGTEXT PATH '$.b', ct TEXT PATH '$.c',
-            inc BIGINT PATH '$.i', exp BIGINT PATH '$.e', snd BIGINT PATH '$.n',
-            k VARCHAR(255) PATH '$.k', chk INT PATH '$.o', cid TEXT PATH '$.x')) AS j
+        FROM {_json_rows(True)}
         ORDER BY j.ord;
     DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_done = 1;
     DECLARE EXIT HANDLER FOR SQLEXCEPTION
@@ -357,59 +388,98 @@ def store_procedure_body(s: SiloSql) -> str:
         SELECT slot INTO v_slot FROM {LOCK_TABLE} WHERE slot = v_slot FOR UPDATE;
         SET v_i = v_i + 1;
     END WHILE;
-    SET v_done = 0;
-    OPEN v_rows;
-    each_row: LOOP
-        FETCH v_rows INTO v_u, v_d, v_sa, v_da, v_b, v_ct, v_inc, v_exp, v_snd, v_k, v_chk,
-                          v_cid;
-        IF v_done THEN
-            LEAVE each_row;
+    IF p_fast THEN
+        -- Every row's fate, in input order: "code,code,..." and the duplicates' ids.
+        SELECT GROUP_CONCAT(c.code ORDER BY c.ord SEPARATOR ','),
+               GROUP_CONCAT(IFNULL(c.old, '') ORDER BY c.ord SEPARATOR ',')
+        INTO v_codes, v_olds
+        FROM (
+            SELECT f.ord, f.old,
+                   CASE WHEN f.old IS NOT NULL THEN {DUPLICATE}
+                        WHEN f.onl THEN {ONLINE}
+                        WHEN p_max > 0 AND f.have + ROW_NUMBER() OVER (
+                                 PARTITION BY f.u, f.d, f.old IS NULL AND NOT f.onl
+                                 ORDER BY f.ord) > p_max THEN {OVER_QUOTA}
+                        ELSE {STORED} END AS code
+            FROM (
+                SELECT j.ord, j.u, j.d,
+                       (SELECT x.{s.mid} FROM {t} x WHERE x.dedupe_key = j.k) AS old,
+                       {online} AS onl,
+                       CASE WHEN p_max > 0 THEN {owner_count} ELSE 0 END AS have
+                FROM {_json_rows(False)}
+            ) AS f
+        ) AS c;
+        BEGIN
+            DECLARE CONTINUE HANDLER FOR 1062 SET v_conflict = 1;
+            INSERT INTO {t} ({columns})
+            SELECT j.u, j.d, j.sa, j.da, FROM_BASE64(j.b), j.ct, j.inc, j.exp, j.snd, j.k,
+                   j.cid
+            FROM {_json_rows(True)}
+            WHERE SUBSTRING_INDEX(SUBSTRING_INDEX(v_codes, ',', j.ord), ',', -1)
+                  = '{STORED}'
+            ORDER BY j.ord;
+        END;
+        IF NOT v_conflict THEN
+            SET v_n = ROW_COUNT();
+            IF v_n > 0 THEN
+                SET v_first = LAST_INSERT_ID();
+            END IF;
         END IF;
-        SET v_mid = NULL;
-        IF v_k IS NOT NULL THEN
-            SET v_mid = (SELECT {s.mid} FROM {t} WHERE dedupe_key = v_k);
-        END IF;
-        IF v_mid IS NOT NULL THEN
-            SET v_o = {DUPLICATE};
-        ELSEIF v_chk = 1 AND EXISTS (
-                SELECT 1 FROM location l
-                WHERE l.username = v_u AND l.domain = v_d AND l.expires > p_now
-                  AND (l.methods IS NULL OR FIND_IN_SET('MESSAGE', l.methods) > 0)) THEN
-            SET v_o = {ONLINE};
-        ELSEIF p_max > 0 AND (SELECT count(*) FROM (SELECT 1 FROM {t} x
-                                  WHERE x.{s.username} = v_u AND x.{s.domain} = v_d
-                                  LIMIT p_max) AS capped) >= p_max THEN
-            SET v_o = {OVER_QUOTA};
-        ELSE
-            BEGIN
-                DECLARE CONTINUE HANDLER FOR 1062 SET v_dup = 1;
-                SET v_dup = 0;
-                INSERT INTO {t} ({s.username}, {s.domain}, {s.src_addr}, {s.dst_addr},
-                                 {s.body}, {s.ctype}, {s.inc_time}, {s.exp_time},
-                                 {s.snd_time}, dedupe_key, callid)
-                VALUES (v_u, v_d, v_sa, v_da, FROM_BASE64(v_b), v_ct, v_inc, v_exp, v_snd,
-                        v_k, v_cid);
-                IF v_dup = 1 THEN
-                    SET v_o = {DUPLICATE};
-                    SET v_mid = (SELECT {s.mid} FROM {t} WHERE dedupe_key = v_k);
-                ELSE
-                    SET v_o = {STORED};
-                    SET v_mid = LAST_INSERT_ID();
-                END IF;
-            END;
-        END IF;
-        SET v_out = CONCAT(v_out, v_o, ':', IFNULL(v_mid, ''), ',');
-    END LOOP;
-    CLOSE v_rows;
+    END IF;
+    IF NOT p_fast OR v_conflict THEN
+        SET v_done = 0;
+        OPEN v_rows;
+        each_row: LOOP
+            FETCH v_rows INTO v_u, v_d, v_sa, v_da, v_b, v_ct, v_inc, v_exp, v_snd, v_k,
+                              v_chk, v_cid;
+            IF v_done THEN
+                LEAVE each_row;
+            END IF;
+            SET v_mid = NULL;
+            IF v_k IS NOT NULL THEN
+                SET v_mid = (SELECT {s.mid} FROM {t} WHERE dedupe_key = v_k);
+            END IF;
+            IF v_mid IS NOT NULL THEN
+                SET v_o = {DUPLICATE};
+            ELSEIF v_chk = 1 AND EXISTS (
+                    SELECT 1 FROM location l
+                    WHERE l.username = v_u AND l.domain = v_d AND l.expires > p_now
+                      AND (l.methods IS NULL OR FIND_IN_SET('MESSAGE', l.methods) > 0)) THEN
+                SET v_o = {ONLINE};
+            ELSEIF p_max > 0 AND (SELECT count(*) FROM (SELECT 1 FROM {t} x
+                                      WHERE x.{s.username} = v_u AND x.{s.domain} = v_d
+                                      LIMIT p_max) AS capped) >= p_max THEN
+                SET v_o = {OVER_QUOTA};
+            ELSE
+                BEGIN
+                    DECLARE CONTINUE HANDLER FOR 1062 SET v_dup = 1;
+                    SET v_dup = 0;
+                    INSERT INTO {t} ({columns})
+                    VALUES (v_u, v_d, v_sa, v_da, FROM_BASE64(v_b), v_ct, v_inc, v_exp, v_snd,
+                            v_k, v_cid);
+                    IF v_dup = 1 THEN
+                        SET v_o = {DUPLICATE};
+                        SET v_mid = (SELECT {s.mid} FROM {t} WHERE dedupe_key = v_k);
+                    ELSE
+                        SET v_o = {STORED};
+                        SET v_mid = LAST_INSERT_ID();
+                    END IF;
+                END;
+            END IF;
+            SET v_out = CONCAT(v_out, v_o, ':', IFNULL(v_mid, ''), ',');
+        END LOOP;
+        CLOSE v_rows;
+    END IF;
     IF p_txn THEN
         COMMIT;
     END IF;
-    SELECT v_out;
+    SELECT v_out, v_codes, v_olds, v_first, v_n, @@auto_increment_increment;
 END"""
 
 
 STORE_PROCEDURE_PARAMS = (
-    "IN p_rows LONGTEXT, IN p_slots LONGTEXT, IN p_max BIGINT, IN p_now BIGINT, IN p_txn INT"
+    "IN p_rows LONGTEXT, IN p_slots LONGTEXT, IN p_max BIGINT, IN p_now BIGINT, IN p_txn INT, "
+    "IN p_fast INT"
 )
 
 
@@ -421,14 +491,37 @@ def store_procedure_ddl(name: str, body: str) -> str:
     )
 
 
-def parse_outcomes(text: str, n: int) -> tuple[list[int], list[int | None]]:
-    """The store procedure's ``outcome:mid,`` list as (outcomes, mids)."""
+def parse_outcomes(row: Sequence[object], n: int) -> tuple[list[int], list[int | None]]:
+    """The store procedure's result row as (outcomes, mids), one each per input row.
+
+    The slow path reports ``outcome:mid,`` per row; the fast path the codes, the duplicates'
+    ids, the first id it inserted, how many, and ``auto_increment_increment`` (the stored
+    rows' ids follow the first one by that step, in input order).
+    """
+    out, codes, olds, first, count, step = row
     outcomes: list[int] = []
     mids: list[int | None] = []
-    for item in text.split(",")[:-1]:
-        code, _, mid = item.partition(":")
-        outcomes.append(int(code))
-        mids.append(int(mid) if mid else None)
+    if out:
+        for item in str(out).split(",")[:-1]:
+            code, _, mid = item.partition(":")
+            outcomes.append(int(code))
+            mids.append(int(mid) if mid else None)
+    else:
+        outcomes = [int(c) for c in str(codes or "").split(",") if c != ""]
+        old = str(olds or "").split(",")
+        next_id = None if first is None else int(str(first))
+        stored = 0
+        for i, code in enumerate(outcomes):
+            if code == STORED:
+                if next_id is None:
+                    raise ValueError("the store procedure stored rows without an id")
+                mids.append(next_id)
+                next_id += int(str(step or 1))
+                stored += 1
+            else:
+                mids.append(int(old[i]) if i < len(old) and old[i] else None)
+        if stored != int(str(count or 0)):
+            raise ValueError(f"the store procedure inserted {count} rows, expected {stored}")
     if len(outcomes) != n:
         raise ValueError(f"the store procedure returned {len(outcomes)} results for {n} rows")
     return outcomes, mids

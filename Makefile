@@ -15,10 +15,12 @@ debug:              ## debug build: annotate HTML, line tracing, invariant check
 # Debian packages the tests drive, as command:package (a missing command installs its
 # package): sipp, sipsak, dnsmasq (SRV), baresip and linphonec (real clients), stdbuf (their
 # line-buffered output), ip and nft (a NAT in network namespaces), promtool (alert rules and
-# dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file).
+# dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file),
+# mariadbd and mariadb-install-db (the MySQL backend's tests start a throwaway MariaDB).
 TEST_TOOLS = sipp:sip-tester sipsak:sipsak dnsmasq:dnsmasq-base baresip:baresip-core \
              linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables \
-             promtool:prometheus sngrep:sngrep systemd-analyze:systemd
+             promtool:prometheus sngrep:sngrep systemd-analyze:systemd \
+             mariadbd:mariadb-server mariadb-install-db:mariadb-server
 
 test-deps:          ## Python test dependencies, plus the Debian tools the tests drive (when missing)
 	$(PIP) install -q -e '.[test]'
@@ -27,6 +29,7 @@ test-deps:          ## Python test dependencies, plus the Debian tools the tests
 	done; \
 	if [ -n "$$missing" ]; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	        missing=$$(printf '%s\n' $$missing | sort -u | tr '\n' ' '); \
 	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	    else \
 	        echo "install these Debian packages:$$missing"; exit 1; \

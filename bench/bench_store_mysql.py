@@ -30,10 +30,10 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_store import _admin, _message, _with_database, machine_info  # noqa: E402
-from msilo.storage import BatchWriter, SiloNames, Store, StoreOutcome  # noqa: E402
-from msilo.storage.mysql import MySQLStore  # noqa: E402
-from msilo.storage.postgres import PostgresStore  # noqa: E402
+from bench.bench_store import _admin, _message, _with_database, machine_info
+from msilo.storage import BatchWriter, SiloNames, Store, StoreOutcome
+from msilo.storage.mysql import MySQLStore
+from msilo.storage.postgres import PostgresStore
 
 
 @dataclass
@@ -104,7 +104,9 @@ async def run(
     latencies.sort()
 
     def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0
+        if not latencies:
+            return 0.0
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
 
     return Row(
         backend, mode, callers, measured / elapsed, pct(0.5), pct(0.99),

@@ -109,9 +109,10 @@ class MariaDBServer:
                 raise RuntimeError(
                     f"mariadbd exited {self._process.returncode}:\n{self.log_tail()}"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(
-                (self.host, self.port), timeout=1
-            ) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=1) as sock,
+            ):
                 if sock.recv(1):  # the server's greeting: it is accepting
                     return
             time.sleep(0.1)

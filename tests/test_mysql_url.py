@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from msilo.storage.myurl import parse_my_url, where
 from msilo.storage.mysql_sql import Q, dedupe_value, server_version_problem
+from msilo.storage.myurl import parse_my_url, where
 
 
 def test_opensips_default_url_parses() -> None:
@@ -32,7 +32,7 @@ def test_escapes_ports_and_sockets() -> None:
     ],
 )
 def test_bad_urls_say_why_without_the_password(url: str, error: str) -> None:
-    with pytest.raises(ValueError, match="^") as info:
+    with pytest.raises(ValueError) as info:
         parse_my_url(url)
     assert error in str(info.value) and "secret" not in str(info.value)
     assert "secret" not in where(url)
@@ -72,5 +72,3 @@ def test_old_servers_are_refused_naming_their_version(version: str, ok: bool) ->
         assert problem is not None and "is too old" in problem
         assert version.removeprefix("5.5.5-").split("-")[0] in problem
         assert "MariaDB 10.6" in problem and "MySQL 8.0.4" in problem
-
-

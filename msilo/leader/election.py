@@ -618,8 +618,11 @@ class MySQLLeaderElection(LeaderElection):
             try:
                 await asyncio.wait_for(conn.ensure_closed(), self.check_timeout)
                 return
-            except (*_MY_ERRORS, asyncio.CancelledError):
+            except _MY_ERRORS:
                 pass
+            except asyncio.CancelledError:
+                conn.close()
+                raise
         conn.close()
 
     async def current_leader(self) -> dict[str, Any] | None:

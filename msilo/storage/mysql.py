@@ -36,7 +36,9 @@ from msilo.storage import _sql, ledger, myurl, subscriber
 from msilo.storage import mysql_sql as my
 from msilo.storage.base import (
     DEFAULT_NAMES,
+    LOCATION_VERSION,
     SILO_VERSION,
+    SUBSCRIBER_VERSION,
     NewMessage,
     SiloNames,
     SiloSummary,
@@ -270,7 +272,7 @@ class MySQLStore(Store):
     def _build_statements(self) -> None:
         s, t = self._sql, self._sql.table
         led = self._ledger.ledger
-        self._location = location_sql(lambda n: "{%d}" % (n - 1))
+        self._location = location_sql(lambda n: f"{{{n - 1}}}")
         self._q_count = Q(s.count)
         self._q_list = Q(s.list)
         self._q_purge = Q(s.purge)
@@ -417,9 +419,7 @@ class MySQLStore(Store):
         try:
             conn = await pool.acquire()
         except (self._driver.error, OSError) as exc:
-            raise DatabaseUnavailable(
-                f"cannot connect to MySQL at {self._where}: {exc}"
-            ) from exc
+            raise DatabaseUnavailable(f"cannot connect to MySQL at {self._where}: {exc}") from exc
         try:
             row = (await _fetch(conn, "SELECT VERSION(), @@innodb_autoinc_lock_mode"))[0]
             version = str(row[0])
@@ -523,7 +523,7 @@ class MySQLStore(Store):
         if await self._columns(conn, "version") is None:
             await _exec(conn, my.VERSION_DDL)
             actions.append("created table version")
-        versions = {"location": _sql.LOCATION_VERSION, "subscriber": _sql.SUBSCRIBER_VERSION}
+        versions = {"location": LOCATION_VERSION, "subscriber": SUBSCRIBER_VERSION}
         for table, ddl in [
             *my.aux_tables_ddl(),
             (ledger.ledger_table(self.names), my.ledger_ddl(self.names)),
@@ -533,9 +533,7 @@ class MySQLStore(Store):
                 actions.append(f"created table {table}")
                 if table == my.LOCK_TABLE:
                     await _exec(conn, my.FILL_LOCKS)
-            if table in versions and await self._ensure_version_row(
-                conn, table, versions[table]
-            ):
+            if table in versions and await self._ensure_version_row(conn, table, versions[table]):
                 actions.append(f"set version of {table} to {versions[table]}")
 
     async def _ensure_procedure(self, conn: Conn, actions: list[str]) -> None:
@@ -638,9 +636,7 @@ class MySQLStore(Store):
             # OpenSIPS's tables take the server's default (latin1 or utf8 with a collation
             # that ignores case): msilo matches owners and Call-IDs exactly, in UTF-8.
             changes.append(f"CONVERT TO CHARACTER SET utf8mb4 COLLATE {my.COLLATION}")
-            actions.append(
-                f"converted {table} to utf8mb4 ({my.COLLATION}: owners match exactly)"
-            )
+            actions.append(f"converted {table} to utf8mb4 ({my.COLLATION}: owners match exactly)")
         for name, ddl in my.EXTRA_COLUMN_DEFS.items():
             if name not in columns:
                 changes.append(f"ADD COLUMN {name} {ddl}")
@@ -1200,7 +1196,8 @@ class MySQLStore(Store):
         q = Q(self._location["select_live"])
 
         async def run(conn: Conn) -> list[Binding]:
-            return [binding_from_row(r) for r in await _fetch(conn, q.text, (username, domain, now))]
+            rows = await _fetch(conn, q.text, (username, domain, now))
+            return [binding_from_row(r) for r in rows]
 
         return await self._run("lookup", run, idempotent=True)
 
@@ -1278,9 +1275,7 @@ class MySQLStore(Store):
 
     async def delete_expired_nonces(self, now: int) -> int:
         """Forget the counts of expired nonces."""
-        return await self._execute(
-            "expire nonces", Q(subscriber.DELETE_EXPIRED_NONCES), now
-        )
+        return await self._execute("expire nonces", Q(subscriber.DELETE_EXPIRED_NONCES), now)
 
     async def count_auth_failures(
         self, source: str, identity: str, *, now: int, window: int

@@ -486,8 +486,7 @@ STORE_PROCEDURE_PARAMS = (
 def store_procedure_ddl(name: str, body: str) -> str:
     """CREATE PROCEDURE around ``store_procedure_body``."""
     return (
-        f"CREATE PROCEDURE {quote_ident(name)}({STORE_PROCEDURE_PARAMS}) "
-        f"MODIFIES SQL DATA {body}"
+        f"CREATE PROCEDURE {quote_ident(name)}({STORE_PROCEDURE_PARAMS}) MODIFIES SQL DATA {body}"
     )
 
 
@@ -511,8 +510,8 @@ def parse_outcomes(row: Sequence[object], n: int) -> tuple[list[int], list[int |
         old = str(olds or "").split(",")
         next_id = None if first is None else int(str(first))
         stored = 0
-        for i, code in enumerate(outcomes):
-            if code == STORED:
+        for i, fate in enumerate(outcomes):
+            if fate == STORED:
                 if next_id is None:
                     raise ValueError("the store procedure stored rows without an id")
                 mids.append(next_id)

@@ -1,8 +1,10 @@
-"""Fixtures for the storage tests: every store test runs on SQLite, PostgreSQL and MariaDB.
+"""Fixtures for the storage tests: every store test runs on SQLite, PostgreSQL and
+MariaDB.
 
 Each test gets its own silo table (a random name), so tests never see each other's rows;
-PostgreSQL and MariaDB tables, functions and procedures are dropped afterwards.  The location table is shared
-(its name is fixed): tests of bindings use the ``user`` fixture, whose rows go at the end.
+PostgreSQL and MariaDB tables, functions and procedures are dropped afterwards.  The
+location table is shared (its name is fixed): tests of bindings use the ``user`` fixture,
+whose rows go at the end.
 """
 
 from __future__ import annotations

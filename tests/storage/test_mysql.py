@@ -20,7 +20,7 @@ from tests.conftest import mysql_connect, mysql_execute, mysql_script
 
 pytestmark = pytest.mark.backend_only("mysql")
 
-S, D, Q, O = (
+S, D, Q, ON = (
     StoreOutcome.STORED,
     StoreOutcome.DUPLICATE,
     StoreOutcome.OVER_QUOTA,
@@ -55,9 +55,11 @@ async def test_both_store_paths_give_every_row_its_fate_and_its_own_id(
         message("bob", body=b"b3", key="k3"),  # repeated in the batch
     ]
     results = await s.store_batch(batch, 3)
-    assert [r.outcome for r in results] == [S, S, D, S, O, S, Q, D]
+    assert [r.outcome for r in results] == [S, S, D, S, ON, S, Q, D]
     assert results[2].mid == first.mid and results[7].mid == results[5].mid
-    bodies = {m.mid: (m.username, m.body) for u in ("alice", "bob") for m in await s.list(u, OWNER[1])}
+    bodies = {
+        m.mid: (m.username, m.body) for u in ("alice", "bob") for m in await s.list(u, OWNER[1])
+    }
     for msg, r in zip(batch, results, strict=True):
         if r.outcome is S:
             assert bodies[r.mid] == (msg.username, msg.body)  # the id is this row's
@@ -163,7 +165,7 @@ async def test_an_opensips_table_of_100000_rows_is_upgraded_and_served(
     s = _mysql(await make_store(SiloNames(table=t, mid="id")))
     from tests.storage.test_store_schema import OPENSIPS_MYSQL
 
-    ddl = OPENSIPS_MYSQL.format(t=t, now=NOW, exp=NOW + 1).split("INSERT INTO {t}".format(t=t))[0]
+    ddl = OPENSIPS_MYSQL.format(t=t, now=NOW, exp=NOW + 1).split(f"INSERT INTO {t}")[0]
     digits = " UNION ALL ".join(f"SELECT {i} AS n" for i in range(10))
     # 100,000 rows of 1,000 owners; every tenth expired; bodies of every length up to 300.
     await mysql_script(
@@ -173,7 +175,8 @@ async def test_an_opensips_table_of_100000_rows_is_upgraded_and_served(
         "SELECT CONCAT('sip:s', n, '@example.org'), CONCAT('sip:u', n % 1000, '@example.com'), "
         "CONCAT('u', n % 1000), 'example.com', "
         f"{NOW - 100_000} + n, IF(n % 10 = 0, {NOW - 1}, {NOW + 86400}), 0, "
-        "IF(n % 3 = 0, NULL, 'text/plain'), IF(n % 7 = 0, NULL, REPEAT(CHAR(65 + n % 26), n % 300)) "
+        "IF(n % 3 = 0, NULL, 'text/plain'), "
+        "IF(n % 7 = 0, NULL, REPEAT(CHAR(65 + n % 26), n % 300)) "
         f"FROM (SELECT a.n + 10 * b.n + 100 * c.n + 1000 * d.n + 10000 * e.n AS n "
         f"FROM ({digits}) a, ({digits}) b, ({digits}) c, ({digits}) d, ({digits}) e) x "
         "ORDER BY n",

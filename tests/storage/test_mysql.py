@@ -209,3 +209,74 @@ async def test_an_opensips_table_of_100000_rows_is_upgraded_and_served(
         gone += len(batch)
     assert gone == ROWS // 10
     assert (await s.silo_summary()).rows == ROWS - ROWS // 10 - len(live)
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_server_is_unavailable_naming_where_not_the_password() -> None:
+    from msilo.errors import DatabaseUnavailable
+
+    s = MySQLStore("mysql://msilo:secret@127.0.0.1:1/msilo", connect_timeout=2)
+    with pytest.raises(DatabaseUnavailable, match=r"127\.0\.0\.1:1/msilo") as info:
+        await s.open()
+    assert "secret" not in str(info.value)
+
+
+async def _kill_sessions_of(url: str) -> int:
+    """KILL every other session on the store's database (a restart, as its clients see it)."""
+    database = url.rsplit("/", 1)[1]
+    ids = await mysql_script(
+        url,
+        "SELECT ID FROM information_schema.PROCESSLIST "
+        f"WHERE DB = '{database}' AND ID <> CONNECTION_ID()",
+    )
+    for (conn_id,) in ids:
+        await mysql_script(url, f"KILL {conn_id}")
+    return len(ids)
+
+
+async def test_killed_sessions_are_replaced_and_unsafe_writes_fail_clearly(store: Store) -> None:
+    from msilo.errors import DatabaseUnavailable
+
+    s = _mysql(store)
+    await s.store_batch([message(key="before")], 0)
+    assert await _kill_sessions_of(s.url) >= 1
+    # A read is retried on a fresh connection: the caller sees nothing.
+    assert await s.count(*OWNER) == 1
+    assert await _kill_sessions_of(s.url) >= 1
+    # Keyed rows are retried too (a second attempt cannot store anything twice).
+    [r] = await s.store_batch([message(key="after")], 0)
+    assert r.outcome is S
+    assert await _kill_sessions_of(s.url) >= 1
+    # An unkeyed store is not: had the lost attempt committed, a retry would store it twice.
+    with pytest.raises(DatabaseUnavailable, match="unavailable during store"):
+        await s.store_batch([message()], 0)
+    assert await s.count(*OWNER) == 2  # and the store works again at once
+    [again] = await s.store_batch([message()], 0)
+    assert again.outcome is S
+
+
+async def test_a_missing_store_procedure_says_run_db_upgrade(store: Store) -> None:
+    from msilo.errors import SchemaError
+
+    s = _mysql(store)
+    await mysql_script(s.url, f'DROP PROCEDURE "{s.procedure}"')
+    with pytest.raises(SchemaError, match=r"msilo db init` \(or `msilo db upgrade`\)"):
+        await s.store_batch([message()], 0)
+    with pytest.raises(SchemaError, match=rf"procedure {s.procedure} .* run `msilo db upgrade`"):
+        await s.check_schema()
+    assert f"created procedure {s.procedure}" in await s.upgrade_schema()
+    assert (await s.store_batch([message()], 0))[0].outcome is S
+
+
+async def test_a_changed_store_procedure_is_replaced_at_start(store: Store) -> None:
+    s = _mysql(store)
+    await mysql_script(s.url, f'DROP PROCEDURE "{s.procedure}"')
+    await mysql_script(
+        s.url,
+        f'CREATE PROCEDURE "{s.procedure}"(IN p_rows LONGTEXT, IN p_slots LONGTEXT, '
+        "IN p_max BIGINT, IN p_now BIGINT, IN p_txn INT, IN p_fast INT) SELECT 'old'",
+    )
+    await s.create_schema()  # what `msilo serve` runs: an older release's body is replaced
+    assert (await s.store_batch([message()], 0))[0].outcome is S

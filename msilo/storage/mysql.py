@@ -51,6 +51,9 @@ from msilo.storage.base import (
     unfold_results,
     validate_message,
 )
+from msilo.storage.coalesce import Coalescer
+from msilo.storage.location import COLUMNS as LOCATION_COLUMNS
+from msilo.storage.location import ORDER_BY as LOCATION_ORDER
 from msilo.storage.location import (
     Binding,
     BindingsOutcome,
@@ -265,6 +268,9 @@ class MySQLStore(Store):
         self._sql = _sql.SiloSql(names)
         self._ledger = ledger.LedgerSql(names)
         self.procedure = names.object_name("store", prefix="msilo_")
+        self._lookups: Coalescer[tuple[str, str, int], tuple[Binding, ...]] = Coalescer(
+            self._lookup_many, tuple
+        )
         self._build_statements()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -329,6 +335,12 @@ class MySQLStore(Store):
             "last_register)"
         )
         self._q_lock = f"SELECT slot FROM {my.LOCK_TABLE} WHERE slot IN ({{slots}}) FOR UPDATE"
+        # Many users' live bindings in one query (each key with its own "now").
+        self._q_lookup_many = (
+            f"SELECT {LOCATION_COLUMNS}, k.n FROM location JOIN JSON_TABLE(%s, '$[*]' COLUMNS ("
+            "u VARCHAR(64) PATH '$[0]', d VARCHAR(64) PATH '$[1]', n BIGINT PATH '$[2]')) AS k "
+            f"ON username = k.u AND domain = k.d WHERE expires > k.n {LOCATION_ORDER}"
+        )
 
     def _check_open(self, what: str) -> _Pool:
         if self._pool is None:
@@ -1190,16 +1202,25 @@ class MySQLStore(Store):
         )
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
-        """The user's live bindings, best q first."""
+        """The user's live bindings, best q first (concurrent lookups share one query)."""
         if not owner_storable(username, domain):
             return []
-        q = Q(self._location["select_live"])
+        return list(await self._lookups.get((username, domain, now)))
 
-        async def run(conn: Conn) -> list[Binding]:
-            rows = await _fetch(conn, q.text, (username, domain, now))
-            return [binding_from_row(r) for r in rows]
+    async def _lookup_many(
+        self, keys: list[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], tuple[Binding, ...]]:
+        sql = self._q_lookup_many
+        wanted = orjson.dumps(keys).decode()
 
-        return await self._run("lookup", run, idempotent=True)
+        async def run(conn: Conn) -> list[tuple[Any, ...]]:
+            return await _fetch(conn, sql, (wanted,))
+
+        found: dict[tuple[str, str, int], list[Binding]] = {}
+        # Rows arrive in the query's order (best q first), so each user's list keeps it.
+        for row in await self._run("lookup", run, idempotent=True):
+            found.setdefault((row[0], row[1], int(row[13])), []).append(binding_from_row(row))
+        return {key: tuple(bindings) for key, bindings in found.items()}
 
     async def delete_expired_bindings(self, now: int) -> int:
         """Delete bindings past their expiry."""

@@ -35,21 +35,19 @@ def _mysql(store: Store) -> MySQLStore:
 
 @pytest.mark.parametrize("fast", [1, 0], ids=["set-based", "row-by-row"])
 async def test_both_store_paths_give_every_row_its_fate_and_its_own_id(
-    store: Store, fast: int
+    store: Store, user: str, fast: int
 ) -> None:
     s = _mysql(store)
     s._fast = fast
-    online = Binding("carol", "example.com", "sip:carol@192.0.2.1", NOW + 600)
-    await s.update_bindings(
-        "carol", "example.com", lambda _: BindingPlan(upserts=(online,)), now=NOW
-    )
+    online = Binding(user, "example.com", f"sip:{user}@192.0.2.1", NOW + 600)
+    await s.update_bindings(user, "example.com", lambda _: BindingPlan(upserts=(online,)), now=NOW)
     [first] = await s.store_batch([message(key="k-old", body=b"old")], 0)
     batch = [
         message(body=b"a1", key="k1"),
         message("bob", body=b"b1", key="k2"),
         message(body=b"dup", key="k-old"),  # stored before: its id
         message(body=b"a2"),  # no dedupe key
-        dataclasses.replace(message("carol", body=b"c1"), unless_online=True),
+        dataclasses.replace(message(user, body=b"c1"), unless_online=True),
         message("bob", body=b"b2", key="k3"),
         message(body=b"a3", key="k4"),  # alice's 4th with a quota of 3
         message("bob", body=b"b3", key="k3"),  # repeated in the batch
@@ -63,7 +61,7 @@ async def test_both_store_paths_give_every_row_its_fate_and_its_own_id(
     for msg, r in zip(batch, results, strict=True):
         if r.outcome is S:
             assert bodies[r.mid] == (msg.username, msg.body)  # the id is this row's
-    assert await s.count(*OWNER) == 3 and await s.count("carol", "example.com") == 0
+    assert await s.count(*OWNER) == 3 and await s.count(user, "example.com") == 0
 
 
 async def test_concurrent_batches_with_the_same_keys_store_each_once(

@@ -131,6 +131,7 @@ def mysql_server() -> Iterator[Any]:
     """A throwaway MariaDB server for this session (see tests/mariadbserver.py)."""
     from tests.mariadbserver import MariaDBServer, ServerUnavailable
 
+    MariaDBServer.reap_orphans()
     try:
         server = MariaDBServer()
     except ServerUnavailable as exc:

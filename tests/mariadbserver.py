@@ -10,6 +10,7 @@ server on 3306, if any, is never touched.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -22,6 +23,13 @@ from pathlib import Path
 PREFIX = "msilo-mariadb-"
 OWNER_FILE = "owner.pid"
 START_WAIT = 60.0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, however it dies
+    (PR_SET_PDEATHSIG), so a SIGKILLed pytest leaves no server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class ServerUnavailable(Exception):
@@ -101,7 +109,11 @@ class MariaDBServer:
             argv.append("--user=root")
         # Its output goes to the log file, never to a pipe nobody reads.
         self._process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + START_WAIT
         while time.monotonic() < deadline:
@@ -137,6 +149,25 @@ class MariaDBServer:
             self.stop()
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+    @classmethod
+    def reap_orphans(cls) -> list[Path]:
+        """Remove the directories of servers whose test process died without cleaning up
+        (their server went with it: ``_die_with_parent``); returns them."""
+        reaped: list[Path] = []
+        for base in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+            try:
+                owner = int((base / OWNER_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                shutil.rmtree(base, ignore_errors=True)
+                reaped.append(base)
+            except PermissionError:
+                pass
+        return reaped
 
     def url(self, database: str) -> str:
         """``mysql://`` URL of ``database`` on this server."""

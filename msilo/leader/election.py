@@ -647,7 +647,15 @@ class MySQLLeaderElection(LeaderElection):
         except _MY_ERRORS as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         finally:
-            conn.close()
+            # QUIT, not a dropped socket: the server would log an aborted connection for
+            # every health check (every 2 s).
+            try:
+                await asyncio.wait_for(conn.ensure_closed(), self.check_timeout)
+            except _MY_ERRORS:
+                conn.close()
+            except asyncio.CancelledError:
+                conn.close()
+                raise
         return {
             "host": note[0][0] if note else None,
             "pid": int(note[0][1]) if note else None,

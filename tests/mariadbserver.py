@@ -20,6 +20,35 @@ import tempfile
 import time
 from pathlib import Path
 
+# OpenSIPS's MySQL layout (its scripts' silo table: INT UNSIGNED id, CHAR columns, a 64 KiB
+# BLOB, index account_idx), in the server's default character set.
+OPENSIPS_MYSQL = """
+CREATE TABLE IF NOT EXISTS version (
+    table_name CHAR(32) NOT NULL,
+    table_version INT UNSIGNED DEFAULT 0 NOT NULL,
+    CONSTRAINT t_name_idx UNIQUE (table_name)
+) ENGINE=InnoDB;
+INSERT INTO version (table_name, table_version) values ('{t}','6');
+CREATE TABLE {t} (
+    id INT(10) UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
+    src_addr CHAR(255) DEFAULT '' NOT NULL,
+    dst_addr CHAR(255) DEFAULT '' NOT NULL,
+    username CHAR(64) DEFAULT '' NOT NULL,
+    domain CHAR(64) DEFAULT '' NOT NULL,
+    inc_time INT DEFAULT 0 NOT NULL,
+    exp_time INT DEFAULT 0 NOT NULL,
+    snd_time INT DEFAULT 0 NOT NULL,
+    ctype CHAR(255) DEFAULT NULL,
+    body BLOB DEFAULT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=latin1;
+CREATE INDEX account_idx ON {t} (username, domain);
+INSERT INTO {t} (src_addr, dst_addr, username, domain, inc_time, exp_time, snd_time, ctype, body)
+VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', X'6f6c64206f6e65'),
+       ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
+        {now}, {exp}, 0, 'text/plain', NULL);
+"""
+
 PREFIX = "msilo-mariadb-"
 OWNER_FILE = "owner.pid"
 START_WAIT = 60.0
@@ -56,7 +85,9 @@ def free_tcp_port() -> int:
 class MariaDBServer:
     """One private server: ``start()``, ``stop()``, ``destroy()``."""
 
-    def __init__(self, *, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, *, settings: dict[str, str] | None = None, grants: bool = False) -> None:
+        """``grants``: a server with its grant tables (users, passwords; ``root`` without a
+        password over the socket), for tests of the README's CREATE USER steps."""
         self.mariadbd = _binary("mariadbd", "mysqld")
         self.install_db = _binary("mariadb-install-db", "mysql_install_db")
         self.base = Path(tempfile.mkdtemp(prefix=PREFIX))
@@ -67,6 +98,7 @@ class MariaDBServer:
         self.port = free_tcp_port()
         self.host = "127.0.0.1"
         self.settings = settings or {}
+        self.grants = grants
         self._process: subprocess.Popen[bytes] | None = None
         self._root = os.geteuid() == 0
 
@@ -100,7 +132,8 @@ class MariaDBServer:
             self.mariadbd, "--no-defaults", f"--datadir={self.data}",
             f"--port={self.port}", f"--bind-address={self.host}", f"--socket={self.socket}",
             f"--pid-file={self.base / 'mariadb.pid'}", f"--log-error={self.log}",
-            "--skip-grant-tables", "--skip-log-bin", "--skip-name-resolve",
+            *(() if self.grants else ("--skip-grant-tables",)),
+            "--skip-log-bin", "--skip-name-resolve",
             "--innodb-buffer-pool-size=128M", "--max-connections=400",
             "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
             *(f"--{key}={value}" for key, value in self.settings.items()),

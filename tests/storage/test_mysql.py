@@ -83,7 +83,7 @@ async def test_no_truncation_with_strict_mode_off(
 ) -> None:
     """A server whose sql_mode is '' silently cuts a BLOB at 64 KiB: msilo's own sessions
     are strict, and `db upgrade` makes OpenSIPS's BLOB a MEDIUMBLOB."""
-    from tests.storage.test_store_schema import OPENSIPS_MYSQL
+    from tests.mariadbserver import OPENSIPS_MYSQL
 
     s = _mysql(await make_store(SiloNames(table=names.table, mid="id")))
     await mysql_script(s.url, OPENSIPS_MYSQL.format(t=names.table, now=NOW - 10, exp=NOW + 3600))
@@ -161,7 +161,7 @@ async def test_an_opensips_table_of_100000_rows_is_upgraded_and_served(
     """Every old row intact after `db upgrade`, then stored to, dumped and expired."""
     t = names.table
     s = _mysql(await make_store(SiloNames(table=t, mid="id")))
-    from tests.storage.test_store_schema import OPENSIPS_MYSQL
+    from tests.mariadbserver import OPENSIPS_MYSQL
 
     ddl = OPENSIPS_MYSQL.format(t=t, now=NOW, exp=NOW + 1).split(f"INSERT INTO {t}")[0]
     digits = " UNION ALL ".join(f"SELECT {i} AS n" for i in range(10))

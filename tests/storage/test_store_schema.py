@@ -18,6 +18,7 @@ from msilo.storage.mysql import MySQLStore
 from msilo.storage.postgres import PostgresStore
 from msilo.storage.sqlite import SQLiteStore
 from tests.conftest import mysql_script
+from tests.mariadbserver import OPENSIPS_MYSQL
 
 
 async def raw(store: Store, sql: str) -> None:
@@ -219,35 +220,6 @@ VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
         {now}, {exp}, 0, 'text/plain', NULL);
 """
 
-
-# OpenSIPS's MySQL layout (its scripts' silo table: INT UNSIGNED id, CHAR columns, a 64 KiB
-# BLOB, index account_idx), in the server's default character set.
-OPENSIPS_MYSQL = """
-CREATE TABLE IF NOT EXISTS version (
-    table_name CHAR(32) NOT NULL,
-    table_version INT UNSIGNED DEFAULT 0 NOT NULL,
-    CONSTRAINT t_name_idx UNIQUE (table_name)
-) ENGINE=InnoDB;
-INSERT INTO version (table_name, table_version) values ('{t}','6');
-CREATE TABLE {t} (
-    id INT(10) UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
-    src_addr CHAR(255) DEFAULT '' NOT NULL,
-    dst_addr CHAR(255) DEFAULT '' NOT NULL,
-    username CHAR(64) DEFAULT '' NOT NULL,
-    domain CHAR(64) DEFAULT '' NOT NULL,
-    inc_time INT DEFAULT 0 NOT NULL,
-    exp_time INT DEFAULT 0 NOT NULL,
-    snd_time INT DEFAULT 0 NOT NULL,
-    ctype CHAR(255) DEFAULT NULL,
-    body BLOB DEFAULT NULL
-) ENGINE=InnoDB DEFAULT CHARSET=latin1;
-CREATE INDEX account_idx ON {t} (username, domain);
-INSERT INTO {t} (src_addr, dst_addr, username, domain, inc_time, exp_time, snd_time, ctype, body)
-VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
-        {now}, {exp}, 0, 'text/plain', X'6f6c64206f6e65'),
-       ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
-        {now}, {exp}, 0, 'text/plain', NULL);
-"""
 
 OPENSIPS = {"sqlite": OPENSIPS_SQLITE, "postgres": OPENSIPS_PG, "mysql": OPENSIPS_MYSQL}
 

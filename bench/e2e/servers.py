@@ -301,6 +301,17 @@ class MsiloServer(Server):
 
         run_pg(self.dsn, truncate)
 
+    # A step's users are the next step's too (user1..N), each registering from a new port:
+    # the devices msilo remembers from one step would have every message of the next kept
+    # for them (deliver_to = "all"). Each step starts with none, as a fresh deployment.
+    MSILO_STATE = ("msilo_device", "msilo_silo_delivery")
+
+    def reset(self) -> None:
+        async def truncate(conn: asyncpg.Connection) -> None:
+            await conn.execute(f"TRUNCATE {self.table}, {', '.join(self.MSILO_STATE)}")
+
+        run_pg(self.dsn, truncate)
+
 
 class MsiloMySQLServer(MsiloServer):
     """``msilo serve`` as :class:`MsiloServer`, on a throwaway MariaDB of its own (Debian's
@@ -334,7 +345,8 @@ class MsiloMySQLServer(MsiloServer):
         self.mariadb.destroy()
 
     def reset(self) -> None:
-        self._sql(f"TRUNCATE {self.table}")
+        for table in (self.table, *self.MSILO_STATE):
+            self._sql(f"TRUNCATE {table}")
 
     def count_rows(self) -> int:
         return int(self._sql(f"SELECT count(*) FROM {self.table}")[0][0])

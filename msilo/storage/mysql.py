@@ -271,6 +271,12 @@ class MySQLStore(Store):
         self._lookups: Coalescer[tuple[str, str, int], tuple[Binding, ...]] = Coalescer(
             self._lookup_many, tuple
         )
+        # Deliveries from every concurrent dump (deliver_to = "first") in one DELETE.
+        self._deletes: Coalescer[int, bool] = Coalescer(self._delete_many, bool, max_batch=1024)
+        # Deliveries to devices from every concurrent dump settle in one transaction.
+        self._settles: Coalescer[tuple[int, str, int], bool] = Coalescer(
+            self._settle_many, bool, max_batch=512
+        )
         self._build_statements()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -950,14 +956,32 @@ class MySQLStore(Store):
         return await self._run("claim", run, transaction=True)
 
     async def settle_delivered(self, pairs: Sequence[tuple[int, str]], *, memory: int) -> int:
-        """Record deliveries; delete the messages no due device lacks any more."""
+        """Record deliveries; delete the messages no due device lacks any more (concurrent
+        settles share one transaction, as on PostgreSQL)."""
         if not pairs:
             return 0
+        keys = dict.fromkeys((int(mid), device, memory) for mid, device in pairs)
+        done = await asyncio.gather(*(self._settles.get(key) for key in keys))
+        return len({key[0] for key, gone in zip(keys, done, strict=True) if gone})
+
+    async def _settle_many(
+        self, keys: list[tuple[int, str, int]]
+    ) -> dict[tuple[int, str, int], bool]:
+        # One transaction per memory setting (a deployment has one).
+        found: dict[tuple[int, str, int], bool] = {}
+        for memory in dict.fromkeys(k[2] for k in keys):
+            batch = [(k[0], k[1]) for k in keys if k[2] == memory]
+            gone = await self._settle_call(batch, memory)
+            found.update({(m, d, memory): m in gone for m, d in batch})
+        return found
+
+    async def _settle_call(self, pairs: list[tuple[int, str]], memory: int) -> set[int]:
+        """The messages of ``pairs`` that their deliveries completed (and so deleted)."""
         s = self._sql
-        mids = sorted({int(m) for m, _ in pairs})
+        mids = sorted({m for m, _ in pairs})
         q = self._q_complete
 
-        async def run(conn: Conn) -> int:
+        async def run(conn: Conn) -> set[int]:
             # The messages are locked first: two devices settling one message queue, and the
             # later one's completion check (a fresh statement) sees the other's delivery.
             found = await _fetch(
@@ -967,9 +991,9 @@ class MySQLStore(Store):
                 mids,
             )
             live = {int(r[0]) for r in found}
-            done = [(m, d) for m, d in dict.fromkeys(pairs) if int(m) in live]
+            done = [(m, d) for m, d in pairs if m in live]
             if not done:
-                return 0
+                return set()
             await _exec(
                 conn,
                 self._q_ledger_done.format(rows=", ".join(["(%s, %s, 1)"] * len(done))),
@@ -978,9 +1002,11 @@ class MySQLStore(Store):
             ids = sorted(live)
             sql = q.replace("{mids}", my.in_list(len(ids)))
             gone = [int(r[0]) for r in await _fetch(conn, sql, [*ids, memory])]
-            return await self._delete_messages(conn, gone)
+            await self._delete_messages(conn, gone)
+            return set(gone)
 
-        return await self._run("settle delivered", run, transaction=True)
+        # Idempotent: a delivery recorded twice is recorded once.
+        return await self._run("settle delivered", run, transaction=True, idempotent=True)
 
     async def _delete_messages(self, conn: Conn, mids: Sequence[int]) -> int:
         """Delete messages and their ledger rows; returns how many messages went."""
@@ -1102,8 +1128,27 @@ class MySQLStore(Store):
         return await self._run(what, run, idempotent=True)
 
     async def delete_delivered(self, mids: Sequence[int]) -> int:
-        """Delete delivered rows."""
+        """Delete delivered rows (one at a time: concurrent deliveries share one DELETE)."""
+        if len(mids) == 1:
+            return int(await self._deletes.get(int(mids[0])))
         return await self._by_mids("delete delivered", f"DELETE FROM {self._sql.table}", mids)
+
+    async def _delete_many(self, mids: list[int]) -> dict[int, bool]:
+        s = self._sql
+        marks = my.in_list(len(mids))
+
+        async def run(conn: Conn) -> dict[int, bool]:
+            # The rows that exist, locked to the commit: exactly the ones the DELETE takes, so
+            # each caller learns whether its own row went.
+            found = await _fetch(
+                conn,
+                f"SELECT {s.mid} FROM {s.table} WHERE {s.mid} IN ({marks}) FOR UPDATE",
+                mids,
+            )
+            await _exec(conn, f"DELETE FROM {s.table} WHERE {s.mid} IN ({marks})", mids)
+            return {int(r[0]): True for r in found}
+
+        return await self._run("delete delivered", run, transaction=True, idempotent=True)
 
     async def release_lease(self, mids: Sequence[int], *, failed: bool = True) -> int:
         """Clear leases; ``failed`` counts an attempt."""

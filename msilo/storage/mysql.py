@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import orjson
 
 from msilo.errors import DatabaseUnavailable, InvalidRecord, SchemaError, StorageError
-from msilo.storage import _sql, ledger, myurl, subscriber
+from msilo.storage import _sql, ledger, myurl, push_targets, subscriber
 from msilo.storage import mysql_sql as my
 from msilo.storage.base import (
     DEFAULT_NAMES,
@@ -65,6 +65,7 @@ from msilo.storage.location import (
     validate_owner,
 )
 from msilo.storage.mysql_sql import Q
+from msilo.storage.push_targets import PushRecord, PushSql
 from msilo.storage.subscriber import (
     Subscriber,
     validate_auth_keys,
@@ -1076,15 +1077,17 @@ class MySQLStore(Store):
 
         async def run(conn: Conn) -> int:
             if devices is None:
-                q = Q(led.forget_all)
-                await _exec(conn, q.text, q.args(username, domain))
+                for sql in (led.forget_all, PushSql.forget_all):
+                    q = Q(sql)
+                    await _exec(conn, q.text, q.args(username, domain))
             elif devices:
-                await _exec(
-                    conn,
-                    f"DELETE FROM {ledger.DEVICE_TABLE} WHERE username = %s AND domain = %s "
-                    f"AND device IN ({my.in_list(len(devices))})",
-                    [username, domain, *devices],
-                )
+                for table in (ledger.DEVICE_TABLE, push_targets.PUSH_TABLE):
+                    await _exec(
+                        conn,
+                        f"DELETE FROM {table} WHERE username = %s AND domain = %s "
+                        f"AND device IN ({my.in_list(len(devices))})",
+                        [username, domain, *devices],
+                    )
             gone = await _fetch(conn, complete.text, complete.args(username, domain, memory))
             return await self._delete_messages(conn, [int(r[0]) for r in gone])
 
@@ -1103,12 +1106,108 @@ class MySQLStore(Store):
         """Forget devices not registered since ``before``; drop orphan ledger rows."""
         old = Q(self._ledger.forget_old)
 
+        old_push = Q(PushSql.forget_old)
+
         async def run(conn: Conn) -> int:
             n = await _exec(conn, old.text, old.args(before))
+            await _exec(conn, old_push.text, old_push.args(before))
             await _exec(conn, self._ledger.orphans)
             return n
 
         return await self._run("forget devices", run, idempotent=True)
+
+    # -- push targets (RFC 8599) ------------------------------------------------------
+
+    async def save_push_target(
+        self,
+        username: str,
+        domain: str,
+        device: str,
+        *,
+        provider: str,
+        prid: str,
+        param: str | None,
+        now: int,
+    ) -> None:
+        """Keep (or replace) the push parameters of the owner's ``device``."""
+        check_text("device", device, my.KEY_TEXT_LIMIT)
+        # pushed_ms is assigned first, from the old prid (MySQL assigns in order): a new
+        # token starts a new window.
+        sql = (
+            f"INSERT INTO {push_targets.PUSH_TABLE} (username, domain, device, provider, prid, "
+            "param, last_register) VALUES (%s, %s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
+            "pushed_ms = IF(prid = VALUES(prid), pushed_ms, NULL), provider = VALUES(provider), "
+            "prid = VALUES(prid), param = VALUES(param), last_register = VALUES(last_register)"
+        )
+        args = (username, domain, device, provider, prid, param, now)
+
+        async def run(conn: Conn) -> int:
+            return await _exec(conn, sql, args)
+
+        await self._run("save push target", run, idempotent=True)
+
+    async def claim_push_targets(
+        self,
+        username: str,
+        domain: str,
+        *,
+        now_ms: int,
+        window_ms: int,
+        since: int,
+        exclude: Sequence[str] = (),
+    ) -> list[PushRecord]:
+        """Take the owner's push targets that may be pushed now (marked pushed).
+
+        The candidates are locked (FOR UPDATE): a concurrent claimer waits, then reads the
+        rows as committed (a locking read sees the newest version) and finds them pushed.
+        """
+        if not owner_storable(username, domain):
+            return []
+        table = push_targets.PUSH_TABLE
+        skip = list(dict.fromkeys(exclude))
+        not_in = f" AND device NOT IN ({my.in_list(len(skip))})" if skip else ""
+        pick = (
+            f"SELECT device, provider, prid, param FROM {table} WHERE username = %s "
+            f"AND domain = %s AND last_register >= %s AND (pushed_ms IS NULL OR pushed_ms <= %s)"
+            f"{not_in} ORDER BY device FOR UPDATE"
+        )
+        args = [username, domain, since, now_ms - window_ms, *skip]
+        count = self._q_count
+
+        async def run(conn: Conn) -> list[PushRecord]:
+            taken = await _fetch(conn, pick, args)
+            if not taken:
+                return []
+            devices = [r[0] for r in taken]
+            await _exec(
+                conn,
+                f"UPDATE {table} SET pushed_ms = %s WHERE username = %s AND domain = %s "
+                f"AND device IN ({my.in_list(len(devices))})",
+                [now_ms, username, domain, *devices],
+            )
+            waiting = int((await _fetch(conn, count.text, count.args(username, domain)))[0][0])
+            return [PushRecord(r[0], r[1], r[2], r[3], waiting) for r in taken]
+
+        return await self._run("claim push targets", run, transaction=True)
+
+    async def drop_push_target(self, username: str, domain: str, device: str, *, prid: str) -> bool:
+        """Forget a device's dead push token (unless it registered another meanwhile)."""
+        q = Q(PushSql.drop)
+        return await self._execute("drop push target", q, username, domain, device, prid) > 0
+
+    async def take_push_time(self, username: str, domain: str, device: str) -> int | None:
+        """When the device was last pushed (ms), cleared; None when none is outstanding."""
+        read, clear = Q(PushSql.pushed_at), Q(PushSql.clear_pushed)
+
+        async def run(conn: Conn) -> int | None:
+            rows = await _fetch(conn, read.text, read.args(username, domain, device))
+            if not rows:
+                return None
+            at = int(rows[0][0])
+            taken = await _exec(conn, clear.text, clear.args(username, domain, device, at))
+            return at if taken else None
+
+        return await self._run("push time", run)
 
     async def _by_mids(self, what: str, verb: str, mids: Sequence[int], *pre: Any) -> int:
         ids = my.mids_args(mids)

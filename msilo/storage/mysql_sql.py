@@ -19,7 +19,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 
-from msilo.storage import ledger, subscriber
+from msilo.storage import ledger, push_targets, subscriber
 from msilo.storage._sql import SiloSql
 from msilo.storage.base import SiloNames, quote_ident
 
@@ -255,6 +255,21 @@ def aux_tables_ddl() -> list[tuple[str, str]]:
     last_register BIGINT NOT NULL,
     PRIMARY KEY (username, domain, device),
     INDEX {ledger.DEVICE_TABLE}_last_idx (last_register)
+) {TABLE_OPTIONS}""",
+        ),
+        (
+            push_targets.PUSH_TABLE,
+            f"""CREATE TABLE IF NOT EXISTS {push_targets.PUSH_TABLE} (
+    username VARCHAR(64) NOT NULL,
+    domain VARCHAR(64) NOT NULL,
+    device VARCHAR({_K}) NOT NULL,
+    provider VARCHAR(64) NOT NULL,
+    prid TEXT NOT NULL,
+    param TEXT DEFAULT NULL,
+    last_register BIGINT NOT NULL,
+    pushed_ms BIGINT DEFAULT NULL,
+    PRIMARY KEY (username, domain, device),
+    INDEX {push_targets.PUSH_TABLE}_last_idx (last_register)
 ) {TABLE_OPTIONS}""",
         ),
         (

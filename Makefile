@@ -17,11 +17,12 @@ debug:              ## debug build: annotate HTML, line tracing, invariant check
 # line-buffered output), ip and nft (a NAT in network namespaces), promtool (alert rules and
 # dashboard queries), sngrep (reads our HEP export), systemd-analyze (the unit file),
 # chromium (the browser tests, driven by Playwright's Python package: no browser download)
-# and npm (the JsSIP and SIP.js those tests load, pinned in tests/clients/web).
+# and npm (the JsSIP and SIP.js those tests load, pinned in tests/clients/web),
+# mariadbd and mariadb-install-db (the MySQL backend's tests start a throwaway MariaDB).
 TEST_TOOLS = sipp:sip-tester sipsak:sipsak dnsmasq:dnsmasq-base baresip:baresip-core \
              linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables \
              promtool:prometheus sngrep:sngrep systemd-analyze:systemd \
-             chromium:chromium npm:npm
+             chromium:chromium npm:npm mariadbd:mariadb-server mariadb-install-db:mariadb-server
 WEB_TESTS = tests/clients/web
 
 test-deps:          ## Python test dependencies, the Debian tools the tests drive (when missing), npm packages
@@ -31,6 +32,7 @@ test-deps:          ## Python test dependencies, the Debian tools the tests driv
 	done; \
 	if [ -n "$$missing" ]; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	        missing=$$(printf '%s\n' $$missing | sort -u | tr '\n' ' '); \
 	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	    else \
 	        echo "install these Debian packages:$$missing"; exit 1; \

@@ -322,7 +322,8 @@ async def _cmd_db(config: Config, action: str) -> int:
         await refuse_while_serving(config)
     options: dict[str, Any] = {}
     step: PgStep | None = None
-    if action == "upgrade" and sys.stderr.isatty() and sqlite_path(config.msilo.db_url) is None:
+    postgres = config.msilo.db_url.startswith(("postgres://", "postgresql://"))
+    if action == "upgrade" and sys.stderr.isatty() and postgres:
         # Name our session so a second connection can say which statement it is running.
         options["application_name"] = f"msilo-db-upgrade-{os.getpid()}"
         step = PgStep(config.msilo.db_url, options["application_name"])

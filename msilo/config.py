@@ -247,9 +247,17 @@ def _db_url(key: str, value: Any) -> str:
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc} (got {redact_url(text)!r})") from None
         return text
+    if text.startswith("mysql://"):
+        from msilo.storage.myurl import parse_my_url
+
+        try:
+            parse_my_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} (got {redact_url(text)!r})") from None
+        return text
     raise ConfigError(
-        f"{key}: must be sqlite:///path/to/file.db or postgres://user@host:port/db "
-        f"(got {redact_url(text)!r})"
+        f"{key}: must be sqlite:///path/to/file.db, postgres://user@host:port/db or "
+        f"mysql://user@host:port/db (got {redact_url(text)!r})"
     )
 
 
@@ -433,7 +441,8 @@ class MsiloConfig:
         metadata=_doc(
             "database: `sqlite:///path.db` (relative to the working directory) or "
             "`postgres://user:pass@host:port/db`; a primary and its standbys: "
-            "`postgres://user:pass@h1:port,h2:port/db?target_session_attrs=read-write`",
+            "`postgres://user:pass@h1:port,h2:port/db?target_session_attrs=read-write`; "
+            "MySQL 8.0.4+ or MariaDB 10.6+: `mysql://user:pass@host:port/db`",
             _db_url,
         ),
     )

@@ -371,7 +371,7 @@ CONDITIONAL: dict[str, Callable[[str | int], str]] = {
 def _db_url(item: Item, value: str | int) -> None:
     text = str(value)
     scheme = text.split(":", 1)[0].lower()
-    if scheme in ("postgres", "postgresql"):
+    if scheme in ("postgres", "postgresql", "mysql"):
         item.value = text
         return
     if scheme == "sqlite":
@@ -385,16 +385,10 @@ def _db_url(item: Item, value: str | int) -> None:
             + ("" if path.startswith("/") else " (relative to msilo's working directory)")
         )
         return
-    if scheme == "mysql":
-        item.value = text
-        item.disabled = (
-            "mysql:// is not supported by msilo yet: move the silo table to PostgreSQL or"
-            " SQLite until the MySQL backend lands (README: Migrating from OpenSIPS or"
-            " Kamailio), and set db_url to it"
-        )
-        return
     item.value = text
-    item.disabled = f"{scheme}:// databases are not supported: msilo uses PostgreSQL or SQLite"
+    item.disabled = (
+        f"{scheme}:// databases are not supported: msilo uses PostgreSQL, MySQL/MariaDB or SQLite"
+    )
 
 
 _PROTOCOLS = ("udp", "tcp", "tls", "sctp", "ws", "wss", "bin", "hep_udp", "hep_tcp", "smpp")

@@ -99,7 +99,10 @@ def test_flags_accept_0_1_and_true_false() -> None:
         ),
         (['msilo.db_table="silo; drop table x"'], "msilo.db_table: must be an SQL identifier"),
         (['msilo.sc_mid="1mid"'], "msilo.sc_mid: must be an SQL identifier"),
-        (['msilo.db_url="mysql://x"'], "msilo.db_url: must be sqlite:///"),
+        (['msilo.db_url="mariadb://x"'], "msilo.db_url: must be sqlite:///"),
+        (['msilo.db_url="mysql://x"'], "msilo.db_url: must name a database: mysql://"),
+        (['msilo.db_url="mysql://u:pw@h:99999/db"'], "msilo.db_url: the port is not a port"),
+        (['msilo.db_url="mysql://u@h/db?ssl=1"'], "msilo.db_url: unknown parameter(s) ssl"),
         (['msilo.db_url="postgres://u@h1:5432,h2:x/db"'], "msilo.db_url: port 'x' of host 'h2'"),
         (
             ['msilo.db_url="postgres://u@h1,h2/db?target_session_attrs=master"'],
@@ -147,6 +150,18 @@ def test_bad_values_name_the_key_and_the_rule(overrides: list[str], message: str
 )
 def test_a_multi_host_postgres_url_is_accepted(url: str) -> None:
     """Several hosts, as libpq and asyncpg take them: a primary and its standbys."""
+    assert load_config(overrides=[f'msilo.db_url="{url}"']).msilo.db_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://opensips:opensipsrw@localhost/opensips",  # OpenSIPS's default db_url
+        "mysql://msilo:p%40ss@127.0.0.1:3307/msilo",
+        "mysql://msilo@localhost/msilo?unix_socket=/run/mysqld/mysqld.sock",
+    ],
+)
+def test_a_mysql_url_is_accepted(url: str) -> None:
     assert load_config(overrides=[f'msilo.db_url="{url}"']).msilo.db_url == url
 
 

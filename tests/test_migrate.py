@@ -219,12 +219,10 @@ UNMAPPED: list[tuple[str, str, str]] = [
      " always named callid; rename 'cid' to callid", "sc_callid"),
     ('modparam("msilo", "db_mode", 1)\n', "# not an OpenSIPS or Kamailio msilo parameter",
      "db_mode"),
-    ('modparam("msilo", "db_url", "mysql://opensips:opensipsrw@localhost/opensips")\n',
-     "# mysql:// is not supported by msilo yet: move the silo table to PostgreSQL or SQLite"
-     " until the MySQL backend lands", "db_url"),
-    ('modparam("msilo", "db_url", "mysql://")\n', "# mysql:// is not supported", "db_url"),
+    ('modparam("msilo", "db_url", "mysql://")\n', "# msilo refuses it: msilo.db_url: must name"
+     " a database", "db_url"),
     ('modparam("msilo", "db_url", "unixodbc://x")\n', "# unixodbc:// databases are not"
-     " supported: msilo uses PostgreSQL or SQLite", "db_url"),
+     " supported: msilo uses PostgreSQL, MySQL/MariaDB or SQLite", "db_url"),
     ("listen=tls:10.0.0.1:5061\n", "tls:10.0.0.1:5061 left out: a tls: listener needs [tls]"
      " certificate and private_key", "listen"),
     ("listen=ws:10.0.0.1:8080\n", "ws: listeners have no msilo equivalent: skipped", "listen"),
@@ -248,10 +246,10 @@ def test_unmapped_parameter_is_a_comment_saying_why(script: str, comment: str, k
     assert all(key not in table for table in data.values())
 
 
-def test_mysql_url_is_kept_as_a_comment() -> None:
-    url = "mysql://opensips:opensipsrw@localhost/opensips"
+def test_mysql_url_is_kept_as_it_is() -> None:
+    url = "mysql://opensips:opensipsrw@localhost/opensips"  # OpenSIPS's default
     text = convert(f'modparam("msilo", "db_url", "{url}")\n')
-    assert f'# db_url = "{url}"' in text
+    assert loads(text)["msilo"]["db_url"] == url
 
 
 def test_cross_key_rule_comments_out_the_setting_it_refuses() -> None:

@@ -30,11 +30,11 @@ from typing import Any
 
 from bench.e2e import report, steps
 from bench.e2e.procs import BenchError, Proc, wait_idle
-from bench.e2e.servers import MAIN, KamailioServer, MsiloServer, Server, run_pg
+from bench.e2e.servers import MAIN, KamailioServer, MsiloMySQLServer, MsiloServer, Server, run_pg
 from bench.e2e.workloads import GROUPS, Workload, expand, select
 
 DEFAULT_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
-SERVERS = ("msilo", "kamailio", "kamailio-db1")
+SERVERS = ("msilo", "kamailio", "kamailio-db1", "msilo-mysql")
 
 
 def parse_rates(text: str) -> dict[str, int]:
@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: a few seconds per step")
     p.add_argument(
         "--servers",
-        help="comma list of msilo, kamailio (usrloc db_mode 0), kamailio-db1 (db_mode 1); "
-        "default msilo,kamailio, plus kamailio-db1 when a register workload runs",
+        help="comma list of msilo, kamailio (usrloc db_mode 0), kamailio-db1 (db_mode 1), "
+        "msilo-mysql (msilo on a throwaway MariaDB); default msilo,kamailio, plus "
+        "kamailio-db1 when a register workload runs",
     )
     p.add_argument(
         "--workloads",
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     names = expand([w.strip() for w in args.workloads.split(",") if w.strip()])
     if args.servers is None:
         with_register = any(n.startswith("register") for n in names)
-        servers = list(SERVERS if with_register else SERVERS[:2])
+        servers = list(SERVERS[:3] if with_register else SERVERS[:2])
     else:
         servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(servers) - set(SERVERS)
@@ -305,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             server: Server
             if name == "msilo":
                 server = MsiloServer(
+                    args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
+                )
+            elif name == "msilo-mysql":
+                server = MsiloMySQLServer(
                     args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
                 )
             else:

@@ -1,7 +1,8 @@
 """The servers under test and their silo and location tables.
 
-msilo, Kamailio with usrloc in memory (``kamailio``, ``db_mode 0``) and Kamailio with usrloc
-writing through to PostgreSQL (``kamailio-db1``, ``db_mode 1``). Each server gets its own
+msilo, msilo on MariaDB (``msilo-mysql``), Kamailio with usrloc in memory (``kamailio``,
+``db_mode 0``) and Kamailio with usrloc writing through to PostgreSQL (``kamailio-db1``,
+``db_mode 1``). Each server gets its own
 database on the same PostgreSQL, its own SIP port, and is started and stopped by the
 harness. Rows are preloaded and counted with asyncpg directly, in each server's own column
 layout.
@@ -250,6 +251,10 @@ class MsiloServer(Server):
 
     def prepare(self) -> None:
         create_database(self.admin_dsn, self.database)
+        self.prepare_schema()
+
+    def prepare_schema(self) -> None:
+        """``msilo db init`` on ``self.dsn``, and what the report says about msilo."""
         result = subprocess.run(
             [*self._msilo(), "db", "init", "--set", f'msilo.db_url="{self.dsn}"'],
             capture_output=True,
@@ -304,6 +309,82 @@ class MsiloServer(Server):
             await conn.execute("TRUNCATE location")
 
         run_pg(self.dsn, truncate)
+
+    # A step's users are the next step's too (user1..N), each registering from a new port:
+    # the devices msilo remembers from one step would have every message of the next kept
+    # for them (deliver_to = "all"). Each step starts with none, as a fresh deployment.
+    MSILO_STATE = ("msilo_device", "msilo_silo_delivery")
+
+    def reset(self) -> None:
+        async def truncate(conn: asyncpg.Connection) -> None:
+            await conn.execute(f"TRUNCATE {self.table}, {', '.join(self.MSILO_STATE)}")
+
+        run_pg(self.dsn, truncate)
+
+
+class MsiloMySQLServer(MsiloServer):
+    """``msilo serve`` as :class:`MsiloServer`, on a throwaway MariaDB of its own (Debian's
+    ``mariadb-server``, tests/mariadbserver.py: durable commits, binary log off)."""
+
+    name = "msilo-mysql"
+
+    def __init__(
+        self,
+        admin_dsn: str,
+        database: str,
+        workdir: Path,
+        workers: int,
+        extra: Sequence[str] = (),
+    ) -> None:
+        super().__init__(admin_dsn, database, workdir, workers, extra)
+        from tests.mariadbserver import MariaDBServer
+
+        self.mariadb = MariaDBServer()
+        self.dsn = self.mariadb.url(database)
+
+    def _sql(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        from tests.conftest import _my_admin
+
+        return asyncio.run(_my_admin(self.dsn, sql, args))
+
+    def prepare(self) -> None:
+        from tests.conftest import _my_admin
+
+        self.mariadb.init()
+        self.mariadb.start()
+        asyncio.run(_my_admin(self.mariadb.url("mysql"), f"CREATE DATABASE {self.database}"))
+        super().prepare_schema()
+        version = self._sql("SELECT VERSION()")[0][0]
+        self.info["mariadb"] = str(version)
+
+    def cleanup(self) -> None:
+        self.mariadb.destroy()
+
+    def reset(self) -> None:
+        for table in (self.table, *self.MSILO_STATE):
+            self._sql(f"TRUNCATE {table}")
+
+    def count_rows(self) -> int:
+        return int(self._sql(f"SELECT count(*) FROM {self.table}")[0][0])
+
+    def count_bindings(self) -> int | None:
+        return int(self._sql("SELECT count(*) FROM location")[0][0])
+
+    def reset_bindings(self) -> None:
+        self._sql("TRUNCATE location")
+
+    def preload(self, users: int | list[int], per_user: int, body_bytes: int) -> int:
+        rows = rows_for(users, per_user, body_bytes, self.port)
+        marks = "(" + ", ".join(["%s"] * len(self.columns)) + ")"
+        for i in range(0, len(rows), 1000):
+            chunk = rows[i : i + 1000]
+            self._sql(
+                f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES "
+                + ", ".join([marks] * len(chunk)),
+                tuple(v for row in chunk for v in row),
+            )
+        self._sql(f"ANALYZE TABLE {self.table}")
+        return len(rows)
 
 
 # Kamailio's own PostgreSQL DDL for usrloc's location table (Debian package kamailio).

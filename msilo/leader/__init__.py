@@ -3,6 +3,7 @@
 from msilo.leader.election import (
     FileLeaderElection,
     LeaderElection,
+    MySQLLeaderElection,
     PostgresLeaderElection,
     advisory_lock_key,
     leader_election_for,
@@ -11,6 +12,7 @@ from msilo.leader.election import (
 __all__ = [
     "FileLeaderElection",
     "LeaderElection",
+    "MySQLLeaderElection",
     "PostgresLeaderElection",
     "advisory_lock_key",
     "leader_election_for",

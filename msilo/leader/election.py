@@ -7,6 +7,9 @@ Two implementations share one loop (:meth:`LeaderElection.run`):
   ``pg_advisory_unlock_all()`` on release and would drop the lock silently.  Losing the
   connection is losing leadership, detected by asyncpg's termination listener and by a cheap
   ``SELECT 1`` every ``retry_interval`` (a half-open TCP connection reports nothing).
+* :class:`MySQLLeaderElection` -- ``GET_LOCK`` on a dedicated connection: a named lock the
+  server releases when the session ends (the holder died, its host vanished, the server
+  restarted), checked like the PostgreSQL one with a ``SELECT`` every ``retry_interval``.
 * :class:`FileLeaderElection` -- SQLite deployments on one host: an exclusive non-blocking
   ``flock`` on a lock file beside the database; the kernel releases it when the holder dies.
 
@@ -36,6 +39,7 @@ from msilo.log import redact_url
 __all__ = [
     "FileLeaderElection",
     "LeaderElection",
+    "MySQLLeaderElection",
     "PostgresLeaderElection",
     "advisory_lock_key",
     "leader_election_for",
@@ -497,6 +501,185 @@ async def _close_quietly(conn: asyncpg.Connection, timeout: float) -> None:
         raise
 
 
+# -- MySQL / MariaDB --------------------------------------------------------------------------
+
+
+class MySQLLeaderElection(LeaderElection):
+    """Leader lock = ``GET_LOCK(name, 0)`` on a dedicated connection (never a pooled one: a
+    lock belongs to its session, and the store's pool closes connections that saw errors).
+
+    ``GET_LOCK`` names are server-wide, not per database: the name hashes the database and
+    ``lock_key``, so two deployments on one server do not exclude each other.  The holder
+    notes its host and pid (and connection id) in ``msilo_leader``; :meth:`current_leader`
+    trusts that note only while ``IS_USED_LOCK`` names the same connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lock_key: int | str = "msilo",
+        retry_interval: float = 2.0,
+        rejoin_delay: float | None = None,
+        connect_timeout: float = 5.0,
+        check_timeout: float = 2.0,
+    ) -> None:
+        from msilo.storage.myurl import parse_my_url
+
+        super().__init__(retry_interval=retry_interval, rejoin_delay=rejoin_delay)
+        self.url = url
+        self._url = parse_my_url(url)
+        digest = hashlib.blake2b(
+            f"msilo.leader:{self._url.database}:{lock_key}".encode(), digest_size=12
+        ).hexdigest()
+        # At most 64 characters (MySQL's limit for lock names).
+        self.lock_name = f"msilo-leader-{digest}"
+        self.connect_timeout = connect_timeout
+        self.check_timeout = check_timeout
+        self._conn: Any = None
+
+    def describe(self) -> str:
+        return f"name={self.lock_name}"
+
+    async def _connect(self) -> Any:
+        import asyncmy
+
+        u = self._url
+        kwargs: dict[str, Any] = {
+            "user": u.user, "password": u.password, "database": u.database,
+            "autocommit": True, "charset": "utf8mb4", "connect_timeout": self.connect_timeout,
+        }  # fmt: skip
+        if u.unix_socket:
+            kwargs["unix_socket"] = u.unix_socket
+        else:
+            kwargs["host"], kwargs["port"] = u.host, u.port
+        try:
+            return await asyncio.wait_for(asyncmy.connect(**kwargs), self.connect_timeout + 1)
+        except _MY_ERRORS as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+
+    async def _query(self, conn: Any, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        async def run() -> list[Any]:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, args or None)
+                return list(await cur.fetchall() or ())
+
+        return await asyncio.wait_for(run(), self.check_timeout)
+
+    async def _try_acquire(self) -> bool:
+        if self._conn is None:
+            self._conn = await self._connect()
+        try:
+            rows = await self._query(self._conn, "SELECT GET_LOCK(%s, 0)", (self.lock_name,))
+            if not rows or rows[0][0] != 1:
+                return False
+            await self._note(self._conn)
+        except _MY_ERRORS as exc:
+            # If the statement timed out after taking the lock, closing the connection
+            # (done by the caller) gives it back.
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        return True
+
+    async def _note(self, conn: Any) -> None:
+        """Write who holds the lock (for ``/health`` and ``db upgrade``'s guard)."""
+        try:
+            await self._query(
+                conn,
+                "REPLACE INTO msilo_leader (lock_name, conn_id, host, pid, since) "
+                "VALUES (%s, CONNECTION_ID(), %s, %s, %s)",
+                (self.lock_name, self.host, self.pid, time.time()),
+            )
+        except _MY_ERRORS as exc:
+            if _my_code(exc) != 1146:  # no table yet (the schema comes later): no note
+                raise
+
+    async def _watch(self) -> str | None:
+        conn = self._conn
+        assert conn is not None
+        while True:
+            if await self._sleep(self.retry_interval):
+                return None
+            try:
+                rows = await self._query(conn, "SELECT IS_USED_LOCK(%s) = CONNECTION_ID()",
+                                         (self.lock_name,))  # fmt: skip
+            except TimeoutError:
+                return "liveness_timeout"
+            except _MY_ERRORS as exc:
+                return f"connection_terminated error={type(exc).__name__}"
+            if not rows or rows[0][0] != 1:
+                return "lock_lost"
+
+    async def _release(self, *, abort: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if not abort:
+            # Ending the session releases the lock; a graceful close tells the server now.
+            try:
+                await asyncio.wait_for(conn.ensure_closed(), self.check_timeout)
+                return
+            except _MY_ERRORS:
+                pass
+            except asyncio.CancelledError:
+                conn.close()
+                raise
+        conn.close()
+
+    async def current_leader(self) -> dict[str, Any] | None:
+        """Who holds the lock on this server and database (a short-lived connection):
+        ``host`` and ``pid`` from the holder's note, ``conn_id``; None if the lock is free."""
+        conn = await self._connect()
+        try:
+            rows = await self._query(conn, "SELECT IS_USED_LOCK(%s)", (self.lock_name,))
+            holder = rows[0][0] if rows else None
+            if holder is None:
+                return None
+            note: list[Any] = []
+            try:
+                note = await self._query(
+                    conn,
+                    "SELECT host, pid FROM msilo_leader WHERE lock_name = %s AND conn_id = %s",
+                    (self.lock_name, holder),
+                )
+            except _MY_ERRORS as exc:
+                if _my_code(exc) != 1146:
+                    raise
+        except _MY_ERRORS as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        finally:
+            # QUIT, not a dropped socket: the server would log an aborted connection for
+            # every health check (every 2 s).
+            try:
+                await asyncio.wait_for(conn.ensure_closed(), self.check_timeout)
+            except _MY_ERRORS:
+                conn.close()
+            except asyncio.CancelledError:
+                conn.close()
+                raise
+        return {
+            "host": note[0][0] if note else None,
+            "pid": int(note[0][1]) if note else None,
+            "conn_id": int(holder),
+            "lock": self.describe(),
+        }
+
+
+def _my_code(exc: BaseException) -> int | None:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _my_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import asyncmy.errors
+    except ImportError:  # pragma: no cover - asyncmy is a dependency
+        return (OSError, TimeoutError)
+    return (OSError, TimeoutError, asyncmy.errors.MySQLError)
+
+
+_MY_ERRORS = _my_errors()
+
+
 # -- lock file --------------------------------------------------------------------------------
 
 
@@ -603,7 +786,8 @@ class FileLeaderElection(LeaderElection):
 
 
 def leader_election_for(db_url: str, **options: Any) -> LeaderElection:
-    """The election that fits ``db_url``: a lock file beside SQLite, an advisory lock on PostgreSQL.
+    """The election that fits ``db_url``: a lock file beside SQLite, an advisory lock on
+    PostgreSQL, ``GET_LOCK`` on MySQL/MariaDB.
 
     ``options`` go to the chosen class; ``lock_key`` is ignored for SQLite (the lock file
     ``<database>.leader`` already names the deployment).
@@ -613,7 +797,11 @@ def leader_election_for(db_url: str, **options: Any) -> LeaderElection:
         return FileLeaderElection(db_url[len("sqlite:///") :] + ".leader", **options)
     if db_url.startswith(("postgres://", "postgresql://")):
         return PostgresLeaderElection(db_url, **options)
+    if db_url.startswith("mysql://"):
+        options.pop("server_settings", None)
+        return MySQLLeaderElection(db_url, **options)
     raise ConfigError(
-        "db_url: must be sqlite:///path/to/file.db or postgres://user@host:port/db "
+        "db_url: must be sqlite:///path/to/file.db, postgres://user@host:port/db or "
+        "mysql://user@host:port/db "
         f"(got {redact_url(db_url)!r})"
     )

@@ -32,6 +32,7 @@ __all__ = [
 
 _SQLITE = "sqlite:///"
 _POSTGRES = ("postgres://", "postgresql://")
+_MYSQL = "mysql://"
 
 
 def open_store(db_url: str, names: SiloNames = DEFAULT_NAMES, **options: Any) -> Store:
@@ -40,7 +41,8 @@ def open_store(db_url: str, names: SiloNames = DEFAULT_NAMES, **options: Any) ->
     ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` → ``SQLiteStore``
     (options: ``busy_timeout``, ``synchronous``); ``postgres://`` or ``postgresql://`` →
     ``PostgresStore`` (options: ``min_size``, ``max_size``, ``command_timeout``,
-    ``connect_timeout``, ``application_name``, ``warm``).
+    ``connect_timeout``, ``application_name``, ``warm``); ``mysql://`` → ``MySQLStore``
+    (MySQL 8.0.4+ or MariaDB 10.6+; options: ``max_size``, ``connect_timeout``, ``warm``).
     """
     if not isinstance(db_url, str):
         raise ValueError(f"db_url is expected to be a string, got {type(db_url).__name__}")
@@ -58,9 +60,14 @@ def open_store(db_url: str, names: SiloNames = DEFAULT_NAMES, **options: Any) ->
         from msilo.storage.postgres import PostgresStore
 
         return PostgresStore(db_url, names, **options)
+    if db_url.startswith(_MYSQL):
+        from msilo.storage.mysql import MySQLStore
+
+        return MySQLStore(db_url, names, **options)
     scheme = db_url.split(":", 1)[0] if ":" in db_url else db_url
     raise ValueError(
         # The URL itself is not echoed: it may hold a password.
         f"db_url: unsupported scheme {scheme!r}; expected sqlite:///path/to/file.db "
-        f"or postgres://user:password@host:port/database"
+        f"or postgres://user:password@host:port/database "
+        f"or mysql://user:password@host:port/database"
     )

@@ -16,6 +16,7 @@ import pytest
 
 from msilo.auth import Authenticator
 from msilo.storage import SiloNames, Store
+from msilo.storage.mysql import MySQLStore
 from msilo.storage.postgres import PostgresStore
 from msilo.storage.sqlite import SQLiteStore
 from msilo.storage.subscriber import AUTH_FAIL_TABLE, NONCE_TABLE
@@ -47,7 +48,7 @@ async def _no_unhandled_loop_errors() -> AsyncIterator[None]:
     assert not errors, f"unhandled errors in the event loop: {errors}"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -56,6 +57,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "sqlite":
         return str(tmp_path / "msilo.db")
+    if backend == "mysql":
+        return str(request.getfixturevalue("mysql_url"))
     return str(request.getfixturevalue("pg_dsn"))
 
 
@@ -73,6 +76,8 @@ async def make_store(backend: str, db_url: str, realm: str) -> AsyncIterator[Sto
         store: Store
         if backend == "sqlite":
             store = SQLiteStore(db_url, names)
+        elif backend == "mysql":
+            store = MySQLStore(db_url, names, max_size=4)
         else:
             store = PostgresStore(db_url, names, min_size=0, max_size=4)
         await store.open()
@@ -82,6 +87,17 @@ async def make_store(backend: str, db_url: str, realm: str) -> AsyncIterator[Sto
     yield make
     for store in opened:
         await store.close()
+    if backend == "mysql":
+        from tests.conftest import mysql_script
+
+        await mysql_script(
+            db_url,
+            f"DROP TABLE IF EXISTS `{names.table}`, `msilo_{names.table}_delivery`; "
+            f"DROP PROCEDURE IF EXISTS `msilo_{names.table}_store`; "
+            f"DELETE FROM version WHERE table_name = '{names.table}'; "
+            f"DELETE FROM subscriber WHERE domain = '{realm}' OR domain LIKE '%.{realm}'; "
+            f"DELETE FROM {NONCE_TABLE}; DELETE FROM {AUTH_FAIL_TABLE}",
+        )
     if backend == "postgres":
         conn = await asyncpg.connect(db_url)
         try:

@@ -1,6 +1,6 @@
 """Fixtures: a real ``msilo serve`` (registrar mode, two workers) and real SIP clients.
 
-The server is the one tests/server runs (its ``Instance``), on SQLite and on
+The server is the one tests/server runs (its ``Instance``), on SQLite, MariaDB and
 PostgreSQL (the ``db_url`` parametrisation of tests/service). Clients are started by
 the ``clients`` factory, each in its own directory under the test's tmp path, and
 killed at teardown whatever happened.
@@ -16,7 +16,7 @@ import pytest
 
 from tests.clients.lab import Clients
 from tests.server.conftest import Instance
-from tests.service.conftest import db_url  # noqa: F401  (the sqlite/postgres parametrisation)
+from tests.service.conftest import db_url  # noqa: F401  (the backends' parametrisation)
 
 
 @pytest.fixture

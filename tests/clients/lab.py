@@ -83,6 +83,10 @@ async def _count(db_url: str, query: str) -> int:
     if db_url.startswith("sqlite:///"):
         with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
             return int(conn.execute(query).fetchone()[0])
+    if db_url.startswith("mysql://"):
+        from tests.conftest import mysql_script
+
+        return int((await mysql_script(db_url, query))[0][0])
     conn = await asyncpg.connect(db_url)
     try:
         return int(await conn.fetchval(query))
@@ -91,7 +95,7 @@ async def _count(db_url: str, query: str) -> int:
 
 
 async def stored_rows(db_url: str) -> int:
-    """How many messages the silo table holds (either backend)."""
+    """How many messages the silo table holds (any backend)."""
     return await _count(db_url, "SELECT count(*) FROM silo")
 
 

@@ -24,6 +24,7 @@ from msilo.errors import ConfigError, DatabaseUnavailable
 from msilo.leader import (
     FileLeaderElection,
     LeaderElection,
+    MySQLLeaderElection,
     PostgresLeaderElection,
     advisory_lock_key,
     leader_election_for,
@@ -479,5 +480,9 @@ def test_election_is_chosen_by_database_url(tmp_path: Path) -> None:
         pg = leader_election_for(url, lock_key="silo")
         assert isinstance(pg, PostgresLeaderElection)
         assert pg.lock_key == advisory_lock_key("silo")
+    my = leader_election_for("mysql://u@h/db", lock_key="silo")
+    assert isinstance(my, MySQLLeaderElection)
+    assert my.lock_name != leader_election_for("mysql://u@h/other", lock_key="silo").lock_name
+    assert len(my.lock_name) <= 64
     with pytest.raises(ConfigError):
-        leader_election_for("mysql://u@h/db")
+        leader_election_for("mariadb://u@h/db")

@@ -74,20 +74,27 @@ def test_check_config_and_config_errors_never_echo_a_password(tmp_path: Path) ->
     assert ok.returncode == 0, ok.stderr
     assert "msilo.db_url = 'postgres://msilo:***@db.example.com:5432/msilo'" in ok.stdout
     assert "auth.secret = '***'" in ok.stdout
-    bad_scheme = msilo(
+    mysql = msilo(
         "check-config", "--set", f'msilo.db_url="mysql://o:{PASSWORD}@h/db"', cwd=tmp_path
+    )
+    assert mysql.returncode == 0, mysql.stderr
+    assert "msilo.db_url = 'mysql://o:***@h/db'" in mysql.stdout
+    bad_scheme = msilo(
+        "check-config", "--set", f'msilo.db_url="mariadb://o:{PASSWORD}@h/db"', cwd=tmp_path
     )
     not_a_pair = msilo("check-config", "--set", f"msilo.db_url {url}", cwd=tmp_path)
     not_text = msilo("check-config", "--set", "auth.secret=123456789", cwd=tmp_path)
     for run in (bad_scheme, not_a_pair, not_text):
         assert run.returncode == 2
         assert run.stderr.startswith("msilo: error:")
-    assert "mysql://o:***@h/db" in bad_scheme.stderr
+    assert "mariadb://o:***@h/db" in bad_scheme.stderr
     toml = tmp_path / "msilo.toml"
-    toml.write_text(f'[msilo]\ndb_url = "mysql://o:{PASSWORD}@h/db"\n[auth]\nsecret = "{SECRET}"\n')
+    toml.write_text(
+        f'[msilo]\ndb_url = "mariadb://o:{PASSWORD}@h/db"\n[auth]\nsecret = "{SECRET}"\n'
+    )
     from_file = msilo("check-config", "-c", str(toml), cwd=tmp_path)
     assert from_file.returncode == 2
-    for run in (ok, bad_scheme, not_a_pair, not_text, from_file):
+    for run in (ok, mysql, bad_scheme, not_a_pair, not_text, from_file):
         assert PASSWORD not in run.stdout + run.stderr
         assert SECRET not in run.stdout + run.stderr
         assert "123456789" not in run.stderr

@@ -16,9 +16,10 @@ from msilo.config import Config, load_config
 from msilo.server.worker import Worker
 from msilo.storage.base import Store
 from msilo.transaction.clock import TimerValues
+from tests.conftest import drop_mysql_database, mysql_database, mysql_script
 from tests.service.sipua import UserAgent, free_port
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", "postgres", "mysql"]
 
 
 class Running:
@@ -43,9 +44,14 @@ class Running:
 
 @pytest.fixture(params=BACKENDS)
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database per test: an SQLite file, or a PostgreSQL schema."""
+    """A fresh database per test: an SQLite file, a PostgreSQL schema, or a MariaDB database."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/msilo.db"
+        return
+    if request.param == "mysql":
+        url = await asyncio.to_thread(mysql_database, request.getfixturevalue("mysql_server"))
+        yield url
+        await asyncio.to_thread(drop_mysql_database, url)
         return
     dsn: str = request.getfixturevalue("pg_dsn")
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -123,6 +129,9 @@ async def rename_table(srv: Running, table: str, *, broken: bool) -> None:
     if url.startswith("sqlite:///"):
         with sqlite3.connect(url[len("sqlite:///") :]) as db:
             db.execute(sql)
+        return
+    if url.startswith("mysql://"):
+        await mysql_script(url, sql)
         return
     conn = await asyncpg.connect(url)
     try:

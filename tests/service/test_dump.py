@@ -297,6 +297,17 @@ async def _refuse_deletes(db_url: str, refuse: bool) -> None:
                 else "DROP TRIGGER no_delete"
             )
         return
+    if db_url.startswith("mysql://"):
+        from tests.conftest import mysql_script
+
+        await mysql_script(
+            db_url,
+            "CREATE TRIGGER no_delete BEFORE DELETE ON silo FOR EACH ROW "
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'deletes refused'"
+            if refuse
+            else "DROP TRIGGER no_delete",
+        )
+        return
     import asyncpg
 
     conn = await asyncpg.connect(db_url)

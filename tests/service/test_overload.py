@@ -28,6 +28,22 @@ async def _stalled(db_url: str) -> AsyncIterator[None]:
             conn.execute("ROLLBACK")
             conn.close()
         return
+    if db_url.startswith("mysql://"):
+        from msilo.storage.mysql_sql import LOCK_TABLE, location_slot
+        from tests.conftest import mysql_connect
+
+        my = await mysql_connect(db_url)
+        async with my.cursor() as cur:
+            await cur.execute("START TRANSACTION")
+            await cur.execute(
+                f"SELECT slot FROM {LOCK_TABLE} WHERE slot = %s FOR UPDATE",
+                (location_slot("bob", DOMAIN),),
+            )
+        try:
+            yield
+        finally:
+            my.close()  # the session ends: its transaction and lock with it
+        return
     pg = await asyncpg.connect(db_url.split("?", 1)[0])
     key = "msilo-location:bob@127.0.0.1"
     await pg.execute("SELECT pg_advisory_lock(hashtextextended($1, 7))", key)

@@ -240,6 +240,15 @@ async def test_a_full_batch_queue_is_answered_503_with_retry_after(server: Serve
         blocker = sqlite3.connect(url[len("sqlite:///") :], isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         release = blocker.rollback
+    elif url.startswith("mysql://"):
+        from tests.conftest import mysql_connect
+
+        my = await mysql_connect(url)
+        async with my.cursor() as cur:
+            await cur.execute(f'LOCK TABLES "{table}" WRITE')
+
+        async def unlock() -> None:
+            my.close()  # the session ends: its table lock with it
     else:
         conn = await asyncpg.connect(url)
         tx = conn.transaction()

@@ -1,8 +1,10 @@
-"""Fixtures for the storage tests: every store test runs on SQLite and on PostgreSQL.
+"""Fixtures for the storage tests: every store test runs on SQLite, PostgreSQL and
+MariaDB.
 
 Each test gets its own silo table (a random name), so tests never see each other's rows;
-PostgreSQL tables and functions are dropped afterwards.  The location table is shared
-(its name is fixed): tests of bindings use the ``user`` fixture, whose rows go at the end.
+PostgreSQL and MariaDB tables, functions and procedures are dropped afterwards.  The
+location table is shared (its name is fixed): tests of bindings use the ``user`` fixture,
+whose rows go at the end.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from storage_helpers import drop_pg_tables
+from storage_helpers import drop_my_tables, drop_pg_tables
 
 from msilo.storage import SiloNames, Store
+from msilo.storage.mysql import MySQLStore
 from msilo.storage.postgres import PostgresStore
 from msilo.storage.sqlite import SQLiteStore
+from tests.conftest import mysql_execute
 
 StoreFactory = Callable[..., Awaitable[Store]]
 
@@ -41,7 +45,7 @@ def names() -> SiloNames:
     return SiloNames(table=f"t_{uuid.uuid4().hex[:12]}")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -51,6 +55,8 @@ def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     """Where this test's database lives (PostgreSQL: the session's fresh database)."""
     if backend == "sqlite":
         return str(tmp_path / "msilo.db")
+    if backend == "mysql":
+        return str(request.getfixturevalue("mysql_url"))
     return str(request.getfixturevalue("pg_dsn"))
 
 
@@ -63,6 +69,8 @@ async def make_store(backend: str, db_url: str, names: SiloNames) -> AsyncIterat
         store: Store
         if backend == "sqlite":
             store = SQLiteStore(db_url, table_names, **options)  # type: ignore[arg-type]
+        elif backend == "mysql":
+            store = MySQLStore(db_url, table_names, **options)  # type: ignore[arg-type]
         else:
             store = PostgresStore(db_url, table_names, **options)  # type: ignore[arg-type]
         await store.open()
@@ -74,6 +82,8 @@ async def make_store(backend: str, db_url: str, names: SiloNames) -> AsyncIterat
         await store.close()
     if backend == "postgres":
         await drop_pg_tables(db_url, names.table)
+    if backend == "mysql":
+        await drop_my_tables(db_url, names.table)
 
 
 @pytest.fixture
@@ -116,3 +126,7 @@ async def user(store: Store) -> AsyncIterator[str]:
             await conn.execute("DELETE FROM location WHERE username LIKE $1", name + "%")
         finally:
             await conn.close()
+    if isinstance(store, MySQLStore):
+        await asyncio.to_thread(
+            mysql_execute, store.url, "DELETE FROM location WHERE username LIKE %s", (name + "%",)
+        )

@@ -52,3 +52,45 @@ async def drop_pg_tables(dsn: str, *tables: str) -> None:
         pass
     finally:
         await conn.close()
+
+
+async def drop_my_tables(url: str, *tables: str) -> None:
+    """Drop silo tables (and their ledgers, procedures, version rows) on MariaDB."""
+    import asyncio
+
+    from tests.conftest import mysql_execute
+
+    def drop() -> None:
+        for table in tables:
+            mysql_execute(url, f"DROP TABLE IF EXISTS `{table}`, `msilo_{table}_delivery`")
+            mysql_execute(url, f"DROP PROCEDURE IF EXISTS `msilo_{table}_store`")
+            if mysql_execute(url, "SHOW TABLES LIKE 'version'"):
+                mysql_execute(url, "DELETE FROM version WHERE table_name = %s", (table,))
+
+    await asyncio.to_thread(drop)
+
+
+async def execute_sql(store: object, sql: str) -> None:
+    """Run ``sql`` on the store's database behind its back (any backend)."""
+    import asyncio
+    import sqlite3
+
+    from msilo.storage.mysql import MySQLStore
+    from msilo.storage.postgres import PostgresStore
+    from tests.conftest import mysql_execute
+
+    if isinstance(store, MySQLStore):
+        await asyncio.to_thread(mysql_execute, store.url, sql)
+    elif isinstance(store, PostgresStore):
+        conn = await asyncpg.connect(store.dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    else:
+        db = sqlite3.connect(store.path)  # type: ignore[attr-defined]
+        try:
+            db.execute(sql)
+            db.commit()
+        finally:
+            db.close()

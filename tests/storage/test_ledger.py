@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import uuid
 
-from storage_helpers import NOW, message
+from storage_helpers import NOW, execute_sql, message
 
 from msilo.storage import Store
 from msilo.storage.base import NewMessage
@@ -194,27 +194,11 @@ async def test_a_message_stored_after_a_relay_is_not_offered_to_the_device_that_
 
 
 async def test_a_table_of_an_earlier_release_gets_the_callid_column_at_start(
-    store: Store, backend: str
+    store: Store,
 ) -> None:
     table = store.names.table
-    await _drop_column(store, backend, f'ALTER TABLE "{table}" DROP COLUMN callid')
+    await execute_sql(store, f'ALTER TABLE "{table}" DROP COLUMN callid')
     await store.create_schema()  # what `msilo serve` runs at start
     owner = _owner()
     await store.store_batch([_msg(owner, 1, callid="back@x")], 0)
     assert [r.callid for r in await store.list(*owner)] == ["back@x"]
-
-
-async def _drop_column(store: Store, backend: str, sql: str) -> None:
-    if backend == "sqlite":
-        import sqlite3
-
-        conn = sqlite3.connect(store.path)  # type: ignore[attr-defined]
-        conn.execute(sql)
-        conn.commit()
-        conn.close()
-    else:
-        import asyncpg
-
-        conn2 = await asyncpg.connect(store.dsn)  # type: ignore[attr-defined]
-        await conn2.execute(sql)
-        await conn2.close()

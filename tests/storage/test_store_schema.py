@@ -14,8 +14,11 @@ from storage_helpers import OWNER, message
 
 from msilo.errors import SchemaError
 from msilo.storage import SiloNames, Store, StoreOutcome, open_store
+from msilo.storage.mysql import MySQLStore
 from msilo.storage.postgres import PostgresStore
 from msilo.storage.sqlite import SQLiteStore
+from tests.conftest import mysql_script
+from tests.mariadbserver import OPENSIPS_MYSQL
 
 
 async def raw(store: Store, sql: str) -> None:
@@ -26,6 +29,8 @@ async def raw(store: Store, sql: str) -> None:
             conn.executescript(sql)
         finally:
             conn.close()
+    elif isinstance(store, MySQLStore):
+        await mysql_script(store.url, sql)
     else:
         assert isinstance(store, PostgresStore)
         pg = await asyncpg.connect(store.dsn)
@@ -107,7 +112,14 @@ async def test_missing_version_row_says_run_db_upgrade(
 
 async def test_auxiliary_tables_and_versions_exist(store: Store, names: SiloNames) -> None:
     rows: dict[str, int] = {}
-    if isinstance(store, SQLiteStore):
+    if isinstance(store, MySQLStore):
+        rows = {
+            str(k): int(v)
+            for k, v in await fetch(store, "SELECT table_name, table_version FROM version")
+        }
+        for table in ("location", "subscriber"):
+            assert await fetch(store, f"SELECT count(*) FROM {table}") == [(0,)]
+    elif isinstance(store, SQLiteStore):
         conn = sqlite3.connect(store.path)
         try:
             rows = dict(conn.execute("SELECT table_name, table_version FROM version"))
@@ -209,6 +221,9 @@ VALUES ('sip:bob@example.org', 'sip:alice@example.com', 'alice', 'example.com',
 """
 
 
+OPENSIPS = {"sqlite": OPENSIPS_SQLITE, "postgres": OPENSIPS_PG, "mysql": OPENSIPS_MYSQL}
+
+
 async def test_upgrade_keeps_opensips_rows_and_works_afterwards(
     make_store: StoreFactory, names: SiloNames, backend: str
 ) -> None:
@@ -216,7 +231,7 @@ async def test_upgrade_keeps_opensips_rows_and_works_afterwards(
 
     opensips = SiloNames(table=names.table, mid="id")
     s = await make_store(opensips)
-    script = OPENSIPS_SQLITE if backend == "sqlite" else OPENSIPS_PG
+    script = OPENSIPS[backend]
     await raw(s, script.format(t=names.table, now=NOW - 10, exp=NOW + 3600))
 
     with pytest.raises(SchemaError, match="msilo db upgrade"):
@@ -233,6 +248,14 @@ async def test_upgrade_keeps_opensips_rows_and_works_afterwards(
         assert f"widened {names.table}.inc_time to BIGINT" in actions
         assert f"widened {names.table}.ctype to TEXT" in actions
         assert any("without CYCLE" in a for a in actions)
+    if backend == "mysql":
+        assert f"widened {names.table}.id to BIGINT" in actions
+        assert f"widened {names.table}.inc_time to BIGINT" in actions
+        assert f"widened {names.table}.ctype to TEXT (nullable)" in actions
+        assert f"widened {names.table}.body to MEDIUMBLOB (16 MiB)" in actions
+        assert any(a.startswith(f"converted {names.table} to utf8mb4") for a in actions)
+        # Ours holds the arrival time too (claims read rows in arrival order).
+        assert f"created index {names.table}_account_idx" in actions
     await s.check_schema()
     assert await s.upgrade_schema() == []  # idempotent
 
@@ -320,6 +343,30 @@ CREATE TABLE {t} (
 CREATE INDEX {t}_account_idx ON {t} (username, domain);
 INSERT INTO version (table_name, table_version) values ('{t}','8');
 """,
+    "mysql": """
+CREATE TABLE IF NOT EXISTS version (
+    table_name VARCHAR(32) NOT NULL,
+    table_version INT UNSIGNED DEFAULT 0 NOT NULL,
+    CONSTRAINT table_name_idx UNIQUE (table_name)
+) ENGINE=InnoDB;
+CREATE TABLE {t} (
+    id INT(10) UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
+    src_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    dst_addr VARCHAR(255) DEFAULT '' NOT NULL,
+    username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL,
+    inc_time INT DEFAULT 0 NOT NULL,
+    exp_time INT DEFAULT 0 NOT NULL,
+    snd_time INT DEFAULT 0 NOT NULL,
+    ctype VARCHAR(32) DEFAULT 'text/plain' NOT NULL,
+    body BLOB,
+    extra_hdrs TEXT,
+    callid VARCHAR(128) DEFAULT '' NOT NULL,
+    status INT DEFAULT 0 NOT NULL
+) ENGINE=InnoDB;
+CREATE INDEX account_idx ON {t} (username, domain);
+INSERT INTO version (table_name, table_version) values ('{t}','8');
+""",
 }
 
 # Rows as Kamailio's m_store writes them: a delivered-later one with stored headers and the
@@ -345,6 +392,8 @@ async def fetch(store: Store, sql: str) -> list[tuple[object, ...]]:
             return [tuple(r) for r in conn.execute(sql).fetchall()]
         finally:
             conn.close()
+    if isinstance(store, MySQLStore):
+        return await mysql_script(store.url, sql)
     assert isinstance(store, PostgresStore)
     pg = await asyncpg.connect(store.dsn)
     try:
@@ -357,6 +406,9 @@ def _kamailio_script(backend: str, t: str, now: int, version_row: bool = True) -
     if backend == "postgres":
         bodies = ("'old one'::bytea", "'<b>hi</b>'::bytea", "'gone'::bytea")
         rows = KAMAILIO_ROWS.replace("CHAR(13) || CHAR(10)", "chr(13) || chr(10)")
+    elif backend == "mysql":
+        bodies = ("X'6f6c64206f6e65'", "X'3c623e68693c2f623e'", "X'676f6e65'")
+        rows = KAMAILIO_ROWS.replace("'X-Kam: 1' || CHAR(13) || CHAR(10)", "'X-Kam: 1\\r\\n'")
     else:
         bodies = ("X'6f6c64206f6e65'", "X'3c623e68693c2f623e'", "X'676f6e65'")
         rows = KAMAILIO_ROWS
@@ -398,6 +450,11 @@ async def test_kamailio_v8_table_is_converted_and_served_with_its_rows(
     assert f"created index {t}_dedupe_key_idx" in actions
     if backend == "sqlite":
         assert f"rebuilt {t} with msilo's columns (callid and ctype nullable)" in actions
+    elif backend == "mysql":
+        assert f"added column {t}.dedupe_key" in actions
+        assert f"made {t}.callid TEXT and nullable" in actions
+        assert f"widened {t}.ctype to TEXT (nullable)" in actions
+        assert f"widened {t}.id to BIGINT" in actions
     else:
         assert f"added column {t}.dedupe_key" in actions
         assert f"made {t}.callid and {t}.ctype nullable" in actions
@@ -491,10 +548,12 @@ def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
     for url in ("postgres://u:p@db:5432/msilo", "postgresql://db/msilo"):
         pg = open_store(url, min_size=1, max_size=2)
         assert isinstance(pg, PostgresStore)
+    my = open_store("mysql://u:p@db:3307/msilo", max_size=2)
+    assert isinstance(my, MySQLStore) and my.url == "mysql://u:p@db:3307/msilo"
 
 
 @pytest.mark.parametrize(
-    "url", ["mysql://u:secret@db/msilo", "sqlite://relative.db", "sqlite:///", "msilo.db"]
+    "url", ["mariadb://u:secret@db/msilo", "sqlite://relative.db", "sqlite:///", "msilo.db"]
 )
 def test_open_store_refuses_other_urls_without_echoing_passwords(url: str) -> None:
     with pytest.raises(ValueError, match="db_url") as info:

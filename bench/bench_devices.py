@@ -51,6 +51,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -308,10 +309,13 @@ class Agent(asyncio.DatagramProtocol):
         return await self.send(data, branch, server)
 
 
-async def open_agent(user: str, instance: str | None) -> Agent:
+async def open_agent(
+    user: str, instance: str | None, factory: Callable[[], Agent] | None = None
+) -> Agent:
+    """An agent (``factory()``, default ``Agent(user, instance)``) on its own UDP socket."""
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: Agent(user, instance), local_addr=(HOST, 0)
+        factory or (lambda: Agent(user, instance)), local_addr=(HOST, 0)
     )
     # uvloop may call connection_made after this returns: set both here.
     protocol.transport = transport

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_push_store.py` as well as `-m`
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_devices import Agent, CheckoutServer, paced, pct  # noqa: E402
+from bench.bench_devices import Agent, CheckoutServer, open_agent, paced, pct  # noqa: E402
 from bench.e2e.procs import BenchError  # noqa: E402
 from bench.e2e.report import machine_info  # noqa: E402
 from bench.e2e.servers import HOST, drop_database  # noqa: E402
@@ -141,13 +141,10 @@ class Device(Agent):
 
 
 async def open_device(user: str, push: bool) -> Device:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: Device(user, push), local_addr=(HOST, 0)
-    )
-    protocol.transport = transport
-    protocol.port = transport.get_extra_info("sockname")[1]
-    return protocol
+    """A :class:`Device` on its own UDP socket."""
+    device = await open_agent(user, None, factory=lambda: Device(user, push))
+    assert isinstance(device, Device)
+    return device
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -120,10 +120,11 @@ async def test_two_open_tabs_reach_each_other_live(
     library: str, db_url: str, tmp_path: Path, msilo_overrides: tuple[str, ...],
     browsers: Browsers, ws_port: int,
 ) -> None:  # fmt: skip
-    # One worker: both tabs' connections are its own, so a relay can use bob's (README).
-    instance = Instance(tmp_path, "msilo-1", db_url, ("server.workers=1", *msilo_overrides))
+    # Two workers (the default here): each tab's connection may be on either, and a relay
+    # reaches bob's through the worker that holds it (README "Several workers").
+    instance = Instance(tmp_path, "msilo-2", db_url, msilo_overrides)
     try:
-        await instance.wait_ready(workers=1)
+        await instance.wait_ready(workers=2)
         server = f"ws://127.0.0.1:{ws_port}/"
         bob = await browsers.person("bob", PAGES[library], server)
         alice = await browsers.person("alice", PAGES[library], server)

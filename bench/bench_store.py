@@ -35,7 +35,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from msilo.storage import BatchWriter, NewMessage, SiloNames, StoreOutcome
+from msilo.storage import BatchWriter, NewMessage, SiloNames, Store, StoreOutcome
 from msilo.storage.postgres import PostgresStore
 
 
@@ -79,16 +79,36 @@ def _message(caller: int, seq: int, now: int, owners: int) -> NewMessage:
     )
 
 
-async def run_variation(dsn: str, mode: str, callers: int, args: argparse.Namespace) -> Result:
-    names = SiloNames(table=f"bench_{mode}_{callers}_{uuid.uuid4().hex[:6]}")
-    store = PostgresStore(dsn, names, min_size=args.pool_size, max_size=args.pool_size)
-    await store.open()
-    await store.create_schema()
+@dataclass
+class Drive:
+    """What ``drive`` measured: every acknowledgement, and those of the measuring window."""
+
+    acked: int  # every STORED acknowledgement, warm-up included (for the row count check)
+    measured: int
+    elapsed: float
+    flushes: int
+    rows: int
+    latencies: list[float]  # sorted, seconds
+
+    def pct(self, p: float) -> float:
+        """The ``p`` quantile of the window's latencies, in ms (0 when there were none)."""
+        lat = self.latencies
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
+
+    def mean_batch(self, mode: str) -> float:
+        """Rows per group commit (1 for ``single``)."""
+        return self.rows / self.flushes if mode == "batch" and self.flushes else 1.0
+
+
+async def drive(store: Store, mode: str, callers: int, args: argparse.Namespace) -> Drive:
+    """``callers`` concurrent callers storing one message at a time on ``store`` (open, its
+    schema made) through one BatchWriter (``batch``) or one store_batch each (``single``):
+    ``args.warmup`` seconds, then ``args.duration`` measured."""
     writer = BatchWriter(store, max_messages=args.max_messages, max_batch=args.max_batch)
     now = int(time.time())
     measuring = False
     stop = False
-    acked = 0  # every STORED acknowledgement, warm-up included (for the row count check)
+    acked = 0
     measured = 0
     latencies: list[float] = []
 
@@ -122,6 +142,16 @@ async def run_variation(dsn: str, mode: str, callers: int, args: argparse.Namesp
     stop = True
     await asyncio.gather(*tasks)
     await writer.close()
+    latencies.sort()
+    return Drive(acked, measured, elapsed, flushes, rows, latencies)
+
+
+async def run_variation(dsn: str, mode: str, callers: int, args: argparse.Namespace) -> Result:
+    names = SiloNames(table=f"bench_{mode}_{callers}_{uuid.uuid4().hex[:6]}")
+    store = PostgresStore(dsn, names, min_size=args.pool_size, max_size=args.pool_size)
+    await store.open()
+    await store.create_schema()
+    d = await drive(store, mode, callers, args)
 
     conn = await asyncpg.connect(dsn)
     try:
@@ -131,26 +161,21 @@ async def run_variation(dsn: str, mode: str, callers: int, args: argparse.Namesp
     finally:
         await conn.close()
     await store.close()
-    if counted != acked:
-        raise SystemExit(f"{mode}/{callers}: {acked} rows acknowledged but {counted} in the table")
-
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        if not latencies:
-            return 0.0
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+    if counted != d.acked:
+        raise SystemExit(
+            f"{mode}/{callers}: {d.acked} rows acknowledged but {counted} in the table"
+        )
 
     return Result(
         mode=mode,
         callers=callers,
-        rows_per_s=measured / elapsed,
-        acked=acked,
+        rows_per_s=d.measured / d.elapsed,
+        acked=d.acked,
         counted=counted,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        flushes=flushes if mode == "batch" else measured,
-        mean_batch=rows / flushes if mode == "batch" and flushes else 1.0,
+        p50_ms=d.pct(0.50),
+        p99_ms=d.pct(0.99),
+        flushes=d.flushes if mode == "batch" else d.measured,
+        mean_batch=d.mean_batch(mode),
     )
 
 

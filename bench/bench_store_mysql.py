@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -30,8 +29,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_store import _admin, _message, _with_database, machine_info
-from msilo.storage import BatchWriter, SiloNames, Store, StoreOutcome
+from bench.bench_store import _admin, _with_database, drive, machine_info
+from msilo.storage import SiloNames, Store
 from msilo.storage.mysql import MySQLStore
 from msilo.storage.postgres import PostgresStore
 
@@ -61,56 +60,14 @@ async def run(
     store = make(names)
     await store.open()
     await store.create_schema()
-    writer = BatchWriter(store, max_messages=args.max_messages, max_batch=args.max_batch)
-    now = int(time.time())
-    measuring = stop = False
-    acked = measured = 0
-    latencies: list[float] = []
-
-    async def caller(i: int) -> None:
-        nonlocal acked, measured
-        seq = 0
-        while not stop:
-            msg = _message(i, seq, now, args.owners)
-            seq += 1
-            t0 = time.perf_counter()
-            if mode == "batch":
-                result = await writer.submit(msg)
-            else:
-                [result] = await store.store_batch([msg], args.max_messages)
-            if result.outcome is not StoreOutcome.STORED:
-                raise AssertionError(f"row not stored: {result}")
-            acked += 1
-            if measuring:
-                measured += 1
-                latencies.append(time.perf_counter() - t0)
-
-    tasks = [asyncio.create_task(caller(i)) for i in range(callers)]
-    await asyncio.sleep(args.warmup)
-    flushes0, rows0 = writer.flushes, writer.rows
-    measuring = True
-    started = time.perf_counter()
-    await asyncio.sleep(args.duration)
-    measuring = False
-    elapsed = time.perf_counter() - started
-    flushes, rows = writer.flushes - flushes0, writer.rows - rows0
-    stop = True
-    await asyncio.gather(*tasks)
-    await writer.close()
+    d = await drive(store, mode, callers, args)
     counted = await count(store)
     await store.close()
-    if counted != acked:
-        raise SystemExit(f"{backend} {mode}/{callers}: {acked} acknowledged, {counted} stored")
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        if not latencies:
-            return 0.0
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
-
+    if counted != d.acked:
+        raise SystemExit(f"{backend} {mode}/{callers}: {d.acked} acknowledged, {counted} stored")
     return Row(
-        backend, mode, callers, measured / elapsed, pct(0.5), pct(0.99),
-        rows / flushes if mode == "batch" and flushes else 1.0, acked, counted,
+        backend, mode, callers, d.measured / d.elapsed, d.pct(0.5), d.pct(0.99),
+        d.mean_batch(mode), d.acked, counted,
     )  # fmt: skip
 
 

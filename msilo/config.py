@@ -772,28 +772,26 @@ def _ca_file(key: str, value: Any) -> str:
     return text
 
 
-def _service_account(key: str, value: Any) -> str:
-    from msilo.push.keys import KeyFileError, load_service_account
+def _key_file(loader: str) -> Callable[[str, Any], str]:
+    """A check that the key file ``value`` names loads with ``msilo.push.keys.<loader>``
+    (parsed at config load, so a broken key is named before the server starts)."""
 
-    text = _str(key, value)
-    if text:
-        try:
-            load_service_account(text)
-        except KeyFileError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    return text
+    def check(key: str, value: Any) -> str:
+        from msilo.push import keys
+
+        text = _str(key, value)
+        if text:
+            try:
+                getattr(keys, loader)(text)
+            except keys.KeyFileError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+        return text
+
+    return check
 
 
-def _p8(key: str, value: Any) -> str:
-    from msilo.push.keys import KeyFileError, load_p8
-
-    text = _str(key, value)
-    if text:
-        try:
-            load_p8(text)
-        except KeyFileError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    return text
+_service_account = _key_file("load_service_account")
+_p8 = _key_file("load_p8")
 
 
 def _push_template(key: str, value: Any) -> str:

@@ -99,34 +99,38 @@ class PushDispatch:
 
     # -- REGISTER ------------------------------------------------------------------------
 
-    def unsupported(self, wanted: Iterable[RequestedBinding]) -> str | None:
-        """The first provider a Contact of this REGISTER asks for that we lack."""
+    @staticmethod
+    def requested(wanted: Iterable[RequestedBinding]) -> list[tuple[RequestedBinding, PushParams]]:
+        """The Contacts of a REGISTER that register (positive expiry) with push
+        parameters, each with them: read once per request (save() needs them three times)."""
+        asked = []
         for want in wanted:
-            params = push_params(want.contact) if want.expires > 0 else None
-            if params is not None and params.provider not in self.settings.providers:
+            if want.expires > 0 and (params := push_params(want.contact)) is not None:
+                asked.append((want, params))
+        return asked
+
+    def unsupported(self, asked: Iterable[tuple[RequestedBinding, PushParams]]) -> str | None:
+        """The first provider a Contact asks for that we lack."""
+        for _, params in asked:
+            if params.provider not in self.settings.providers:
                 return params.provider
         return None
 
-    def asks_for_push(self, wanted: Iterable[RequestedBinding]) -> bool:
-        """True when a Contact of this REGISTER carries push parameters we serve."""
-        return any(
-            p is not None and p.provider in self.settings.providers
-            for p in (push_params(w.contact) for w in wanted if w.expires > 0)
-        )
+    def served(
+        self, asked: Iterable[tuple[RequestedBinding, PushParams]]
+    ) -> list[tuple[RequestedBinding, PushParams]]:
+        """The Contacts whose provider we push with."""
+        return [(w, p) for w, p in asked if p.provider in self.settings.providers]
 
     async def remember(
-        self, username: str, domain: str, wanted: Iterable[RequestedBinding]
+        self, username: str, domain: str, served: Iterable[tuple[RequestedBinding, PushParams]]
     ) -> None:
         """Keep the push parameters of each device this REGISTER registers with them."""
         now = int(time.time())
-        store = self.store
-        for want in wanted:
-            params = push_params(want.contact) if want.expires > 0 else None
-            if params is None or params.provider not in self.settings.providers:
-                continue
+        for want, params in served:
             device = device_key(want.contact.instance, want.contact.uri)
             try:
-                await store.save_push_target(
+                await self.store.save_push_target(
                     username, domain, device, provider=params.provider, prid=params.prid,
                     param=params.param, now=now,
                 )  # fmt: skip
@@ -144,16 +148,12 @@ class PushDispatch:
     ) -> None:
         """A message was stored for the owner: push (in the background) each device with
         push parameters that does not have it (``exclude``: devices that got it)."""
-        if not self.settings.providers or _non_urgent(request):
+        if _non_urgent(request):
             return
-        if not exclude:
-            now = time.monotonic()
-            owner = (username, domain)
-            if self._claimed.get(owner, 0.0) > now:
-                return  # claimed here less than push.coalesce ago: nothing to win
-            if len(self._claimed) >= _CLAIMED_MAX:
-                self._claimed = {k: t for k, t in self._claimed.items() if t > now}
-            self._claimed[owner] = now + self.settings.coalesce
+        now = time.monotonic()
+        owner = (username, domain)
+        if not exclude and self._claimed.get(owner, 0.0) > now:
+            return  # claimed here less than push.coalesce ago: nothing to win
         if len(self._tasks) >= self.settings.max_pending:
             # A provider that stalls must not pile up work without bound; the message is
             # stored and waits for the device's next REGISTER, as without push.
@@ -163,6 +163,10 @@ class PushDispatch:
                 username, domain, len(self._tasks),
             )  # fmt: skip
             return
+        if not exclude:
+            if len(self._claimed) >= _CLAIMED_MAX:
+                self._claimed = {k: t for k, t in self._claimed.items() if t > now}
+            self._claimed[owner] = now + self.settings.coalesce
         self._spawn(self._push_owner(username, domain, request, tuple(exclude)))
 
     async def _push_owner(

@@ -398,9 +398,10 @@ class MsiloService:
             raise SipError("save() needs a REGISTER", status=500, reason="Server Internal Error")
         wanted = self.wanted(ctx)
         push = self.push
-        asks_push = push is not None and push.asks_for_push(wanted)
+        asked = push.requested(wanted) if push is not None else []
+        served = push.served(asked) if push is not None else []
         if self.settings.mode == "registrar":
-            if push is not None and (missing := push.unsupported(wanted)) is not None:
+            if push is not None and (missing := push.unsupported(asked)) is not None:
                 # RFC 8599 §5.2: refused, with the services we do push with.
                 log.info(
                     "event=push_not_supported call_id=%s provider=%s", request.call_id, missing
@@ -418,17 +419,16 @@ class MsiloService:
             budget = udp_contact_budget(request, paths) if udp else 0
             own = [want.contact.uri for want in wanted]
             lines = contact_lines(bindings, int(time.time()), budget=budget, own=own)
-            if asks_push:
-                assert push is not None
+            if served and push is not None:
                 paths = [*paths, push.feature_caps]  # RFC 8599 §5.2: on the 2xx too
             self.reply(txn, 200, "OK", lines + paths)
         else:
             # Behind a proxy there is nothing to keep: the proxy is the registrar.
             self.reply(txn, 200, "OK", [("Contact", f"<{c.uri}>") for c in request.contacts])
         await self.track_devices(ctx, wanted)
-        if asks_push and push is not None and request.to is not None:
+        if served and push is not None and request.to is not None:
             # Before the dump that follows: a push it answers is then timed.
-            await push.remember(*mstore.split_owner(normalize_aor(request.to.uri)), wanted)
+            await push.remember(*mstore.split_owner(normalize_aor(request.to.uri)), served)
         return True
 
     def wanted(self, ctx: RouteContext) -> list[RequestedBinding]:

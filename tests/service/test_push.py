@@ -21,7 +21,7 @@ import pytest
 
 from msilo.sip.message import SipResponse
 from tests.push.fakes import Clock, FakeApns, FakeFcm, FakeServer, FakeWebhook, TlsFiles, make_tls
-from tests.service.conftest import Running, ServerFactory, start_worker, stop_worker
+from tests.service.conftest import Running, ServerFactory, rename_table, start_worker, stop_worker
 from tests.service.sipua import UserAgent
 
 DOMAIN = "127.0.0.1"
@@ -401,3 +401,32 @@ async def test_a_stalled_provider_does_not_pile_up_pushes_without_bound(
     await fcm.wait_for(1, timeout=3.0)
     await _eventually(lambda: _stat(srv, "pushes_sent", 1))
     assert await srv.store.count("carol", DOMAIN) == 1  # nothing lost
+
+
+async def test_a_lost_push_table_fails_no_register_store_or_delivery(
+    server: ServerFactory, fcm: FakeFcm, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every statement on msilo_push fails (a broken table, a database that lost it): the
+    REGISTER is answered 200, the MESSAGE 202 and delivered; no push goes out."""
+    srv = await server("msilo.add_date=false", *push_overrides(fcm, tmp_path))
+    phone = await _phone(srv, fcm)
+    assert (await phone.register()).status == 200
+    await _sleeps(srv, phone)
+    await rename_table(srv, "msilo_push", broken=True)
+    try:
+        assert (await phone.register()).status == 200  # remembering fails, logged
+        await srv.store.delete_expired_bindings(int(time.time()) + 10**7)
+        alice = await srv.agent("alice", DOMAIN)
+        assert (await alice.message(f"sip:bob@{DOMAIN}", "stored anyway")).status == 202
+        await _eventually(lambda: _logged(caplog, "event=push_claim_failed"))
+        assert (await phone.register()).status == 200
+        [got] = await phone.ua.wait_requests(1)  # delivered; the push time is not known
+        assert got.request.body == b"stored anyway"
+        await _quiet(fcm, 0)
+        assert "event=push_target_not_saved" in caplog.text
+    finally:
+        await rename_table(srv, "msilo_push", broken=False)
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return text in caplog.text

@@ -1217,33 +1217,29 @@ class PostgresStore(Store):
             key = (username, domain, now_ms, now_ms - window_ms, since)
             return await self._push_claims.get(key)
         args = (username, domain, now_ms, since, now_ms - window_ms, list(exclude))
-        sql = self._q_claim_push
-
-        async def run(conn: Conn) -> list[PushRecord]:
-            async with conn.transaction():
-                await conn.execute(_NO_FLUSH)
-                rows = await conn.fetch(sql, *args)
-                return [PushRecord(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
-
-        # Not idempotent: a retry after a lost answer could claim a window twice.
-        return await self._run("claim push targets", run)
+        rows = await self._claim_rows(self._q_claim_push, args)
+        return [PushRecord(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
 
     async def _claim_pushes(
         self, keys: list[tuple[str, str, int, int, int]]
     ) -> dict[tuple[str, str, int, int, int], list[PushRecord]]:
         columns = [list(column) for column in zip(*keys, strict=True)]
-        sql = self._q_claim_pushes
+        found: dict[tuple[str, str, int, int, int], list[PushRecord]] = {}
+        for r in await self._claim_rows(self._q_claim_pushes, columns):
+            record = PushRecord(r[1], r[2], r[3], r[4], waiting=int(r[5]))
+            found.setdefault(keys[r[0] - 1], []).append(record)
+        return found
+
+    async def _claim_rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """A push claim's rows, in a transaction that does not wait for a WAL flush."""
 
         async def run(conn: Conn) -> list[Any]:
             async with conn.transaction():
                 await conn.execute(_NO_FLUSH)
-                return list(await conn.fetch(sql, *columns))
+                return list(await conn.fetch(sql, *args))
 
-        found: dict[tuple[str, str, int, int, int], list[PushRecord]] = {}
-        for r in await self._run("claim push targets", run):
-            record = PushRecord(r[1], r[2], r[3], r[4], waiting=int(r[5]))
-            found.setdefault(keys[r[0] - 1], []).append(record)
-        return found
+        # Not idempotent: a retry after a lost answer could claim a window twice.
+        return await self._run("claim push targets", run)
 
     async def drop_push_target(self, username: str, domain: str, device: str, *, prid: str) -> bool:
         """Forget a device's dead push token."""

@@ -19,6 +19,8 @@ debug:              ## debug build: annotate HTML, line tracing, invariant check
 # chromium (the browser tests, driven by Playwright's Python package: no browser download)
 # and npm (the JsSIP and SIP.js those tests load, pinned in tests/clients/web),
 # mariadbd and mariadb-install-db (the MySQL backend's tests start a throwaway MariaDB).
+# Not kamailio: no test runs it (tests/test_migrate.py reads bench/e2e/kamailio.cfg, the
+# schema tests write Kamailio's DDL themselves); bench/e2e installs it when it runs it.
 TEST_TOOLS = sipp:sip-tester sipsak:sipsak dnsmasq:dnsmasq-base baresip:baresip-core \
              linphonec:linphone-cli stdbuf:coreutils ip:iproute2 nft:nftables \
              promtool:prometheus sngrep:sngrep systemd-analyze:systemd \

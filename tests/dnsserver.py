@@ -12,15 +12,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.service.sipua import free_port
+
 needs_dnsmasq = pytest.mark.skipif(
     shutil.which("dnsmasq") is None, reason="dnsmasq not installed (apt-get install dnsmasq-base)"
 )
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -30,9 +26,29 @@ def dns_server(
 ) -> Iterator[str]:
     """Serve SRV records ``(name, target, port, priority, weight)`` and A/AAAA records
     ``(name, ip)``; yields the server as ``"127.0.0.1:port"`` (``server.dns`` syntax)."""
+    # The port is free when picked but may be taken before dnsmasq binds it (an outgoing
+    # connection of a server under test gets the same ephemeral port): pick another and retry.
+    for attempt in range(5):
+        try:
+            with _dnsmasq(srv, hosts) as server:
+                yield server
+                return
+        except _PortTaken:
+            if attempt == 4:
+                raise
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+@contextmanager
+def _dnsmasq(
+    srv: Sequence[tuple[str, str, int, int, int]], hosts: Sequence[tuple[str, str]]
+) -> Iterator[str]:
     dnsmasq = shutil.which("dnsmasq")
     assert dnsmasq is not None
-    port = _free_udp_port()
+    port = free_port()
     args = [
         dnsmasq, "--keep-in-foreground", "--log-facility=-", "--user=root", "--pid-file=",
         f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
@@ -46,6 +62,8 @@ def dns_server(
         while not _answers(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 out = proc.stdout.read().decode() if proc.stdout else ""
+                if "Address already in use" in out:
+                    raise _PortTaken(f"dnsmasq did not start: {out}")
                 raise RuntimeError(f"dnsmasq did not start: {out}")
             time.sleep(0.05)
         yield f"127.0.0.1:{port}"

@@ -101,6 +101,7 @@ class MariaDBServer:
         self.grants = grants
         self._process: subprocess.Popen[bytes] | None = None
         self._root = os.geteuid() == 0
+        self._served = False  # once it has accepted, its address is known and kept
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the server's error log, for failure messages."""
@@ -151,6 +152,13 @@ class MariaDBServer:
         deadline = time.monotonic() + START_WAIT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                if not self._served and "Address already in use" in self.log_tail():
+                    # Taken between free_tcp_port() and the bind (an outgoing connection's
+                    # ephemeral port): nobody holds this address yet, so take another.
+                    self.port = free_tcp_port()
+                    self.log.unlink(missing_ok=True)  # judge the next try by its own log
+                    self.start()
+                    return
                 raise RuntimeError(
                     f"mariadbd exited {self._process.returncode}:\n{self.log_tail()}"
                 )
@@ -159,6 +167,7 @@ class MariaDBServer:
                 socket.create_connection((self.host, self.port), timeout=1) as sock,
             ):
                 if sock.recv(1):  # the server's greeting: it is accepting
+                    self._served = True
                     return
             time.sleep(0.1)
         self.destroy()

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.service.sipua import free_port
+
 # OpenSIPS's MySQL layout (its scripts' silo table: INT UNSIGNED id, CHAR columns, a 64 KiB
 # BLOB, index account_idx), in the server's default character set.
 OPENSIPS_MYSQL = """
@@ -75,13 +77,6 @@ def _binary(*names: str) -> str:
     )
 
 
-def free_tcp_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class MariaDBServer:
     """One private server: ``start()``, ``stop()``, ``destroy()``."""
 
@@ -95,7 +90,7 @@ class MariaDBServer:
         self.data = self.base / "data"
         self.socket = self.base / "mysqld.sock"
         self.log = self.base / "mariadb.err"
-        self.port = free_tcp_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
         self.settings = settings or {}
         self.grants = grants
@@ -153,9 +148,9 @@ class MariaDBServer:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 if not self._served and "Address already in use" in self.log_tail():
-                    # Taken between free_tcp_port() and the bind (an outgoing connection's
+                    # Taken between free_port() and the bind (an outgoing connection's
                     # ephemeral port): nobody holds this address yet, so take another.
-                    self.port = free_tcp_port()
+                    self.port = free_port()
                     self.log.unlink(missing_ok=True)  # judge the next try by its own log
                     self.start()
                     return

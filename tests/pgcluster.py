@@ -20,11 +20,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.service.sipua import free_port
 
 OS_USER = "postgres"
 PREFIX = "msilo-pgfault-"
@@ -69,13 +70,6 @@ def _major(path: str) -> int:
         return 0
 
 
-def free_tcp_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PgCluster:
     """One private cluster: ``init()``, ``start()``/``stop()``, ``destroy()``."""
 
@@ -99,7 +93,7 @@ class PgCluster:
             self.base = adopt
         self.data = self.base / "data"
         self.log = self.base / "postgres.log"
-        self.port = free_tcp_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
         self.running = False
 

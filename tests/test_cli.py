@@ -16,6 +16,7 @@ import pytest
 
 from msilo.storage import open_store
 from msilo.storage.base import NewMessage
+from tests.service.sipua import free_port
 
 
 def msilo(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -119,14 +120,8 @@ def test_unreachable_database_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_with_no_config_uses_sqlite_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "msilo", "serve", "--set",
          f'server.listen=["udp:127.0.0.1:{port}"]', "--set", 'server.http=""'],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +22,29 @@ from msilo.sip.parser import parse_message
 _seq = itertools.count(1)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed to servers that bind them later come from below the kernel's ephemeral range:
+# an outgoing connection opened between the pick and the bind (a database pool, a client)
+# then cannot take the port (CI once lost a run to that).
+_PICK_RANGE = (10000, max(10001, min(_ephemeral_low(), 32768)))
+
+
 def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (good enough for tests)."""
+    """A port free for both UDP and TCP on 127.0.0.1, outside the ephemeral range."""
     while True:
+        port = random.randrange(*_PICK_RANGE)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
                 try:
                     tcp.bind(("127.0.0.1", port))

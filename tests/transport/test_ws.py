@@ -6,7 +6,6 @@ import asyncio
 import base64
 import logging
 import os
-import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from msilo.sip.build import build_request
 from msilo.sip.message import SipRequest
 from msilo.transaction import ServerTransaction, TransactionLayer
 from msilo.transport import Target, Transports
+from tests.service.sipua import free_port
 
 from .conftest import PARSE, parse_request, parse_response
 
@@ -37,12 +37,6 @@ class WsServer:
         return f"ws://127.0.0.1:{self.port}/sip"
 
 
-def _free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def start_ws(**settings: Any) -> WsServer:
     options: dict[str, Any] = {"ws_path": "/sip", "ws_ping": 30.0, **settings}
     transports = Transports(**options)
@@ -54,7 +48,7 @@ async def start_ws(**settings: Any) -> WsServer:
 
     layer = TransactionLayer(handler, transports.send, sent_by=transports.sent_by, parse=PARSE)
     transports.on_message = layer.receive
-    port = _free_tcp_port()
+    port = free_port()
     await transports.listen_ws("127.0.0.1", port)
     return WsServer(transports, layer, port, seen)
 

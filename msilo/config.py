@@ -612,6 +612,16 @@ class RegistrarConfig:
             _int(0),
         ),
     )
+    write_behind: float = field(
+        default=0.0,
+        metadata=_doc(
+            "seconds a refresh that changes only the expiry may wait to be written (answered"
+            " from a read, written with the others of that time in one transaction); a crash"
+            " forgets at most this much of refreshes (those bindings expire earlier; no message"
+            " is lost); PostgreSQL only, other databases write through; 0 = write through",
+            _number(0),
+        ),
+    )
 
 
 @dataclass(frozen=True)

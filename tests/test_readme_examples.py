@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from msilo.config import load_config
 from msilo.storage import open_store
 from tests.service.sipua import UserAgent, free_port
 
@@ -273,3 +274,12 @@ def test_readme_push_examples_load_with_their_keys(tmp_path: Path) -> None:
             write_key()
         out = msilo("-c", str(conf), "check-config", cwd=tmp_path)
         assert out.returncode == 0, (after, out.stderr)
+
+
+def test_readme_write_behind_example_loads(tmp_path: Path) -> None:
+    toml = _block("Refreshes written behind", "toml")
+    path = tmp_path / "msilo.toml"
+    path.write_text(toml)
+    out = msilo("-c", str(path), "check-config", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert load_config(str(path)).registrar.write_behind == 5.0

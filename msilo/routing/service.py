@@ -74,6 +74,7 @@ from msilo.routing.registrar import (
     udp_contact_budget,
 )
 from msilo.routing.timefmt import parse_snd_time
+from msilo.routing.writebehind import RefreshWriteBehind
 from msilo.sip.message import SipRequest, SipURI
 from msilo.sip.parser import normalize_aor, parse_uri
 from msilo.storage.base import StoreOutcome, StoreResult
@@ -204,9 +205,11 @@ class MsiloService:
         route: Route | None = None,
         push: PushDispatch | None = None,
         backlog: Callable[[], int] | None = None,
+        write_behind: RefreshWriteBehind | None = None,
     ) -> None:
         self.settings = settings
         self.push = push  # RFC 8599 wake-up; None: no [push] provider configured
+        self.write_behind = write_behind  # registrar.write_behind; None: write through
         self.store = store
         self.writer = writer
         self.requester = requester
@@ -465,7 +468,12 @@ class MsiloService:
             if self.settings.deliver_to == "all" and takes_message(contact, request.allow)
             else None
         )
-        outcome = await self.store.register_contact(
+        register = (
+            self.write_behind.register
+            if self.write_behind is not None
+            else self.store.register_contact
+        )
+        outcome = await register(
             binding, now=now, device=device, max_contacts=self.settings.registrar.max_contacts
         )
         if outcome is None:

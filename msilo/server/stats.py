@@ -67,6 +67,9 @@ SERVER_COUNTERS: dict[str, str] = {
     "responses_handed_off": (
         "responses to our requests that reached another worker, handed to the sender"
     ),
+    "refreshes_deferred": (
+        "REGISTER refreshes answered from a read and written later (registrar.write_behind)"
+    ),
     "requests_handed_off": (
         "requests for a device's TCP/TLS/WebSocket connection held by another worker,"
         " written on it by that worker"

@@ -35,6 +35,7 @@ from msilo.routing.service import (
 )
 from msilo.routing.templates import compile_template
 from msilo.routing.timefmt import zone
+from msilo.routing.writebehind import RefreshWriteBehind
 from msilo.server.hep import HepSender
 from msilo.server.http import ManagementViews, start_management_http
 from msilo.server.metrics import (
@@ -272,6 +273,7 @@ class Worker:
         self.writer: BatchWriter | None = None
         self.service: MsiloService | None = None
         self.push: PushDispatch | None = None
+        self.write_behind: RefreshWriteBehind | None = None
         self.election: LeaderElection | None = None
         self.http: asyncio.Server | None = None
         self.trace: SipTrace | None = None
@@ -367,6 +369,11 @@ class Worker:
             counters=self.counters,
         )
         self.push = push_dispatch(config, self.store, self.count, self.counters.observe)
+        if self.listen and config.registrar.write_behind > 0 and config.server.mode == "registrar":
+            self.write_behind = RefreshWriteBehind(
+                self.store, config.registrar.write_behind, count=self.count
+            )
+            self.write_behind.start()
         self.service = MsiloService(
             settings,
             store=self.store,
@@ -377,6 +384,7 @@ class Worker:
             route=route,
             push=self.push,
             backlog=self._udp_backlog,
+            write_behind=self.write_behind,
         )
         if self.service.guard is not None:
             self.layer.shed = self.service.shed_early
@@ -589,6 +597,8 @@ class Worker:
             await self.writer.close()
         if self.push is not None:
             await self.push.aclose()
+        if self.write_behind is not None:
+            await self.write_behind.aclose()  # before the store closes: nothing forgotten
         if self._cycles_task is not None:
             self._cycles_task.cancel()
         if self.election is not None:

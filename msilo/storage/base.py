@@ -473,6 +473,19 @@ class Store(abc.ABC):
         at another contact, ``max_contacts`` reached) or the backend has no such path."""
         return None
 
+    async def registration_state(
+        self, username: str, domain: str, *, now: int
+    ) -> tuple[list[Binding], bool] | None:
+        """The user's live bindings and whether anything stored awaits them, read without
+        writing (``registrar.write_behind``'s check of a refresh); None where the backend
+        has no such cheap read (the caller then writes through)."""
+        return None
+
+    async def refresh_bindings(self, refreshes: Sequence[tuple[Binding, str | None]]) -> int:
+        """Write deferred refreshes (binding, its device key) where the stored binding is
+        still the one refreshed (same contact and Call-ID, lower CSeq); bindings updated."""
+        raise NotImplementedError(f"{type(self).__name__} defers no refreshes")
+
     @abc.abstractmethod
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's bindings that have not expired, best ``q`` first."""

@@ -206,3 +206,52 @@ def register_call(function: str) -> str:
         f'CROSS JOIN LATERAL "{function}"(s.u, s.d, s.c, s.rc, s.pa, s.ex, s.q, s.ci, s.cs, '
         f"s.me, s.ins, s.tr, s.nw, s.dv, s.mx) AS r"
     )
+
+
+# -- registrar.write_behind: a pure refresh read now, written later ---------------------------
+
+
+def state_many_sql(
+    silo_table: str, username: str, domain: str, snd_time: str, exp_time: str
+) -> str:
+    """Many users' live bindings and their "anything stored?" probe in one read-only query
+    (names already quoted): ``ord, COLUMNS…, pending``; a user without live bindings still
+    has one row (its binding columns NULL), so the probe always comes back."""
+    columns = ", ".join(f"l.{c.strip()}" for c in COLUMNS.split(","))
+    return (
+        f"SELECT k.ord, {columns}, EXISTS (SELECT 1 FROM {silo_table} m "
+        f"WHERE m.{username} = k.u AND m.{domain} = k.d AND m.{snd_time} = 0 "
+        f"AND m.{exp_time} > k.n) "
+        f"FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS k(u, d, n, ord) "
+        f"LEFT JOIN location l ON l.username = k.u AND l.domain = k.d AND l.expires > k.n"
+    )
+
+
+# The users' locks in the order every REGISTER takes them (register_call), so a flush
+# holding several queues behind a batch instead of deadlocking with it.
+REFRESH_LOCKS = (
+    "SELECT pg_advisory_xact_lock(lk) FROM (SELECT DISTINCT "
+    "hashtextextended('msilo-location:' || u || '@' || d, 7) AS lk "
+    "FROM unnest($1::text[], $2::text[]) AS k(u, d) ORDER BY lk) AS s"
+)
+
+
+def refresh_sql(touch: int) -> str:
+    """Deferred refreshes applied where the binding is still the one refreshed (same
+    contact and Call-ID, lower CSeq: RFC 3261 §10.3 step 7 keeps a newer REGISTER's
+    change), devices touched as the register function does; returns bindings updated."""
+    return (
+        "WITH k AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+        "$5::integer[], $6::bigint[], $7::bigint[], $8::text[]) "
+        "AS k(u, d, c, ci, cs, ex, lm, dv)), "
+        "r AS (UPDATE location l SET expires = k.ex, cseq = k.cs, last_modified = k.lm FROM k "
+        "WHERE l.username = k.u AND l.domain = k.d AND l.contact = k.c AND l.callid = k.ci "
+        "AND l.cseq < k.cs RETURNING 1), "
+        "t AS (INSERT INTO msilo_device AS dv (username, domain, device, last_register) "
+        "SELECT DISTINCT ON (u, d, dv) u, d, dv, lm FROM k WHERE dv IS NOT NULL "
+        "ORDER BY u, d, dv, lm DESC "
+        "ON CONFLICT (username, domain, device) DO UPDATE SET "
+        "last_register = excluded.last_register "
+        f"WHERE dv.last_register <= excluded.last_register - {touch}) "
+        "SELECT count(*) FROM r"
+    )

@@ -439,6 +439,10 @@ class PostgresStore(Store):
         self._registers: Coalescer[tuple[Any, ...], RegisterOutcome | None] = Coalescer(
             self._register_many, lambda: None, max_batch=256
         )
+        # registrar.write_behind: concurrent refreshes share one read-only query.
+        self._states: Coalescer[tuple[str, str, int], tuple[list[Binding], bool]] = Coalescer(
+            self._state_many, lambda: ([], False), max_batch=256
+        )
         self._build_statements()
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -509,6 +513,10 @@ class PostgresStore(Store):
         )
         self._q_settle = f"SELECT {quote_ident(self.settle_function)}($1, $2, $3)"
         self._q_register = location_pg.register_call(self.register_function)
+        self._q_state_many = location_pg.state_many_sql(
+            s.table, s.username, s.domain, s.snd_time, s.exp_time
+        )
+        self._q_refresh = location_pg.refresh_sql(ledger.TOUCH_GRANULARITY)
         self._q_release_device = (
             f"WITH r AS (DELETE FROM {lt} l USING unnest($1::bigint[], $2::text[]) AS k(m, d) "
             f"WHERE l.mid = k.m AND l.device = k.d AND l.delivered = 0 RETURNING l.mid), "
@@ -1386,6 +1394,53 @@ class PostgresStore(Store):
             )
             found[key] = RegisterOutcome(bindings=bindings, pending=bool(row[2]))
         return found
+
+    async def registration_state(
+        self, username: str, domain: str, *, now: int
+    ) -> tuple[list[Binding], bool] | None:
+        """Live bindings and the pending probe, read only (concurrent reads share one)."""
+        validate_owner(username, domain)
+        return await self._states.get((username, domain, now))
+
+    async def _state_many(
+        self, keys: list[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], tuple[list[Binding], bool]]:
+        users, domains, nows = zip(*keys, strict=True)
+        sql = self._q_state_many
+
+        async def run(conn: Conn) -> list[Any]:
+            return list(await conn.fetch(sql, users, domains, nows))
+
+        found: dict[tuple[str, str, int], tuple[list[Binding], bool]] = {}
+        for row in await self._run("registration state", run, idempotent=True):
+            key = keys[row[0] - 1]
+            bindings, _ = found.setdefault(key, ([], bool(row[14])))
+            if row[3] is not None:  # the contact: NULL when the user has no live binding
+                bindings.append(binding_from_row(row[1:14]))
+        return {key: (list(live_bindings(b, key[2])), p) for key, (b, p) in found.items()}
+
+    async def refresh_bindings(self, refreshes: Sequence[tuple[Binding, str | None]]) -> int:
+        """Deferred refreshes in one transaction holding the users' locks in lock order."""
+        if not refreshes:
+            return 0
+        columns: list[list[Any]] = [[] for _ in range(8)]
+        for b, device in refreshes:
+            for column, value in zip(
+                columns,
+                (b.username, b.domain, b.contact, b.callid, b.cseq, b.expires, b.last_modified,
+                 device),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
+        sql = self._q_refresh
+
+        async def run(conn: Conn) -> int:
+            async with conn.transaction():
+                await conn.execute(location_pg.REFRESH_LOCKS, columns[0], columns[1])
+                return int(await conn.fetchval(sql, *columns))
+
+        # Idempotent: a second try finds the CSeq stored and changes nothing.
+        return await self._run("refresh bindings", run, idempotent=True)
 
     async def lookup_bindings(self, username: str, domain: str, *, now: int) -> list[Binding]:
         """The user's live bindings, best q first (concurrent lookups share one query)."""

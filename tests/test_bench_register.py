@@ -87,3 +87,15 @@ def test_shares_never_round_to_all_or_nothing() -> None:
     assert _pct(47984 / 48000) == "99.97"
     assert _pct(1 / 100_000) == "0.001"
     assert (_pct(0.0), _pct(1.0), _pct(0.5)) == ("0", "100", "50.0")
+
+
+def test_refresh_halves_cover_every_user_once(tmp_path: Path) -> None:
+    for users in (1, 2, 5, 20000):
+        (a_first, a_count), (b_first, b_count) = steps._RegisterRamp.halves(users)
+        assert a_first == 1 and b_first == a_count + 1 and a_count + b_count == users
+    csv = sipp.users_csv(tmp_path / "b.csv", 2, ("127.0.0.1", 9), 4, first=3)
+    assert csv.read_text().splitlines() == [
+        "SEQUENTIAL",
+        "user3;127.0.0.1;9;4;",
+        "user4;127.0.0.1;9;4;",
+    ]

@@ -223,7 +223,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     workloads = list(result["summary"])
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.5), squeeze=False)
-    colours = {"msilo": "tab:blue", "kamailio": "tab:red", "kamailio-db1": "tab:orange"}
+    colours = {
+        "msilo": "tab:blue",
+        "kamailio": "tab:red",
+        "kamailio-db1": "tab:orange",
+        "msilo-wb": "tab:cyan",
+    }
     for ax, workload in zip(axes[0], workloads, strict=True):
         for server in result["servers"]:
             steps = [

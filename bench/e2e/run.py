@@ -30,11 +30,19 @@ from typing import Any
 
 from bench.e2e import report, steps
 from bench.e2e.procs import BenchError, Proc, wait_idle
-from bench.e2e.servers import MAIN, KamailioServer, MsiloMySQLServer, MsiloServer, Server, run_pg
+from bench.e2e.servers import (
+    MAIN,
+    KamailioServer,
+    MsiloMySQLServer,
+    MsiloServer,
+    MsiloWriteBehindServer,
+    Server,
+    run_pg,
+)
 from bench.e2e.workloads import GROUPS, Workload, expand, select
 
 DEFAULT_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
-SERVERS = ("msilo", "kamailio", "kamailio-db1", "msilo-mysql")
+SERVERS = ("msilo", "kamailio", "kamailio-db1", "msilo-mysql", "msilo-wb")
 
 
 def parse_rates(text: str) -> dict[str, int]:
@@ -58,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--servers",
         help="comma list of msilo, kamailio (usrloc db_mode 0), kamailio-db1 (db_mode 1), "
-        "msilo-mysql (msilo on a throwaway MariaDB); default msilo,kamailio, plus "
+        "msilo-mysql (msilo on a throwaway MariaDB), msilo-wb (registrar.write_behind = 5); "
+        "default msilo,kamailio, plus "
         "kamailio-db1 when a register workload runs",
     )
     p.add_argument(
@@ -306,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             server: Server
             if name == "msilo":
                 server = MsiloServer(
+                    args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
+                )
+            elif name == "msilo-wb":
+                server = MsiloWriteBehindServer(
                     args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
                 )
             elif name == "msilo-mysql":

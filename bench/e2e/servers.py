@@ -11,12 +11,14 @@ layout.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,6 +159,10 @@ class Server:
     def running(self) -> bool:
         return self.proc is not None and self.proc.running()
 
+    def counters(self) -> dict[str, int]:
+        """The server's own counters now (msilo's /stats); {} where it has none."""
+        return {}
+
     def check_alive(self) -> None:
         """A clear error when the server died during a step."""
         if self.proc is None or not self.proc.running():
@@ -226,6 +232,15 @@ class MsiloServer(Server):
 
     def _msilo(self) -> list[str]:
         return [sys.executable, "-m", "msilo"]
+
+    def counters(self) -> dict[str, int]:
+        """``GET /stats`` (every worker summed); {} when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/stats", timeout=5) as r:
+                stats = json.loads(r.read())
+        except (OSError, ValueError):
+            return {}
+        return {k: int(v) for k, v in stats.items() if isinstance(v, int)}
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -320,6 +335,27 @@ class MsiloServer(Server):
             await conn.execute(f"TRUNCATE {self.table}, {', '.join(self.MSILO_STATE)}")
 
         run_pg(self.dsn, truncate)
+
+
+class MsiloWriteBehindServer(MsiloServer):
+    """:class:`MsiloServer` with ``registrar.write_behind`` on (``msilo-wb``): refreshes
+    answered from a read and written every ``WINDOW`` seconds."""
+
+    name = "msilo-wb"
+    WINDOW = 5
+
+    def __init__(
+        self,
+        admin_dsn: str,
+        database: str,
+        workdir: Path,
+        workers: int,
+        extra: Sequence[str] = (),
+    ) -> None:
+        super().__init__(
+            admin_dsn, database, workdir, workers,
+            (f"registrar.write_behind={self.WINDOW}", *extra),
+        )  # fmt: skip
 
 
 class MsiloMySQLServer(MsiloServer):

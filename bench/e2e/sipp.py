@@ -36,14 +36,19 @@ def scenario(name: str) -> Path:
 
 
 def users_csv(
-    path: Path, count: int, contact: tuple[str, int] | None = None, cseq: int | None = None
+    path: Path,
+    count: int,
+    contact: tuple[str, int] | None = None,
+    cseq: int | None = None,
+    *,
+    first: int = 1,
 ) -> Path:
-    """An injection CSV of user1..userN (make_users.py's format), optionally with a contact
-    and a CSeq number (register_uac.xml's field3)."""
+    """An injection CSV of users first..first+count-1 (make_users.py's format), optionally
+    with a contact and a CSeq number (register_uac.xml's field3)."""
     extra = f"{contact[0]};{contact[1]};" if contact else ""
     if cseq is not None:
         extra += f"{cseq};"
-    lines = ["SEQUENTIAL", *(f"user{i};{extra}" for i in range(1, count + 1))]
+    lines = ["SEQUENTIAL", *(f"user{i};{extra}" for i in range(first, first + count))]
     path.write_text("\n".join(lines) + "\n")
     return path
 

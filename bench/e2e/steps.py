@@ -405,17 +405,39 @@ REFRESH_CALL_ID = "reg-%u@bench"
 
 @dataclass
 class _RegisterRamp:
-    """What the steps of one refresh ramp share: the users' contact and the next CSeq."""
+    """What the steps of one refresh ramp share: the users' contact, and per half of the
+    users its source port (a device refreshes from the address it registered from, as a
+    phone behind a stable NAT mapping does) and its next CSeq.
+
+    The users are refreshed half by half, each half by its own sipp process on its own
+    port: the process of one half finishes while the other half runs, so each half's port
+    is free again when its next round starts."""
 
     uas_port: int
-    cseq: int
+    ports: tuple[int, int]
+    cseqs: list[int]
+    next_half: int = 0
+
+    @staticmethod
+    def halves(users: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(first user, count) of each half."""
+        a = (users + 1) // 2
+        return (1, a), (a + 1, users - a)
 
 
 _ramps: dict[tuple[str, str], _RegisterRamp] = {}
 
 
 def _register_argv(
-    server: Server, csv: Path, calls: int, rate: int, timeout: float, stem: str, cid: str | None
+    server: Server,
+    csv: Path,
+    calls: int,
+    rate: int,
+    timeout: float,
+    stem: str,
+    cid: str | None,
+    *,
+    port: int | None = None,
 ) -> list[str]:
     argv = [
         SIPP,
@@ -427,7 +449,7 @@ def _register_argv(
         "-i",
         HOST,
         "-p",
-        str(free_port()),
+        str(port or free_port()),
         "-m",
         str(calls),
         "-r",
@@ -461,64 +483,83 @@ def prepare_ramp(server: Server, wl: Workload, workdir: Path, opts: Options) -> 
     uas_port = free_port()
     primedir = workdir / f"{server.name}-{wl.name}-prime"
     primedir.mkdir(parents=True)
-    csv = sipp.users_csv(primedir / "prime.csv", wl.users, (HOST, uas_port), cseq=1)
-    timeout = wl.users / wl.prime_rate + 40 + opts.sipp_grace
-    argv = _register_argv(server, csv, wl.users, wl.prime_rate, timeout, "prime", REFRESH_CALL_ID)
-    _run_uac("sipp register prime", argv, primedir, timeout + 10, server)
-    server.check_alive()
-    answered = sipp.read_shortmsg(primedir / "prime_short.log", by_cseq=True).values()
-    ok = sum(1 for t in answered if t.status == 200)
+    ports = (free_port(), free_port())
+    ok = 0
+    for half, ((first, count), port) in enumerate(
+        zip(_RegisterRamp.halves(wl.users), ports, strict=True)
+    ):
+        stem = f"prime{half}"
+        csv = sipp.users_csv(primedir / f"{stem}.csv", count, (HOST, uas_port), cseq=1, first=first)
+        timeout = count / wl.prime_rate + 40 + opts.sipp_grace
+        argv = _register_argv(
+            server, csv, count, wl.prime_rate, timeout, stem, REFRESH_CALL_ID, port=port
+        )
+        _run_uac(f"sipp register {stem}", argv, primedir, timeout + 10, server)
+        server.check_alive()
+        answered = sipp.read_shortmsg(primedir / f"{stem}_short.log", by_cseq=True).values()
+        ok += sum(1 for t in answered if t.status == 200)
     if ok != wl.users:
         return [
             f"priming: {ok} of {wl.users} first REGISTERs at {wl.prime_rate}/s got 200 "
             "(lower --register-prime-rate)"
         ]
-    _ramps[(server.name, wl.name)] = _RegisterRamp(uas_port=uas_port, cseq=2)
+    _ramps[(server.name, wl.name)] = _RegisterRamp(uas_port=uas_port, ports=ports, cseqs=[2, 2])
     return []
 
 
-def _pending_users(users: int, share: float) -> list[int]:
-    """Every k-th user (k = 1/share), so the users with messages are spread over the step."""
+def _pending_users(covered: set[int], share: float) -> list[int]:
+    """Every k-th user (k = 1/share) of those the step registers, so the users with
+    messages are spread over the step."""
     if share <= 0:
         return []
     k = max(1, round(1 / share))
-    return list(range(k, users + 1, k))
+    return sorted(u for u in covered if u % k == 0)
 
 
 def _run_rounds(
-    server: Server, rounds: list[tuple[Path, int, float]], rate: int, opts: Options, cid: str | None
+    server: Server,
+    rounds: list[tuple[Path, int, float, int | None]],
+    rate: int,
+    opts: Options,
+    cid: str | None,
 ) -> list[str]:
-    """Start each round's sipp at its offset (s), so the rounds follow each other at
-    ``rate`` as one stream; wait for all. Returns the stems of their output files."""
+    """Start each round's sipp at its offset (s) from its port (None: any), so the rounds
+    follow each other at ``rate`` as one stream; wait for all. Returns the stems of their
+    output files."""
     t0 = time.monotonic()
-    procs: list[tuple[Proc, float]] = []
+    procs: list[tuple[Proc, float, int | None]] = []
     stems = []
     pending = list(rounds)
     while pending or procs:
         now = time.monotonic()
         while pending and now - t0 >= pending[0][2]:
-            csv, calls, _ = pending.pop(0)
+            csv, calls, _, port = pending.pop(0)
+            if port is not None and any(p == port for _, _, p in procs):
+                # The half's last round still waits for answers (an overloaded server):
+                # this round comes from another address, as a device whose NAT mapping
+                # changed would (the server sees a changed binding).
+                port = None
             stem = csv.stem
             stems.append(stem)
             timeout = calls / rate + 40 + opts.sipp_grace
-            argv = _register_argv(server, csv, calls, rate, timeout, stem, cid)
+            argv = _register_argv(server, csv, calls, rate, timeout, stem, cid, port=port)
             proc = Proc(f"sipp register {stem}", argv, csv.parent / f"{stem}.out", cwd=csv.parent)
-            procs.append((proc, now + timeout + 10))
+            procs.append((proc, now + timeout + 10, port))
         still = []
-        for proc, deadline in procs:
+        for proc, deadline, port in procs:
             code = proc.wait(0)
             if code is None:
                 if time.monotonic() > deadline:
                     proc.stop(grace=5.0, sig=signal.SIGUSR1)
                     raise BenchError(f"{proc.name} did not finish in time; see {proc.log}")
-                still.append((proc, deadline))
+                still.append((proc, deadline, port))
                 continue
             proc.stop()
             if code not in (0, 1):
                 raise BenchError(f"{proc.name} exited with status {code}:\n{proc.tail()}")
         procs = still
         if not server.running():
-            for proc, _ in procs:
+            for proc, _, _ in procs:
                 proc.stop(grace=2.0)
             server.check_alive()
         time.sleep(0.02 if pending else 0.2)
@@ -540,24 +581,35 @@ def run_register(
         # Every REGISTER of the step is an AoR without a binding.
         server.reset_bindings()
         users, uas_port, cid = calls, free_port(), None
-        rounds = [(sipp.users_csv(workdir / "reg0.csv", calls, (HOST, uas_port), 1), calls, 0.0)]
+        csv = sipp.users_csv(workdir / "reg0.csv", calls, (HOST, uas_port), 1)
+        rounds = [(csv, calls, 0.0, None)]
+        covered = set(range(1, calls + 1))
     else:
         ramp = _ramps.get((server.name, wl.name))
         if ramp is None:
             raise BenchError(f"{wl.name}: the ramp was not primed (prepare_ramp)")
         users, uas_port, cid = wl.users, ramp.uas_port, REFRESH_CALL_ID
         rounds = []
+        covered = set()
         left, offset = calls, 0.0
+        halves = ramp.halves(users)
         while left > 0:
-            n = min(left, users)
-            csv = sipp.users_csv(workdir / f"reg{len(rounds)}.csv", n, (HOST, uas_port), ramp.cseq)
-            rounds.append((csv, n, offset))
-            ramp.cseq += 1
+            half = ramp.next_half
+            first, size = halves[half]
+            n = min(left, size)
+            csv = sipp.users_csv(
+                workdir / f"reg{len(rounds)}.csv", n, (HOST, uas_port), ramp.cseqs[half],
+                first=first,
+            )  # fmt: skip
+            rounds.append((csv, n, offset, ramp.ports[half]))
+            covered.update(range(first, first + n))
+            ramp.cseqs[half] += 1
+            ramp.next_half = 1 - half
             left -= n
-            offset += users / rate
+            offset += size / rate
     # Only users that register in this step can get their messages (a refresh step at a
     # low rate covers only the first users of the population).
-    with_messages = _pending_users(min(users, calls), wl.pending_share)
+    with_messages = _pending_users(covered, wl.pending_share)
     total = (
         server.preload(with_messages, wl.messages_per_user, wl.body_bytes) if with_messages else 0
     )
@@ -591,8 +643,10 @@ def run_register(
         _wait_bound(uas, uas_port)
         # The host's idle CPU while the REGISTERs run (the issue compares "host % idle").
         cpu_before, load_before = cpu_sample(), os.getloadavg()[0]
+        counted = server.counters()
         stems = _run_rounds(server, rounds, rate, opts, cid)
         host_idle = idle_share(cpu_before, cpu_sample())
+        counted = {k: v - counted.get(k, 0) for k, v in server.counters().items()}
         server.check_alive()
         if total:
             deadline = time.monotonic() + server.drain_timeout
@@ -718,6 +772,8 @@ def run_register(
         "achieved_rate": achieved,
         "host_idle_share": host_idle,
         "load_average_before": load_before,
+        # The server's counters over the step (e.g. refreshes_deferred): what it did.
+        "server_counters": {k: v for k, v in counted.items() if v},
         "latency_ms": sipp.summarize(lat200),
         "latency_ms_503": sipp.summarize(lat503),
         "rows": left,

@@ -31,11 +31,6 @@ from msilo.storage.location import Binding, RegisterOutcome, live_bindings
 
 log = logging.getLogger("msilo.registrar")
 
-# Bindings this worker wrote last, by (user, domain, contact): a REGISTER that matches one
-# is probably a refresh and worth the read; anything else is written through at once (a
-# first registration would pay a read for nothing).  Bounded: forgotten wholesale when
-# full, each binding then written through once more.
-MAX_HINTS = 200_000
 # Deferred refreshes written per transaction (each holds its users' locks).
 FLUSH_CHUNK = 500
 
@@ -63,7 +58,6 @@ class RefreshWriteBehind:
         self.store = store
         self.window = window
         self._count = count or (lambda _name: None)
-        self._hints: dict[tuple[str, str, str], tuple[str, int]] = {}
         self._queue: dict[tuple[str, str, str], tuple[Binding, str | None]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -77,8 +71,11 @@ class RefreshWriteBehind:
     ) -> RegisterOutcome | None:
         """As ``Store.register_contact``; a pure refresh of a live binding is deferred."""
         key = (binding.username, binding.domain, binding.contact)
-        hint = self._hints.get(key)
-        if hint is not None and hint[0] == binding.callid and hint[1] < binding.cseq:
+        # A refresh has a CSeq above the stored one, so never 1: a device's first REGISTER
+        # of a Call-ID (CSeq 1 in practice) is written at once, without a read for nothing.
+        # Any worker may get any refresh (UDP is spread by content), so nothing this worker
+        # remembers could say more.
+        if binding.cseq > 1:
             outcome = await self._deferred(key, binding, now=now, device=device)
             if outcome is not None:
                 return outcome
@@ -87,7 +84,6 @@ class RefreshWriteBehind:
         )
         if outcome is not None:
             self._queue.pop(key, None)  # written through: a queued older one would not land
-            self._hint(key, binding)
         return outcome
 
     async def _deferred(
@@ -107,15 +103,9 @@ class RefreshWriteBehind:
         ):
             return None
         self._queue[key] = (binding, device)
-        self._hint(key, binding)
         self._count("refreshes_deferred")
         others = [b for b in bindings if b.contact != binding.contact]
         return RegisterOutcome(bindings=live_bindings([*others, binding], now), pending=pending)
-
-    def _hint(self, key: tuple[str, str, str], binding: Binding) -> None:
-        if len(self._hints) >= MAX_HINTS:
-            self._hints.clear()
-        self._hints[key] = (binding.callid, binding.cseq)
 
     def start(self) -> None:
         """Start writing deferred refreshes every ``window`` seconds."""

@@ -33,6 +33,7 @@ from bench.e2e.procs import BenchError, Proc, wait_idle
 from bench.e2e.servers import (
     MAIN,
     KamailioServer,
+    MsiloBaselineServer,
     MsiloMySQLServer,
     MsiloServer,
     MsiloWriteBehindServer,
@@ -42,7 +43,9 @@ from bench.e2e.servers import (
 from bench.e2e.workloads import GROUPS, Workload, expand, select
 
 DEFAULT_DSN = "postgres://postgres@127.0.0.1:5432/postgres"
-SERVERS = ("msilo", "kamailio", "kamailio-db1", "msilo-mysql", "msilo-wb")
+SERVERS = (
+    "msilo", "kamailio", "kamailio-db1", "msilo-mysql", "msilo-wb", "msilo-baseline",
+)  # fmt: skip
 
 
 def parse_rates(text: str) -> dict[str, int]:
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--servers",
         help="comma list of msilo, kamailio (usrloc db_mode 0), kamailio-db1 (db_mode 1), "
-        "msilo-mysql (msilo on a throwaway MariaDB), msilo-wb (registrar.write_behind = 5); "
+        "msilo-mysql (msilo on a throwaway MariaDB), msilo-wb (registrar.write_behind = 5), "
+        "msilo-baseline (the checkout given by --baseline); "
         "default msilo,kamailio, plus "
         "kamailio-db1 when a register workload runs",
     )
@@ -77,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or one register-KIND-MAILBOXES (default: store,dump)",
     )
     p.add_argument("--workers", type=int, default=2, help="msilo server.workers (default 2)")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of msilo (its C extension built in place) run as msilo-baseline",
+    )
     p.add_argument(
         "--msilo-set",
         action="append",
@@ -317,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                 server = MsiloServer(
                     args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
                 )
+            elif name == "msilo-baseline":
+                if args.baseline is None:
+                    raise SystemExit("msilo-baseline needs --baseline DIR (a checkout)")
+                server = MsiloBaselineServer(
+                    args.dsn, "msilo_bench", sdir, args.workers, args.baseline,
+                    extra=args.msilo_set,
+                )  # fmt: skip
             elif name == "msilo-wb":
                 server = MsiloWriteBehindServer(
                     args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set

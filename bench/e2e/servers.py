@@ -230,6 +230,9 @@ class MsiloServer(Server):
         self.http_port = 0
         self.extra_sets = tuple(extra)  # "key=value", after the bench's own settings
 
+    #: The checkout whose msilo runs (its C extension built in place).
+    root: Path = MAIN
+
     def _msilo(self) -> list[str]:
         return [sys.executable, "-m", "msilo"]
 
@@ -242,13 +245,13 @@ class MsiloServer(Server):
             return {}
         return {k: int(v) for k, v in stats.items() if isinstance(v, int)}
 
-    @staticmethod
-    def _env() -> dict[str, str]:
+    def _env(self) -> dict[str, str]:
         # The same interpreter as the harness, and this checkout's msilo first on the path:
         # an editable install may point at another checkout (a git worktree's harness
         # would otherwise measure the main checkout's code).
         path = os.environ.get("PYTHONPATH")
-        return {**os.environ, "PYTHONPATH": f"{MAIN}{os.pathsep}{path}" if path else str(MAIN)}
+        root = str(self.root)
+        return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
     def settings(self) -> list[str]:
         sets = {
@@ -297,7 +300,7 @@ class MsiloServer(Server):
             env=self._env(),
         )
         commit = subprocess.run(
-            ["git", "-C", str(MAIN), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(self.root), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -335,6 +338,25 @@ class MsiloServer(Server):
             await conn.execute(f"TRUNCATE {self.table}, {', '.join(self.MSILO_STATE)}")
 
         run_pg(self.dsn, truncate)
+
+
+class MsiloBaselineServer(MsiloServer):
+    """:class:`MsiloServer` running another checkout (``msilo-baseline``, ``--baseline
+    DIR``): the code before a change, measured in the same run as after it."""
+
+    name = "msilo-baseline"
+
+    def __init__(
+        self,
+        admin_dsn: str,
+        database: str,
+        workdir: Path,
+        workers: int,
+        root: Path,
+        extra: Sequence[str] = (),
+    ) -> None:
+        super().__init__(admin_dsn, database, workdir, workers, extra)
+        self.root = root
 
 
 class MsiloWriteBehindServer(MsiloServer):

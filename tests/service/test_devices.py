@@ -50,7 +50,15 @@ async def _vanish(srv: Running, devices: int | None = None) -> None:
     devices of bob are remembered (a REGISTER is answered before its device is)."""
     if devices is not None:
         await _eventually(lambda: _remembered(srv, devices))
+    await _registers_done(srv)
     await srv.store.delete_expired_bindings(int(time.time()) + 10**7)
+
+
+async def _registers_done(srv: Running) -> None:
+    """Every request handler has finished: a REGISTER's dump runs after its 200 and its
+    device, and one still running would deliver a message the test stores next."""
+    assert srv.worker.layer is not None
+    assert await srv.worker.layer.drain(10), "a request handler is still running"
 
 
 async def _remembered(srv: Running, n: int) -> bool:
@@ -358,6 +366,8 @@ async def test_nothing_lost_nor_twice_across_workers_and_a_restart(db_url: str) 
         desktop_contact = f'<{desktop.contact}>;+sip.instance="<{desktop_instance}>"'
         assert (await phone.register(600, contact=phone_contact)).status == 200
         assert (await desktop.register(600, contact=desktop_contact)).status == 200
+        await _eventually(lambda: _remembered(first, 2))
+        await _registers_done(second)
         await _vanish(first, devices=2)
         alice = await first.agent("alice", DOMAIN)
         assert (await alice.message(f"sip:bob@{DOMAIN}", "survives")).status == 202
@@ -397,6 +407,7 @@ async def test_silo_mode_tracks_devices_from_the_proxys_register_copies(
     for contact in (phone_contact, desktop_contact):
         assert (await proxy.register(600, contact=contact)).status == 200
     await _eventually(lambda: _remembered(srv, 2))
+    await _registers_done(srv)
     alice = await srv.agent("alice", DOMAIN)
     assert (await alice.message(f"sip:bob@{DOMAIN}", "via the proxy")).status == 202
     assert (await proxy.register(600, contact=phone_contact)).status == 200

@@ -9,118 +9,51 @@ and Contact on an ``.invalid`` host, so msilo can only answer over the connectio
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
-import resource
-import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from bench.e2e.procs import BenchError, Proc, free_port, wait_for_sip
-from bench.e2e.servers import HOST, MsiloServer
+from bench.e2e.servers import HOST
+from bench.streamserver import (
+    StreamMsilo,
+    connections_per_pid,
+    cpu_seconds,
+    raise_nofile,
+    rss_kib,
+)
+
+__all__ = [
+    "SipWs",
+    "WsMsilo",
+    "connect",
+    "connections_per_pid",
+    "cpu_seconds",
+    "header",
+    "message",
+    "raise_nofile",
+    "register",
+    "rss_kib",
+    "status_of",
+]
 
 SIP_PROTOCOL = {"Sec-WebSocket-Protocol": "sip"}  # RFC 7118 §4.1: required by msilo
 BODY = "from a ws client: lorem ipsum dolor sit amet, consectetur adipiscing elit."
 
 
-class WsMsilo(MsiloServer):
+class WsMsilo(StreamMsilo):
     """``msilo serve`` (registrar mode, PostgreSQL) with a UDP and a ``ws:`` listener."""
 
-    name = "msilo"
+    scheme = "ws"
 
-    def __init__(
-        self, admin_dsn: str, database: str, workdir: Path, workers: int, extra: list[str]
-    ) -> None:
-        super().__init__(admin_dsn, database, workdir, workers)
-        self.ws_port = 0
-        self.extra = extra  # more --set KEY=VALUE settings
-
-    def settings(self) -> list[str]:
-        sets = super().settings()
-        listen = f'server.listen=["udp:{HOST}:{self.port}", "ws:{HOST}:{self.ws_port}"]'
-        sets[sets.index(f'server.listen=["udp:{HOST}:{self.port}"]')] = listen
-        return [*sets, *(arg for item in self.extra for arg in ("--set", item))]
-
-    def start(self) -> None:
-        # Three ports free now and distinct (free_port alone may hand out one twice).
-        ports: set[int] = set()
-        while len(ports) < 3:
-            ports.add(free_port())
-        self.port, self.http_port, self.ws_port = sorted(ports)
-        argv = [*self._msilo(), "serve", *self.settings()]
-        self.info["command"] = " ".join(argv)
-        self.proc = Proc(
-            "msilo", argv, self.workdir / "msilo.log", cwd=self.workdir, env=self._env()
-        )
-        wait_for_sip(self.proc, HOST, self.port, timeout=60)
+    @property
+    def ws_port(self) -> int:
+        return self.stream_port
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.ws_port}/"
-
-    def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/health", timeout=5) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
-
-    def worker_pids(self) -> list[int]:
-        """The pids of the ready workers (they hold the connections)."""
-        return [w["pid"] for w in self.health()["workers"] if w["state"] == "ready"]
-
-    def workers_cpu_seconds(self) -> float:
-        """CPU time all the workers have used, seconds."""
-        return sum(cpu_seconds(pid) for pid in self.worker_pids())
-
-    def workers_rss_kib(self) -> int:
-        """Resident memory of all the workers together, KiB."""
-        return sum(rss_kib(pid) for pid in self.worker_pids())
-
-
-def connections_per_pid(port: int) -> dict[int, int]:
-    """Established TCP connections on local ``port``, by the pid holding them (from ``ss``):
-    how the kernel's SO_REUSEPORT hash spread the WebSocket clients over the workers."""
-    out = subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    counts: dict[int, int] = {}
-    for pid in re.findall(r"pid=(\d+)", out.stdout):
-        counts[int(pid)] = counts.get(int(pid), 0) + 1
-    return counts
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time ``pid`` has used, seconds (from /proc)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (from /proc)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def raise_nofile(needed: int) -> int:
-    """Raise this process's open-file limit (inherited by the msilo it starts) to at least
-    ``needed`` (up to the hard limit); returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise BenchError(f"RLIMIT_NOFILE hard limit {hard} < {needed}: raise it (ulimit -Hn)")
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return needed if soft == resource.RLIM_INFINITY else soft
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return needed
+        return f"ws://{HOST}:{self.stream_port}/"
 
 
 class SipWs(WSListener):  # type: ignore[misc]

@@ -22,7 +22,7 @@ the only difference is the ledger's work per (message, device). Per group:
    every device of its user exactly once, no row and no ledger row is left, and every
    REGISTER and MESSAGE got its expected answer.
 
-**store** reuses ``bench.e2e``'s sipp store step (``tools/sipp/store_uac.xml`` to 10,000
+**store** reuses ``bench.e2e``'s sipp store step (``bench/e2e/store_bench_uac.xml`` to 10,000
 offline users; a step passes with zero failed calls, zero retransmissions, rows = 202s and
 >= 95 % of the rate answered in the window) against ``msilo serve`` run from the baseline
 checkout (A: ``PYTHONPATH=<base> python -m msilo serve`` from that directory) and from

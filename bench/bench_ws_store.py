@@ -4,7 +4,7 @@ One ``msilo serve`` (registrar mode, PostgreSQL in a database of its own, two wo
 listens on UDP and on ``ws:``. The offered rate goes up step by step, and at each rate
 the same store workload runs twice, one right after the other:
 
-* **UDP**: sipp with ``tools/sipp/store_uac.xml``, exactly the ``store`` step of
+* **UDP**: sipp with ``bench/e2e/store_bench_uac.xml``, exactly the ``store`` step of
   ``python -m bench.e2e`` (``bench/e2e/steps.py``: 10,000 offline users, ~100-byte
   text/plain bodies, every call must get 202, no retransmission, every 202 a row);
 * **WS**: our own asyncio load generator (``bench/wsload.py``, picows client) sending

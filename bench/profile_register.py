@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "users": args.users,
         }
     )
-    opts = steps.Options(uas_linger_ms=8000, sipp_grace=10.0, overload_factor=0)
+    opts = steps.Options(uas_linger_ms=8000, sipp_grace=10.0, overload_factors=())
     workdir = Path(tempfile.mkdtemp(prefix="msilo-profile-register-"))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -76,14 +76,16 @@ def step_row(step: dict[str, Any]) -> str:
     lat = step["latency_ms"]
     rows = step["rows"]
     if step["workload"] == "store":
-        rows_text = f"{rows}/{step['successful']}"
+        rows_text = store_cell(step)
     elif step["workload"].startswith("register"):
         rows_text = register_cell(step)
     else:
         rows_text = f"{step['delivered']}/{step['preloaded']} left {rows}"
     result = "ok" if step["passed"] else "FAIL: " + "; ".join(step["reasons"])
     if step.get("overload"):
-        result = "overload step: " + result
+        result = f"overload {step.get('factor', 0):g}x: " + result
+    elif step.get("recovery"):
+        result = f"recovery after {step['after_factor']:g}x: " + result
     return (
         f"| {step['server']} | {step['workload']} | {step['rate']} | {step['achieved_rate']:.0f} "
         f"| {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | {_ms(lat['p99.9'])} "
@@ -103,6 +105,32 @@ def _pct(share: float) -> str:
     return f"{value:.4f}"
 
 
+def store_cell(step: dict[str, Any]) -> str:
+    """Rows / 202s; with 503s their share; for an overload step the goodput and the 503
+    latency, for a recovery step the seconds until the server was back to normal."""
+    text = f"{step['rows']}/{step.get('rows_expected', step['successful'])}"
+    shed = step.get("answered_503", 0)
+    if step.get("overload"):
+        lat = step["latency_ms_503"]
+        text += f"; goodput {_pct(step['goodput_share'])}% of {step['best_rate']}/s; " + (
+            f"503 {_pct(step['shares']['503'])}% in {_ms(lat['p50'])} / {_ms(lat['p99'])} ms"
+            if shed
+            else "no 503"
+        )
+    elif step.get("recovery"):
+        after = step["recovery_s"]
+        text += (
+            f"; normal {after:g} s after the overload"
+            if after is not None
+            else f"; not normal within {step['duration_s']:g} s"
+        )
+        if shed:
+            text += f"; 503 {_pct(step['shares']['503'])}%"
+    elif shed:
+        text += f"; 503 {_pct(step['shares']['503'])}%"
+    return text
+
+
 def register_cell(step: dict[str, Any]) -> str:
     """The shares of the step's REGISTERs answered 200 / 503 / failed (neither) and
     retransmitted (sipp's count over REGISTERs sent), then the delivered messages."""
@@ -119,11 +147,52 @@ def register_cell(step: dict[str, Any]) -> str:
 
 
 def best(steps: list[dict[str, Any]], server: str, workload: str) -> dict[str, Any] | None:
-    """The highest-rate step of the ramp that passed, if any."""
-    passed = [
-        s for s in steps if s["server"] == server and s["workload"] == workload and s["passed"]
-    ]
+    """The highest-rate step of the ramp that passed, if any (overload and recovery steps
+    are not part of the ramp)."""
+    passed = [s for s in ramp_steps(steps, server, workload) if s["passed"]]
     return max(passed, key=lambda s: s["rate"]) if passed else None
+
+
+def ramp_steps(steps: list[dict[str, Any]], server: str, workload: str) -> list[dict[str, Any]]:
+    """The ramp's own steps of ``server`` and ``workload``, in the order they ran."""
+    return [
+        s
+        for s in steps
+        if s["server"] == server
+        and s["workload"] == workload
+        and not s.get("overload")
+        and not s.get("recovery")
+    ]
+
+
+def overload_rows(steps: list[dict[str, Any]], server: str, workload: str) -> list[dict[str, Any]]:
+    """Per overload step: the offered rate, the goodput (200/202 per second) as a share of
+    the best passing rate, the 503 latency, failures, and (store) the recovery after it."""
+    top = best(steps, server, workload)
+    ours = [s for s in steps if s["server"] == server and s["workload"] == workload]
+    out = []
+    for i, s in enumerate(ours):
+        if not s.get("overload"):
+            continue
+        after = ours[i + 1] if i + 1 < len(ours) and ours[i + 1].get("recovery") else None
+        goodput = s.get("goodput_rate", s["achieved_rate"])
+        out.append(
+            {
+                "factor": s.get("factor"),
+                "rate": s["rate"],
+                "best_rate": top["rate"] if top else None,
+                "goodput_rate": goodput,
+                "goodput_share": goodput / top["rate"] if top else None,
+                "share_503": s.get("shares", {}).get("503"),
+                "latency_ms_503": s.get("latency_ms_503"),
+                "failed": s["failed"],
+                "retransmissions": s["retransmissions"],
+                "passed": s["passed"],
+                "recovery_s": after["recovery_s"] if after else None,
+                "recovery_passed": after["passed"] if after else None,
+            }
+        )
+    return out
 
 
 def summary(
@@ -135,9 +204,7 @@ def summary(
         entry: dict[str, Any] = {}
         for server in servers:
             top = best(steps, server, workload)
-            tried = [
-                s["rate"] for s in steps if s["server"] == server and s["workload"] == workload
-            ]
+            tried = [s["rate"] for s in ramp_steps(steps, server, workload)]
             if not tried:
                 continue
             entry[server] = {
@@ -146,6 +213,9 @@ def summary(
                 # Hitting the top of the ramp means the limit was not found.
                 "ramp_exhausted": top is not None and top["rate"] == max(tried, default=0),
             }
+            overloads = overload_rows(steps, server, workload)
+            if overloads:
+                entry[server]["overload"] = overloads
         for other in servers:
             if other == "msilo" or "msilo" not in entry or other not in entry:
                 continue
@@ -197,6 +267,36 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             ratio = entry.get(f"ratio_msilo_{other.replace('-', '_')}")
             cells.append(f"{ratio:.2f}x" if ratio else "-")
         lines.append(f"| {workload} | " + " | ".join(cells) + " |")
+    over = [
+        (workload, server, row)
+        for workload, entry in result["summary"].items()
+        for server in servers
+        for row in (entry.get(server) or {}).get("overload", [])
+    ]
+    if over:
+        lines += [
+            "",
+            "| overload | server | offered/s | goodput/s | of best | 503 | 503 p50 / p99 ms "
+            "| failed | retrans | normal again after | goals |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for workload, server, row in over:
+            lat = row["latency_ms_503"] or {}
+            share = row["goodput_share"]
+            share_503 = row["share_503"]
+            rec = row["recovery_s"]
+            if row["recovery_passed"] is None:
+                rec_text, goals = "-", "ok" if row["passed"] else "missed"
+            else:
+                rec_text = f"{rec:g} s" if rec is not None else "not in the step"
+                goals = "ok" if row["passed"] and row["recovery_passed"] else "missed"
+            lines.append(
+                f"| {workload} {row['factor']:g}x of {row['best_rate']} | {server} | {row['rate']} "
+                f"| {row['goodput_rate']:.0f} | {_pct(share) + '%' if share is not None else '-'} "
+                f"| {_pct(share_503) + '%' if share_503 is not None else '-'} "
+                f"| {_ms(lat.get('p50'))} / {_ms(lat.get('p99'))} | {row['failed']} "
+                f"| {row['retransmissions']} | {rec_text} | {goals} |"
+            )
     return lines
 
 
@@ -234,7 +334,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
             steps = [
                 s
                 for s in result["steps"]
-                if s["server"] == server and s["workload"] == workload and "latency_ms" in s
+                if s["server"] == server
+                and s["workload"] == workload
+                and "latency_ms" in s
+                and not s.get("recovery")  # at the best rate again: would draw a line back
             ]
             if not steps:
                 continue

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.e2e import report, steps
+from bench.e2e import overload, report, steps
 from bench.e2e.procs import BenchError, Proc, wait_idle
 from bench.e2e.servers import (
     MAIN,
@@ -122,11 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="register-refresh-*: REGISTER/s of the untimed first registration (1000)",
     )
     p.add_argument(
+        "--overload-factors",
         "--overload-factor",
+        dest="overload_factors",
+        type=parse_factors,
+        default=(1.5, 2.0),
+        help="after a ramp that failed, one overload step at each of these x the highest "
+        "passing rate (store and register; 0 = none; default 1.5,2)",
+    )
+    p.add_argument(
+        "--overload-duration",
         type=float,
-        default=2.0,
-        help="register: after a failed step, one step at this x the highest passing rate "
-        "(shares of 200/503/failed/retransmissions; 0 = none; default 2)",
+        default=30.0,
+        help="store: seconds of each overload step (default 30)",
+    )
+    p.add_argument(
+        "--recovery-duration",
+        type=float,
+        default=10.0,
+        help="store: seconds at the highest passing rate right after each overload step, "
+        "to see how soon the server is back to normal (default 10)",
+    )
+    p.add_argument(
+        "--recovery-p99-ms",
+        type=float,
+        default=50.0,
+        help="store: a second of the recovery step is normal when all its MESSAGEs got 202 "
+        "with a p99 under this (default 50)",
     )
     p.add_argument(
         "--wait-idle",
@@ -187,30 +209,38 @@ def ramp(
     failures: int,
     results: list[dict[str, Any]],
 ) -> None:
-    """Run ``wl``'s steps against ``server`` until ``failures`` steps failed; for register
-    workloads then one overload step at ``opts.overload_factor`` x the best passing rate."""
+    """Run ``wl``'s steps against ``server`` until ``failures`` steps failed; then one
+    overload step at each of ``opts.overload_factors`` x the best passing rate (store: each
+    followed at once by a recovery step at that rate)."""
 
-    def run(rate: int, overload: bool = False) -> dict[str, Any]:
-        stepdir = workdir / f"{server.name}-{wl.name}-{rate}"
-        stepdir.mkdir(parents=True)
-        idle_before, waited = (None, 0.0)
-        if opts.wait_idle > 0:
-            idle_before, waited = wait_idle(opts.wait_idle, opts.wait_idle_max)
-        started = time.time()
-        outcome = steps.RUNNERS[wl.runner](server, wl, rate, stepdir, opts)
+    def record(rate: int, outcome: dict[str, Any], started: float, **flags: Any) -> None:
         step = {
             "server": server.name,
             "workload": wl.name,
             "rate": rate,
             "started": started,
-            "overload": overload,
-            "idle_before": idle_before,
-            "waited_for_idle_s": waited,
+            "overload": False,
+            **flags,
             **outcome,
         }
         results.append(step)
         print(report.step_row(step), flush=True)
-        return step
+
+    def idle() -> dict[str, Any]:
+        idle_before, waited = (None, 0.0)
+        if opts.wait_idle > 0:
+            idle_before, waited = wait_idle(opts.wait_idle, opts.wait_idle_max)
+        return {"idle_before": idle_before, "waited_for_idle_s": waited}
+
+    def run(rate: int, **flags: Any) -> bool:
+        suffix = f"-overload{flags['factor']:g}" if flags.get("overload") else ""
+        stepdir = workdir / f"{server.name}-{wl.name}-{rate}{suffix}"
+        stepdir.mkdir(parents=True)
+        waited = idle()
+        started = time.time()
+        outcome = steps.RUNNERS[wl.runner](server, wl, rate, stepdir, opts)
+        record(rate, outcome, started, **waited, **flags)
+        return bool(outcome["passed"])
 
     blocked = steps.prepare_ramp(server, wl, workdir, opts)
     if blocked:
@@ -230,21 +260,47 @@ def ramp(
     rates_run: list[int] = []
     for rate in wl.rates():
         rates_run.append(rate)
-        if not run(rate)["passed"]:
+        if not run(rate):
             failed += 1
             if failed >= failures:
                 break
     else:
-        return  # the top of the ramp passed: the limit was not found, no overload step
+        if opts.overload_factors:
+            print(f"| {server.name} | {wl.name} | - | - | no overload steps: the top of the "
+                  "ramp passed, so the zero-failure rate is not known (raise MAX) |")  # fmt: skip
+        return
     passed = [
         s["rate"]
         for s in results
         if s["workload"] == wl.name and s["server"] == server.name and s["passed"]
     ]
-    if wl.runner == "register" and opts.overload_factor > 0 and passed:
-        rate = round(max(passed) * opts.overload_factor)
-        if rate not in rates_run:
-            run(rate, overload=True)
+    if not passed:
+        return
+    best_rate = max(passed)
+    for factor in opts.overload_factors:
+        rate = round(best_rate * factor)
+        if wl.runner == "store":
+            stepdir = workdir / f"{server.name}-{wl.name}-{rate}-overload{factor:g}"
+            stepdir.mkdir(parents=True)
+            waited = idle()
+            started = time.time()
+            over, rec = overload.run_store_overload(server, wl, best_rate, factor, stepdir, opts)
+            flags = {"overload": True, "factor": factor, **waited}
+            record(rate, over, started, **flags)
+            record(best_rate, rec, started + opts.overload_duration, recovery=True)
+        elif wl.runner == "register" and rate not in rates_run:
+            run(rate, overload=True, factor=factor)
+
+
+def parse_factors(text: str) -> tuple[float, ...]:
+    """``1.5,2`` → (1.5, 2.0); ``0`` or empty → () (no overload steps)."""
+    try:
+        factors = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected factors like 1.5,2, got {text!r}") from None
+    if any(f < 0 for f in factors):
+        raise argparse.ArgumentTypeError(f"factors must be >= 0, got {text!r}")
+    return tuple(f for f in factors if f > 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = steps.Options(
         uas_linger_ms=args.uas_linger_ms or (4000 if args.quick else 8000),
         sipp_grace=10.0,
-        overload_factor=args.overload_factor,
+        overload_factors=args.overload_factors,
+        overload_duration=args.overload_duration,
+        recovery_duration=args.recovery_duration,
+        recovery_p99_ms=args.recovery_p99_ms,
         wait_idle=args.wait_idle,
         wait_idle_max=args.wait_idle_max,
     )

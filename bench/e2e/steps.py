@@ -28,9 +28,13 @@ class Options:
 
     uas_linger_ms: int  # message_uas.xml's -d: how long a delivered call keeps answering
     sipp_grace: float  # seconds sipp may run past its nominal duration
-    # register: after a ramp that failed, one more step at this multiple of the highest
-    # passing rate (the issue's overload criterion); 0 = none.
-    overload_factor: float = 2.0
+    # After a ramp that failed, one overload step at each of these multiples of the highest
+    # passing rate (the issue's overload criterion); () = none. store: each lasts
+    # overload_duration s and is followed at once by recovery_duration s at that rate.
+    overload_factors: tuple[float, ...] = (1.5, 2.0)
+    overload_duration: float = 30.0
+    recovery_duration: float = 10.0
+    recovery_p99_ms: float = 50.0  # a recovery second is normal with its 202s' p99 under it
     # Before each step: wait (up to wait_idle_max s) until the host is this share idle.
     wait_idle: float = 0.0
     wait_idle_max: float = 120.0
@@ -84,20 +88,23 @@ def _check(checks: dict[str, bool], reasons: list[str], name: str, ok: bool, why
         reasons.append(why)
 
 
-def run_store(
-    server: Server, wl: Workload, rate: int, workdir: Path, opts: Options
-) -> dict[str, Any]:
-    """MESSAGEs to ``wl.users`` offline users at ``rate``/s; every 202 must be a row."""
-    server.reset()
-    users = sipp.users_csv(workdir / "users.csv", wl.users)
-    calls = round(rate * (wl.warmup + wl.duration))
-    timeout = wl.warmup + wl.duration + 40 + opts.sipp_grace  # 40: a call's retransmissions
-    stat, short = workdir / "store_stat.csv", workdir / "store_short.log"
-    argv = [
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+STORE_SCENARIO = "store_bench_uac.xml"
+
+
+def store_argv(
+    server: Server, users: Path, calls: int, rate: int, timeout: float, stem: str
+) -> list[str]:
+    """sipp's command line for ``calls`` MESSAGEs at ``rate``/s (store_bench_uac.xml), its
+    stat and short trace named after ``stem`` in the process's working folder."""
+    return [
         SIPP,
         f"{HOST}:{server.port}",
         "-sf",
-        str(sipp.scenario("store_uac.xml")),
+        str(sipp.scenario(STORE_SCENARIO)),
         "-inf",
         str(users),
         "-i",
@@ -120,28 +127,85 @@ def run_store(
         "-trace_rtt",
         "-rtt_freq",
         "1000",
-        *_common(stat, short),
+        *_common(Path(f"{stem}_stat.csv"), Path(f"{stem}_short.log")),
     ]
-    code = _run_uac("sipp store", argv, workdir, timeout + 10, server)
-    server.check_alive()
 
-    counters = sipp.read_stat(stat)
-    successful = sipp.stat_int(counters, "SuccessfulCall(C)")
+
+def store_timeout(seconds: float, opts: Options) -> float:
+    """How long a store sipp may run: its calls, then 40 s of a call's retransmissions."""
+    return seconds + 40 + opts.sipp_grace
+
+
+def store_tally(
+    workdir: Path, stem: str, calls: int, window: tuple[float, float] | None, seconds: float
+) -> tuple[dict[str, Any], list[sipp.Transaction]]:
+    """What one store sipp (files ``stem``_* in ``workdir``) saw: sipp's counters, the
+    MESSAGEs answered 202 / 503 / other / not at all, and the latencies of the 202s and of
+    the 503s sent in ``window`` (seconds from the first MESSAGE; None = all), whose length
+    is ``seconds``. Also the transactions, for callers that look closer."""
+    counters = sipp.read_stat(workdir / f"{stem}_stat.csv")
+    sipp_ok = sipp.stat_int(counters, "SuccessfulCall(C)")
     failed = sipp.stat_int(counters, "FailedCall(C)")
     retrans = sipp.stat_int(counters, "Retransmissions(C)")
-    txs = list(sipp.read_shortmsg(short).values())
+    txs = list(sipp.read_shortmsg(workdir / f"{stem}_short.log").values())
+    ok202 = sum(1 for t in txs if t.status == 202)
+    shed = sum(1 for t in txs if t.status == 503)
+    other = sum(1 for t in txs if t.status is not None and t.status not in (202, 503))
     start = min((t.sent for t in txs), default=0.0)
-    begin, end = _window(start, wl)
-    in_window = [t for t in txs if begin <= t.sent < end]
-    ok_window = [t for t in in_window if t.status == 202 and t.answered is not None]
-    latencies = [(t.answered - t.sent) * 1000.0 for t in ok_window if t.answered is not None]
+    begin, end = (start + window[0], start + window[1]) if window else (start, math.inf)
+    answered = [t for t in txs if begin <= t.sent < end and t.answered is not None]
+    lat202 = [(t.answered - t.sent) * 1000.0 for t in answered if t.status == 202 and t.answered]
+    lat503 = [(t.answered - t.sent) * 1000.0 for t in answered if t.status == 503 and t.answered]
+    ok_window = sum(1 for t in answered if t.status == 202)
+    window_ms = (window[0] * 1000, window[1] * 1000) if window else (0.0, math.inf)
     rtt = [
         ms
-        for at, ms in sipp.read_rtt(workdir.glob("store_uac_*_rtt.csv"))
-        if wl.warmup * 1000 <= at < (wl.warmup + wl.duration) * 1000
+        for at, ms in sipp.read_rtt(workdir.glob("store_bench_uac_*_rtt.csv"))
+        if window_ms[0] <= at < window_ms[1]
     ]
+    tally = {
+        "offered_calls": calls,
+        # Calls answered 202, as before the scenario accepted 503s (callers compare rows).
+        "successful": ok202,
+        "sipp_successful": sipp_ok,  # 202s and 503s with Retry-After: sipp's own count
+        "failed": failed,
+        "retransmissions": retrans,
+        "answered_202": ok202,
+        "answered_503": shed,
+        "answered_other": other,
+        "unanswered": calls - ok202 - shed - other,
+        "retransmitted_messages": sum(1 for t in txs if t.sends > 1),
+        "shares": {
+            "202": _share(ok202, calls),
+            "503": _share(shed, calls),
+            "failed": _share(calls - ok202 - shed, calls),
+            "retransmissions": _share(retrans, calls),
+        },
+        "achieved_rate": ok_window / seconds if seconds > 0 else 0.0,
+        "latency_ms": sipp.summarize(lat202),
+        "latency_ms_503": sipp.summarize(lat503),
+        "latency_ms_rtt_csv": sipp.summarize(rtt),
+    }
+    return tally, txs
+
+
+def run_store(
+    server: Server, wl: Workload, rate: int, workdir: Path, opts: Options
+) -> dict[str, Any]:
+    """MESSAGEs to ``wl.users`` offline users at ``rate``/s; every one must be answered 202
+    (a 503 fails the step too) and every 202 must be a row."""
+    server.reset()
+    users = sipp.users_csv(workdir / "users.csv", wl.users)
+    calls = round(rate * (wl.warmup + wl.duration))
+    timeout = store_timeout(wl.warmup + wl.duration, opts)
+    argv = store_argv(server, users, calls, rate, timeout, "store")
+    before = server.counters()
+    code = _run_uac("sipp store", argv, workdir, timeout + 10, server)
+    server.check_alive()
+    counted = server.counters()
+    out, _ = store_tally(workdir, "store", calls, (wl.warmup, wl.warmup + wl.duration), wl.duration)
     rows = server.count_rows()
-    achieved = len(ok_window) / wl.duration
+    ok202, failed, retrans = out["answered_202"], out["failed"], out["retransmissions"]
 
     checks: dict[str, bool] = {}
     reasons: list[str] = []
@@ -149,8 +213,16 @@ def run_store(
         checks,
         reasons,
         "all_calls_made",
-        successful + failed == calls,
-        f"sipp made {successful + failed} of {calls} calls (exit {code})",
+        out["sipp_successful"] + failed == calls,
+        f"sipp made {out['sipp_successful'] + failed} of {calls} calls (exit {code})",
+    )
+    _check(
+        checks,
+        reasons,
+        "all_messages_202",
+        ok202 == calls,
+        f"{ok202} of {calls} MESSAGEs got 202 ({out['answered_503']} 503, "
+        f"{out['answered_other']} other, {out['unanswered']} unanswered)",
     )
     _check(checks, reasons, "no_failed_calls", failed == 0, f"{failed} failed calls")
     _check(checks, reasons, "no_retransmissions", retrans == 0, f"{retrans} retransmissions")
@@ -160,32 +232,32 @@ def run_store(
         checks,
         reasons,
         "every_202_is_a_row",
-        rows >= successful,
-        f"{successful} MESSAGEs answered 202 but only {rows} rows",
+        rows >= ok202,
+        f"{ok202} MESSAGEs answered 202 but only {rows} rows",
     )
-    _check(
-        checks, reasons, "no_extra_rows", rows <= successful, f"{rows} rows for {successful} 202s"
-    )
+    _check(checks, reasons, "no_extra_rows", rows <= ok202, f"{rows} rows for {ok202} 202s")
     _check(
         checks,
         reasons,
         "rate_achieved",
-        achieved >= MIN_ACHIEVED * rate,
-        f"only {achieved:.0f}/s answered 202 in the window",
+        out["achieved_rate"] >= MIN_ACHIEVED * rate,
+        f"only {out['achieved_rate']:.0f}/s answered 202 in the window",
     )
     return {
-        "offered_calls": calls,
-        "successful": successful,
-        "failed": failed,
-        "retransmissions": retrans,
-        "achieved_rate": achieved,
-        "latency_ms": sipp.summarize(latencies),
-        "latency_ms_rtt_csv": sipp.summarize(rtt),
+        **out,
+        # The server's counters over the step (e.g. overload_shed): what it did.
+        "server_counters": counter_delta(before, counted),
         "rows": rows,
         "checks": checks,
         "passed": not reasons,
         "reasons": reasons,
     }
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The server's counters that moved between two ``Server.counters()`` snapshots."""
+    moved = {k: v - before.get(k, 0) for k, v in after.items()}
+    return {k: v for k, v in moved.items() if v}
 
 
 def _wait_bound(proc: Proc, port: int, timeout: float = 10.0) -> None:
@@ -566,10 +638,6 @@ def _run_rounds(
     return stems
 
 
-def _share(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
-
-
 def run_register(
     server: Server, wl: Workload, rate: int, workdir: Path, opts: Options
 ) -> dict[str, Any]:
@@ -577,6 +645,7 @@ def run_register(
     calls = round(rate * (wl.warmup + wl.duration))
     server.reset()
     cid: str | None
+    rounds: list[tuple[Path, int, float, int | None]]
     if wl.kind == "first":
         # Every REGISTER of the step is an AoR without a binding.
         server.reset_bindings()
@@ -646,7 +715,7 @@ def run_register(
         counted = server.counters()
         stems = _run_rounds(server, rounds, rate, opts, cid)
         host_idle = idle_share(cpu_before, cpu_sample())
-        counted = {k: v - counted.get(k, 0) for k, v in server.counters().items()}
+        counted = counter_delta(counted, server.counters())
         server.check_alive()
         if total:
             deadline = time.monotonic() + server.drain_timeout
@@ -773,7 +842,7 @@ def run_register(
         "host_idle_share": host_idle,
         "load_average_before": load_before,
         # The server's counters over the step (e.g. refreshes_deferred): what it did.
-        "server_counters": {k: v for k, v in counted.items() if v},
+        "server_counters": counted,
         "latency_ms": sipp.summarize(lat200),
         "latency_ms_503": sipp.summarize(lat503),
         "rows": left,

@@ -8,14 +8,6 @@ the oldest request still waiting for its answer says exactly that.  While it exc
 ``max_delay``, new requests are answered 503 + Retry-After at once, which costs a parse
 and a send; the requests already admitted go on, the queue drains, the delay falls and
 admission resumes.
-
-Once that has happened the server is known to be at its limit, and for ``HOLD`` seconds
-after the last time it did a much shorter unread queue (``SHED_QUEUE_DELAY``) is enough to
-refuse: what arrives past capacity is then answered 503 within milliseconds instead of
-after waiting ``max_delay`` in the socket first (RFC 6357 §3.2: the sooner a refusal comes,
-the less a client retransmits), while the admitted requests still keep the worker busy.
-Outside that window a short burst (a full garbage collection, a slow commit) queues as
-before and refuses nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +20,6 @@ from collections.abc import Callable, Hashable
 MIN_DRAIN_RATE = 1000.0
 _BACKLOG_PERIOD = 0.002  # seconds between two looks at the socket queues
 _RATE_PERIOD = 0.1  # seconds over which the drain rate is measured
-#: Seconds of unread requests that are refused while the server is known to be at its limit.
-SHED_QUEUE_DELAY = 0.01
-#: Seconds the server counts as at its limit after ``max_delay`` was last exceeded.
-HOLD = 2.0
 
 
 class OverloadGuard:
@@ -63,14 +51,12 @@ class OverloadGuard:
         self._taken = 0  # requests judged since _rate_since
         self._rate_since = clock()
         self._rate = 0.0  # requests taken off the queues per second, smoothed
-        self._limit_until = -1.0  # at the limit until then (max_delay exceeded lately)
 
     def overloaded(self) -> bool:
-        """True while new requests should be refused (see the module docstring)."""
+        """True while new requests should be refused (see the class docstring)."""
         now = self._clock()
         for since in self._waiting.values():
             if now - since > self.max_delay:
-                self._limit_until = now + HOLD
                 return True
             break
         if self._backlog is None:
@@ -82,18 +68,9 @@ class OverloadGuard:
                 measured = self._taken / elapsed
                 self._rate = measured if self._rate == 0 else 0.7 * self._rate + 0.3 * measured
                 self._taken, self._rate_since = 0, now
-            wait = self._backlog() / max(self._rate, MIN_DRAIN_RATE)
-            if wait > self.max_delay:
-                self._limit_until = now + HOLD
-                self._queue_too_long = True
-            else:
-                self._queue_too_long = now < self._limit_until and wait > SHED_QUEUE_DELAY
+            queued = self._backlog()
+            self._queue_too_long = queued / max(self._rate, MIN_DRAIN_RATE) > self.max_delay
         return self._queue_too_long
-
-    @property
-    def at_limit(self) -> bool:
-        """True within ``HOLD`` s of ``max_delay`` last being exceeded."""
-        return self._clock() < self._limit_until
 
     def admit(self, key: Hashable) -> bool:
         """True (and ``key`` waits from now) unless the server is overloaded."""

@@ -428,8 +428,10 @@ class Store(abc.ABC):
         """Clear leases whose deadline has passed (their holder died or hung)."""
 
     @abc.abstractmethod
-    async def delete_expired(self, now: int) -> int:
-        """Delete rows with ``exp_time <= now``."""
+    async def delete_expired(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` rows with ``exp_time <= now`` in one short statement and
+        return how many went; call again until fewer than ``limit`` go (a mass expiry is
+        many small statements, so the stores running meanwhile are not held up)."""
 
     @abc.abstractmethod
     async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:

@@ -852,9 +852,9 @@ class SQLiteStore(Store):
         """Clear leases past their deadline."""
         return await self._exec("recover leases", self._q_recover, (now,))
 
-    async def delete_expired(self, now: int) -> int:
-        """Delete expired rows."""
-        return await self._exec("delete expired", self._q_expire, (now,))
+    async def delete_expired(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` expired rows."""
+        return await self._exec("delete expired", self._q_expire, (now, limit))
 
     async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:
         """Delete up to ``limit`` expired rows and return them."""

@@ -2,15 +2,16 @@
 
 Against PostgreSQL, in one run and on one server:
 
-1. **empty table** -- a fresh silo holding only the mailboxes about to be dumped: the dump
-   rate (``--dump-users`` mailboxes emptied as the dump path does: ``claim_for_dump`` a
-   chunk, one ``delete_delivered`` per delivered row, until nothing is left), then the store
-   rate (``bench_store.drive``: ``--callers`` callers through one ``BatchWriter``, group
-   commit);
-2. **full table** -- ``--rows`` rows over ``--users`` mailboxes loaded with COPY, 10 %
-   scheduled reminders (``snd_time`` in the future), the oldest ``--expired`` already expired;
-   the same dump and store measurements, and their ratio to step 1;
-3. **expiry under load** -- a paced store load (``--load-rate``, one ``submit`` per message)
+1. **dump and store rates, empty against full** -- the full table: ``--rows`` rows over
+   ``--users`` mailboxes loaded with COPY, 10 % scheduled reminders (``snd_time`` in the
+   future), the oldest ``--expired`` already expired; the empty one: a fresh silo holding
+   only the mailboxes about to be dumped, with the same mix.  On each, the dump rate
+   (``--dump-users`` mailboxes emptied as the dump path does: ``claim_for_dump`` a chunk, one
+   ``delete_delivered`` per delivered row, until nothing is left), then the store rate
+   (``bench_store.drive``: ``--callers`` callers through one ``BatchWriter``, group commit).
+   ``--rounds`` rounds, empty and full in turns (ABBA), each round's full/empty ratio and
+   their median;
+2. **expiry under load** -- a paced store load (``--load-rate``, one ``submit`` per message)
    runs for ``--before`` seconds, then the leader's expiry (``delete_expired_in_batches``)
    deletes the expired rows while it goes on; store p50/p99 before and during the cycle, and
    how long the cycle took.  Then the same again with the expired rows loaded anew and the
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 import uuid
@@ -37,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 
@@ -184,14 +187,14 @@ class StoreRate:
 
 
 async def store_rate(
-    dsn: str, store: PostgresStore, table: str, args: argparse.Namespace
+    dsn: str, store: PostgresStore, table: str, args: argparse.Namespace, tag: str
 ) -> StoreRate:
     """bench_store's group-commit driver on ``store``; every acknowledgement is a row."""
-    d = await drive(store, "batch", args.callers, args)
+    d = await drive(store, "batch", args.callers, args, tag)
     conn = await asyncpg.connect(dsn)
-    try:  # bench_store's callers write to mailboxes named user<caller>-<n>
+    try:
         counted = await conn.fetchval(
-            f"SELECT count(*) FROM \"{table}\" WHERE username LIKE 'user%'"
+            f'SELECT count(*) FROM "{table}" WHERE dedupe_key LIKE $1', f"{tag}%"
         )
     finally:
         await conn.close()
@@ -324,53 +327,88 @@ async def open_table(dsn: str, table: str, pool_size: int) -> PostgresStore:
     return store
 
 
+async def measure(
+    dsn: str, table: str, users: list[str], args: argparse.Namespace, tag: str
+) -> tuple[DumpRate, StoreRate]:
+    """Dump ``users``' mailboxes of ``table``, then the store rate on it."""
+    store = await open_table(dsn, table, args.pool_size)
+    try:
+        d = await dump(store, users, args.dump_concurrency)
+        await check_dumped(dsn, table, users)
+        return d, await store_rate(dsn, store, table, args, tag)
+    finally:
+        await store.close()
+
+
 async def run(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     per_user = args.rows // args.users
-    sample = random.Random(2).sample(range(args.users), args.dump_users)
-    out: dict[str, Any] = {}
-
-    # 1. The empty table: only the mailboxes dumped, with the full table's mix per mailbox.
-    empty_t = f"silo_empty_{uuid.uuid4().hex[:6]}"
-    empty = await open_table(dsn, empty_t, args.pool_size)
     small = args.dump_users * per_user
-    await load(dsn, empty_t, small, args.dump_users, small * args.expired // args.rows,
-               args.reminders, "empty")  # fmt: skip
-    users = [f"u{i}" for i in range(args.dump_users)]
-    out["empty_dump"] = await dump(empty, users, args.dump_concurrency)
-    await check_dumped(dsn, empty_t, users)
-    out["empty_store"] = await store_rate(dsn, empty, empty_t, args)
-    await empty.close()
-    print_row("empty", out["empty_dump"], out["empty_store"])
+    samples = random.Random(2).sample(range(args.users), args.dump_users * args.rounds)
+    out: dict[str, Any] = {"rounds": []}
 
-    # 2. The full table.
     full_t = f"silo_full_{uuid.uuid4().hex[:6]}"
-    full = await open_table(dsn, full_t, args.pool_size)
+    await (await open_table(dsn, full_t, 1)).close()
     out["load_s"] = await load(dsn, full_t, args.rows, args.users, args.expired,
                                args.reminders, "full")  # fmt: skip
     conn = await asyncpg.connect(dsn)
-    out["full_table_mb"] = await conn.fetchval(
-        f"SELECT pg_total_relation_size('\"{full_t}\"') / 1048576"
-    )
+    mb = await conn.fetchval(f"SELECT pg_total_relation_size('\"{full_t}\"') / 1048576")
     await conn.close()
+    out["full_table_mb"] = mb
+    print(f"loaded {args.rows} rows in {out['load_s']:.1f} s ({mb} MB with indexes)")
     print(
-        f"loaded {args.rows} rows in {out['load_s']:.1f} s ({out['full_table_mb']} MB with indexes)"
+        f"{'round':<6}{'table':<7}{'dump r/s':>10}{'mbox p50':>9}{'p99':>8}"
+        f"{'store r/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'batch':>7}"
     )
-    users = [f"u{i}" for i in sample]
-    out["full_dump"] = await dump(full, users, args.dump_concurrency)
-    await check_dumped(dsn, full_t, users)
-    out["full_store"] = await store_rate(dsn, full, full_t, args)
-    print_row("full", out["full_dump"], out["full_store"])
-    out["dump_ratio"] = out["full_dump"].rows_per_s / out["empty_dump"].rows_per_s
-    out["store_ratio"] = out["full_store"].rows_per_s / out["empty_store"].rows_per_s
-    print(f"{'full/empty':<12}{out['dump_ratio']:>11.2f}{'':>18}{out['store_ratio']:>11.2f}")
 
-    # 3. Expiry of the oldest rows while stores go on: batched, then one statement.
+    # Empty and full measured in turns, the order swapped every round (ABBA): the VM's
+    # speed drifts over minutes, and a ratio of two neighbours is what it cannot skew.
+    for r in range(args.rounds):
+        result: dict[str, Any] = {}
+
+        async def empty_table(r: int = r, result: dict[str, Any] = result) -> None:
+            # A fresh silo holding only the mailboxes to dump, each with the full mix.
+            t = f"silo_empty{r}_{uuid.uuid4().hex[:6]}"
+            await (await open_table(dsn, t, 1)).close()
+            await load(dsn, t, small, args.dump_users, small * args.expired // args.rows,
+                       args.reminders, f"empty{r}")  # fmt: skip
+            users = [f"u{i}" for i in range(args.dump_users)]
+            result["empty"] = await measure(dsn, t, users, args, f"e{r}-")
+
+        async def full_table(r: int = r, result: dict[str, Any] = result) -> None:
+            picked = samples[r * args.dump_users : (r + 1) * args.dump_users]
+            users = [f"u{i}" for i in picked]
+            result["full"] = await measure(dsn, full_t, users, args, f"f{r}-")
+
+        for step in (empty_table, full_table) if r % 2 == 0 else (full_table, empty_table):
+            await step()
+        for which in ("empty", "full"):
+            print_row(r, which, *result[which])
+        out["rounds"].append(
+            {
+                "empty_dump": result["empty"][0], "empty_store": result["empty"][1],
+                "full_dump": result["full"][0], "full_store": result["full"][1],
+                "dump_ratio": result["full"][0].rows_per_s / result["empty"][0].rows_per_s,
+                "store_ratio": result["full"][1].rows_per_s / result["empty"][1].rows_per_s,
+            }
+        )  # fmt: skip
+    out["dump_ratio"] = statistics.median(x["dump_ratio"] for x in out["rounds"])
+    out["store_ratio"] = statistics.median(x["store_ratio"] for x in out["rounds"])
+    print(
+        "full/empty, per round: dump "
+        + " ".join(f"{x['dump_ratio']:.2f}" for x in out["rounds"])
+        + f" (median {out['dump_ratio']:.2f}), store "
+        + " ".join(f"{x['store_ratio']:.2f}" for x in out["rounds"])
+        + f" (median {out['store_ratio']:.2f})"
+    )
+
+    # Expiry of the oldest rows while stores go on: batched, then one statement.
     print()
     print(
         f"{'expiry':<15}{'deleted':>9}{'cycle s':>9}{'before p50':>12}{'p99':>8}"
         f"{'during p50':>12}{'p99':>8}{'max':>8}{'stores':>8}"
     )
     out["expiry"] = []
+    full = await open_table(dsn, full_t, args.pool_size)
     for how in args.expiry:
         if out["expiry"]:  # the expired rows again, and the dead ones gone, as autovacuum would
             await load(dsn, full_t, args.expired, args.users, args.expired, 0.0,
@@ -391,10 +429,10 @@ async def run(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def print_row(table: str, d: DumpRate, s: StoreRate) -> None:
+def print_row(r: int, table: str, d: DumpRate, s: StoreRate) -> None:
     print(
-        f"{table:<12}{d.rows_per_s:>11.0f}{d.mailbox_p50_ms:>9.2f}{d.mailbox_p99_ms:>9.2f}"
-        f"{s.rows_per_s:>11.0f}{s.p50_ms:>9.2f}{s.p99_ms:>9.2f}{s.mean_batch:>8.1f}"
+        f"{r:<6}{table:<7}{d.rows_per_s:>10.0f}{d.mailbox_p50_ms:>9.2f}{d.mailbox_p99_ms:>8.2f}"
+        f"{s.rows_per_s:>11.0f}{s.p50_ms:>8.2f}{s.p99_ms:>8.2f}{s.mean_batch:>7.1f}"
     )
 
 
@@ -402,12 +440,15 @@ async def main(args: argparse.Namespace) -> int:
     scratch = f"msilo_bench_full_{uuid.uuid4().hex[:8]}"
     await _admin(args.dsn, f'CREATE DATABASE "{scratch}"')
     dsn = _with_database(args.dsn, scratch)
+    if args.pg_set:  # asyncpg passes a DSN's query parameters as session settings
+        dsn += "?" + urlencode([tuple(kv.split("=", 1)) for kv in args.pg_set])
     try:
         conn = await asyncpg.connect(dsn)
         settings = {
             k: await conn.fetchval(f"SHOW {k}")
-            for k in ("server_version", "synchronous_commit", "shared_buffers", "autovacuum")
-        }
+            for k in ("server_version", "synchronous_commit", "shared_buffers", "autovacuum",
+                      "full_page_writes", "wal_compression")
+        }  # fmt: skip
         await conn.close()
         info = machine_info(settings.pop("server_version")) | settings
         print(" ".join(f"{k}={v}" for k, v in info.items()))
@@ -417,27 +458,12 @@ async def main(args: argparse.Namespace) -> int:
             f"dump_users={args.dump_users}x{args.dump_concurrency} load_rate={args.load_rate}/s "
             f"expiry_batch={args.expiry_batch} pause={args.expiry_pause}s"
         )
-        print(
-            f"{'table':<12}{'dump r/s':>11}{'mbox p50':>9}{'p99':>9}"
-            f"{'store r/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'batch':>8}"
-        )
         out = await run(dsn, args)
     finally:
         await _admin(args.dsn, f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
     if args.json:
-        doc = {
-            "machine": info,
-            "args": vars(args),
-            "results": {
-                k: [asdict(x) for x in v]
-                if isinstance(v, list)
-                else asdict(v)
-                if hasattr(v, "__dataclass_fields__")
-                else v
-                for k, v in out.items()
-            },
-        }
-        Path(args.json).write_text(json.dumps(doc, indent=2))
+        doc = {"machine": info, "args": vars(args), "results": out}
+        Path(args.json).write_text(json.dumps(doc, indent=2, default=asdict))
     ok = out["dump_ratio"] >= 0.8 and out["store_ratio"] >= 0.8
     batched = next((e for e in out["expiry"] if e.how == "batched"), None)
     ok = ok and (batched is None or batched.during_p99_ms <= 20.0)
@@ -454,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reminders", type=float, default=0.1, help="share with snd_time set")
     p.add_argument("--dump-users", type=int, default=2000, help="mailboxes dumped per table")
     p.add_argument("--dump-concurrency", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="empty/full measurements, in turns")
     # bench_store.drive's knobs (the store measurement).
     p.add_argument("--callers", type=int, default=64)
     p.add_argument("--duration", type=float, default=5.0, help="store window, seconds")
@@ -473,6 +500,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: s.split(","),
         default=["batched", "single"],
         help="expiry runs, in order: batched (the leader's), single (one DELETE, as before)",
+    )
+    p.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a session setting on every connection of the run, e.g. wal_compression=lz4",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     p.add_argument("--no-uvloop", action="store_true")

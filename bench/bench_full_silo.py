@@ -352,8 +352,12 @@ async def expire_under_load(
 # --- the run ------------------------------------------------------------------------------
 
 
-async def open_table(dsn: str, table: str, pool_size: int) -> PostgresStore:
-    store = PostgresStore(dsn, SiloNames(table=table), min_size=pool_size, max_size=pool_size)
+async def open_table(dsn: str, table: str, pool_size: int, warm: bool = False) -> PostgresStore:
+    """``warm``: as a serving process opens it (every connection's first statements run
+    before the load: a cold connection's first store costs tens of milliseconds)."""
+    store = PostgresStore(
+        dsn, SiloNames(table=table), min_size=pool_size, max_size=pool_size, warm=warm
+    )
     await store.open()
     await store.create_schema()
     return store
@@ -453,7 +457,7 @@ async def run(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
         f"{'during p50':>12}{'p99':>8}{'max':>8}{'stores':>8}"
     )
     out["expiry"] = []
-    full = await open_table(dsn, full_t, args.pool_size)
+    full = await open_table(dsn, full_t, args.pool_size, warm=True)
     for how in args.expiry:
         if out["expiry"]:  # the expired rows again, and the dead ones gone, as autovacuum would
             await load(dsn, full_t, args.expired, args.users, args.expired, 0.0,

@@ -46,11 +46,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_store import _admin, _with_database, drive, machine_info
-from msilo.leader.cycles import (
-    EXPIRY_DELETE_BATCH,
-    EXPIRY_PAUSE,
-    delete_expired_in_batches,
-)
+from msilo.leader.cycles import EXPIRY_PAUSE, delete_expired_in_batches
 from msilo.routing.delivery import DeliverySettings
 from msilo.storage import BatchWriter, NewMessage, SiloNames, StoreOutcome
 from msilo.storage.postgres import PostgresStore
@@ -550,7 +546,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-rate", type=float, default=2000.0, help="stores/s during expiry")
     p.add_argument("--before", type=float, default=5.0, help="seconds of load before the cycle")
     p.add_argument("--after", type=float, default=1.0)
-    p.add_argument("--expiry-batch", type=int, default=EXPIRY_DELETE_BATCH)
+    p.add_argument("--expiry-batch", type=int, default=PostgresStore.expiry_batch)
     p.add_argument("--expiry-pause", type=float, default=EXPIRY_PAUSE)
     p.add_argument(
         "--expiry",

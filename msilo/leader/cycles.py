@@ -27,27 +27,29 @@ HopFor = Callable[[Binding], Hop]
 
 # Expired rows taken (and their senders told) per round trip when expiry notices are on.
 EXPIRY_BATCH = 500
-# Expired rows deleted per statement otherwise, and the pause between two statements: a
-# cycle that finds 200,000 expired rows runs a hundred short deletes, and the stores'
-# group commits go through between them instead of waiting behind one long one.
-EXPIRY_DELETE_BATCH = 2000
-EXPIRY_PAUSE = 0.01
+# Otherwise expired rows go ``Store.expiry_batch`` per statement, with this pause between
+# two statements: a cycle that finds 200,000 expired rows runs a hundred (PostgreSQL) short
+# deletes, and the stores' group commits go through between them instead of waiting behind
+# one long one.
+EXPIRY_PAUSE = 0.005
 
 
 async def delete_expired_in_batches(
     store: Store,
     now: int,
     *,
-    batch: int = EXPIRY_DELETE_BATCH,
+    batch: int | None = None,
     pause: float = EXPIRY_PAUSE,
     count: Callable[[int], None] | None = None,
 ) -> int:
-    """Delete every row with ``exp_time <= now``, ``batch`` rows per statement, sleeping
-    ``pause`` seconds between statements; returns how many rows went.
+    """Delete every row with ``exp_time <= now``, ``batch`` (default: the store's
+    ``expiry_batch``) rows per statement, sleeping ``pause`` seconds between statements;
+    returns how many rows went.
 
     ``count`` hears of each batch as it commits, so a later batch's failure does not hide
     the rows already gone.
     """
+    batch = store.expiry_batch if batch is None else batch
     deleted = 0
     while True:
         n = await store.delete_expired(now, batch)

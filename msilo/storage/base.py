@@ -261,6 +261,10 @@ class Store(abc.ABC):
     #: How many ``store_batch`` calls are worth running at once (the batch writer's
     #: flushes in flight): one for a single-writer database.
     write_concurrency: int = 1
+    #: Expired rows one ``delete_expired`` statement of a mass expiry deletes: short enough
+    #: that the stores waiting behind it (on a single-writer database: all of them) do not
+    #: notice.
+    expiry_batch: int = 2000
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -75,3 +75,11 @@ async def test_stores_go_on_while_a_batched_expiry_runs(store: Store) -> None:
     )
     assert (deleted, stored) == (60, 20)
     assert await store.count("carol", OWNER[1]) == 20
+
+
+async def test_the_leader_deletes_the_stores_own_batch_size_per_statement(store: Store) -> None:
+    size = store.expiry_batch
+    await _store_many(store, size + 3, exp_time=NOW - 1)
+    counted: list[int] = []
+    assert await delete_expired_in_batches(store, NOW, pause=0, count=counted.append) == size + 3
+    assert counted == [size, 3]

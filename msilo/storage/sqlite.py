@@ -110,10 +110,11 @@ _Q_LIVE_METHODS = "SELECT methods FROM location WHERE username = ? AND domain = 
 class SQLiteStore(Store):
     """``Store`` on a SQLite file (``path``; ``":memory:"`` for a private database)."""
 
-    # One writer: every store waits for the whole of an expiry statement, and the WAL
-    # checkpoint its commit may run (200,000 rows: 250 a statement kept the stores' p99
-    # under 20 ms, 2,000 took it to 80 ms; bench/README.md).
-    expiry_batch = 250
+    # One writer: every store waits for the whole of an expiry statement, and for the WAL
+    # checkpoint its commit may run.  200,000 expired rows under 1,000 stores/s: the
+    # stores' p99 13 ms at 100 rows a statement, 19-36 ms at 250, 92 ms at 2,000, 1.2 s
+    # in one statement (bench/bench_expiry_sqlite.py).
+    expiry_batch = 100
 
     def __init__(
         self,

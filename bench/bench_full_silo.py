@@ -484,10 +484,10 @@ def print_row(r: int, table: str, dumps: list[DumpRate], s: StoreRate) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     scratch = f"msilo_bench_full_{uuid.uuid4().hex[:8]}"
-    await _admin(args.dsn, f'CREATE DATABASE "{scratch}"')
     dsn = _with_database(args.dsn, scratch)
     if args.pg_set:  # asyncpg passes a DSN's query parameters as session settings
         dsn += "?" + urlencode([tuple(kv.split("=", 1)) for kv in args.pg_set])
+    await _admin(args.dsn, f'CREATE DATABASE "{scratch}"')
     try:
         conn = await asyncpg.connect(dsn)
         settings = {

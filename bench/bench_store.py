@@ -64,7 +64,7 @@ async def _admin(dsn: str, sql: str) -> None:
         await conn.close()
 
 
-def _message(caller: int, seq: int, now: int, owners: int) -> NewMessage:
+def _message(caller: int, seq: int, now: int, owners: int, tag: str = "") -> NewMessage:
     user = f"user{caller}-{seq % owners}"  # each caller writes to `owners` mailboxes in turn
     return NewMessage(
         username=user,
@@ -75,7 +75,7 @@ def _message(caller: int, seq: int, now: int, owners: int) -> NewMessage:
         ctype="text/plain; charset=UTF-8",
         inc_time=now,
         exp_time=now + 259200,
-        dedupe_key=f"{caller}-{seq}@bench;1;tag{caller}",  # as the server sets it (D12)
+        dedupe_key=f"{tag}{caller}-{seq}@bench;1;tag{caller}",  # as the server sets it (D12)
     )
 
 
@@ -100,10 +100,13 @@ class Drive:
         return self.rows / self.flushes if mode == "batch" and self.flushes else 1.0
 
 
-async def drive(store: Store, mode: str, callers: int, args: argparse.Namespace) -> Drive:
+async def drive(
+    store: Store, mode: str, callers: int, args: argparse.Namespace, tag: str = ""
+) -> Drive:
     """``callers`` concurrent callers storing one message at a time on ``store`` (open, its
     schema made) through one BatchWriter (``batch``) or one store_batch each (``single``):
-    ``args.warmup`` seconds, then ``args.duration`` measured."""
+    ``args.warmup`` seconds, then ``args.duration`` measured.  ``tag`` prefixes the dedupe
+    keys, so that several drives can fill one table."""
     writer = BatchWriter(store, max_messages=args.max_messages, max_batch=args.max_batch)
     now = int(time.time())
     measuring = False
@@ -116,7 +119,7 @@ async def drive(store: Store, mode: str, callers: int, args: argparse.Namespace)
         nonlocal acked, measured
         seq = 0
         while not stop:
-            msg = _message(i, seq, now, args.owners)
+            msg = _message(i, seq, now, args.owners, tag)
             seq += 1
             t0 = time.perf_counter()
             if mode == "batch":

@@ -93,7 +93,14 @@ class SiloSql:
             f"UPDATE {t} SET lease_until = NULL, lease_owner = NULL "
             f"WHERE lease_until IS NOT NULL AND lease_until <= {{0}}"
         )
-        self.expire = f"DELETE FROM {t} WHERE {self.exp_time} <= {{0}}"
+        # One bounded batch of a mass expiry ({1} rows at most): a statement deleting every
+        # expired row at once would hold the writer (SQLite) or flood the WAL (PostgreSQL)
+        # for as long as it runs, and the stores would wait behind it.  The expiry index
+        # finds the rows; no order is needed, the caller repeats until a batch falls short.
+        self.expire = (
+            f"DELETE FROM {t} WHERE {self.mid} IN (SELECT {self.mid} FROM {t} "
+            f"WHERE {self.exp_time} <= {{0}} LIMIT {{1}})"
+        )
         # A bounded batch: a mass expiry must not pull every body into memory at once.
         self.take_expired = (
             f"DELETE FROM {t} WHERE {self.mid} IN (SELECT {self.mid} FROM {t} "

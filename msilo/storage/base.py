@@ -261,6 +261,10 @@ class Store(abc.ABC):
     #: How many ``store_batch`` calls are worth running at once (the batch writer's
     #: flushes in flight): one for a single-writer database.
     write_concurrency: int = 1
+    #: Expired rows one ``delete_expired`` statement of a mass expiry deletes: short enough
+    #: that the stores waiting behind it (on a single-writer database: all of them) do not
+    #: notice.
+    expiry_batch: int = 2000
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -428,8 +432,10 @@ class Store(abc.ABC):
         """Clear leases whose deadline has passed (their holder died or hung)."""
 
     @abc.abstractmethod
-    async def delete_expired(self, now: int) -> int:
-        """Delete rows with ``exp_time <= now``."""
+    async def delete_expired(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` rows with ``exp_time <= now`` in one short statement and
+        return how many went; call again until fewer than ``limit`` go (a mass expiry is
+        many small statements, so the stores running meanwhile are not held up)."""
 
     @abc.abstractmethod
     async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:

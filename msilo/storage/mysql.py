@@ -290,7 +290,12 @@ class MySQLStore(Store):
         self._q_list = Q(s.list)
         self._q_purge = Q(s.purge)
         self._q_recover = Q(s.recover)
-        self._q_expire = Q(s.expire)
+        # MySQL cannot delete from a table its own subquery reads: DELETE ... LIMIT instead,
+        # in expiry index order (deterministic for statement-based replication).
+        self._q_expire = Q(
+            f"DELETE FROM {t} WHERE {s.exp_time} <= {{0}} "
+            f"ORDER BY {s.exp_time}, {s.mid} LIMIT {{1}}"
+        )
         self._q_call = f"CALL {quote_ident(self.procedure)}(%s, %s, %s, %s, %s, %s)"
         callid = s.derived_callid_of(t)
         # FORCE INDEX: rows read (and so locked) in the order of the claim (see
@@ -1280,9 +1285,9 @@ class MySQLStore(Store):
         """Clear leases past their deadline."""
         return await self._execute("recover leases", self._q_recover, now)
 
-    async def delete_expired(self, now: int) -> int:
-        """Delete expired rows."""
-        return await self._execute("delete expired", self._q_expire, now)
+    async def delete_expired(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` expired rows."""
+        return await self._execute("delete expired", self._q_expire, now, limit)
 
     async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:
         """Delete up to ``limit`` expired rows and return them."""

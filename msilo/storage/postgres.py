@@ -462,7 +462,12 @@ class PostgresStore(Store):
         self._q_list = q(s.list)
         self._q_purge = q(s.purge)
         self._q_recover = q(s.recover)
-        self._q_expire = q(s.expire)
+        # By ctid: the batch's rows are deleted where the expiry index scan found them (a
+        # TID scan), without a second lookup through the primary key.
+        self._q_expire = (
+            f"DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
+            f"WHERE {s.exp_time} <= $1 LIMIT $2))"
+        )
         self._q_take_expired = q(s.take_expired)
         self._q_store = (
             f"SELECT outcomes, mids FROM {quote_ident(self.function)}"
@@ -1283,9 +1288,9 @@ class PostgresStore(Store):
         """Clear leases past their deadline."""
         return await self._execute("recover leases", self._q_recover, now)
 
-    async def delete_expired(self, now: int) -> int:
-        """Delete expired rows."""
-        return await self._execute("delete expired", self._q_expire, now)
+    async def delete_expired(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` expired rows."""
+        return await self._execute("delete expired", self._q_expire, now, limit)
 
     async def take_expired(self, now: int, limit: int) -> list[StoredMessage]:
         """Delete up to ``limit`` expired rows and return them."""

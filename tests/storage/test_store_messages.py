@@ -237,7 +237,7 @@ async def test_expired_rows_are_deleted(store: Store) -> None:
     await store.store_batch(
         [message(exp_time=NOW - 1), message(exp_time=NOW), message(exp_time=NOW + 1)], 0
     )
-    assert await store.delete_expired(NOW) == 2
+    assert await store.delete_expired(NOW, 100) == 2
     assert [m.exp_time for m in await store.list(*OWNER)] == [NOW + 1]
 
 

@@ -277,6 +277,27 @@ async def test_upgrade_keeps_opensips_rows_and_works_afterwards(
     assert (await s.list("carol", OWNER[1]))[0].exp_time == 2**41
 
 
+async def test_expiry_runs_in_batches_on_an_upgraded_opensips_table(
+    make_store: StoreFactory, names: SiloNames, backend: str
+) -> None:
+    from storage_helpers import NOW
+
+    from msilo.leader.cycles import delete_expired_in_batches
+
+    s = await make_store(SiloNames(table=names.table, mid="id"))
+    # OpenSIPS's two rows, both expired.
+    await raw(s, OPENSIPS[backend].format(t=names.table, now=NOW - 100, exp=NOW - 1))
+    actions = await s.upgrade_schema()
+    # The expiry statements find their rows through an index OpenSIPS's table lacks.
+    assert f"created index {names.table}_exp_time_idx" in actions
+    await s.store_batch([message(body=str(i).encode(), exp_time=NOW - 1) for i in range(9)], 0)
+    await s.store_batch([message(body=b"live"), message(body=b"later", snd_time=NOW + 60)], 0)
+    counted: list[int] = []
+    assert await delete_expired_in_batches(s, NOW, batch=4, pause=0, count=counted.append) == 11
+    assert counted == [4, 4, 3]
+    assert [m.body for m in await s.list(*OWNER)] == [b"live", b"later"]
+
+
 @pytest.mark.backend_only("postgres")
 async def test_upgraded_opensips_sequence_goes_past_2_to_the_31(
     make_store: StoreFactory, names: SiloNames

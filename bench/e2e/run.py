@@ -390,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.baseline is None:
                     raise SystemExit("msilo-baseline needs --baseline DIR (a checkout)")
                 server = MsiloBaselineServer(
-                    args.dsn, "msilo_bench", sdir, args.workers, args.baseline,
-                    extra=args.msilo_set,
-                )  # fmt: skip
+                    args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set
+                )
+                server.root = args.baseline
             elif name == "msilo-wb":
                 server = MsiloWriteBehindServer(
                     args.dsn, "msilo_bench", sdir, args.workers, extra=args.msilo_set

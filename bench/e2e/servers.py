@@ -232,6 +232,8 @@ class MsiloServer(Server):
 
     #: The checkout whose msilo runs (its C extension built in place).
     root: Path = MAIN
+    #: "key=value" settings of this kind of server, before the run's --msilo-set ones.
+    own_sets: tuple[str, ...] = ()
 
     def _msilo(self) -> list[str]:
         return [sys.executable, "-m", "msilo"]
@@ -265,7 +267,9 @@ class MsiloServer(Server):
             "msilo.db_url": f'"{self.dsn}"',
         }
         argv = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-        return argv + [arg for item in self.extra_sets for arg in ("--set", item)]
+        return argv + [
+            arg for item in (*self.own_sets, *self.extra_sets) for arg in ("--set", item)
+        ]
 
     def prepare(self) -> None:
         create_database(self.admin_dsn, self.database)
@@ -344,42 +348,17 @@ class MsiloServer(Server):
 
 class MsiloBaselineServer(MsiloServer):
     """:class:`MsiloServer` running another checkout (``msilo-baseline``, ``--baseline
-    DIR``): the code before a change, measured in the same run as after it."""
+    DIR``, set as ``root``): the code before a change, measured in the same run as after."""
 
     name = "msilo-baseline"
-
-    def __init__(
-        self,
-        admin_dsn: str,
-        database: str,
-        workdir: Path,
-        workers: int,
-        root: Path,
-        extra: Sequence[str] = (),
-    ) -> None:
-        super().__init__(admin_dsn, database, workdir, workers, extra)
-        self.root = root
 
 
 class MsiloWriteBehindServer(MsiloServer):
     """:class:`MsiloServer` with ``registrar.write_behind`` on (``msilo-wb``): refreshes
-    answered from a read and written every ``WINDOW`` seconds."""
+    answered from a read and written every 5 seconds."""
 
     name = "msilo-wb"
-    WINDOW = 5
-
-    def __init__(
-        self,
-        admin_dsn: str,
-        database: str,
-        workdir: Path,
-        workers: int,
-        extra: Sequence[str] = (),
-    ) -> None:
-        super().__init__(
-            admin_dsn, database, workdir, workers,
-            (f"registrar.write_behind={self.WINDOW}", *extra),
-        )  # fmt: skip
+    own_sets = ("registrar.write_behind=5",)
 
 
 class MsiloMySQLServer(MsiloServer):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -125,7 +126,7 @@ class RefreshWriteBehind:
         refreshes for the next try (unless a newer one for the binding came meanwhile)."""
         written = 0
         while self._queue:
-            keys = list(self._queue)[:FLUSH_CHUNK]
+            keys = list(itertools.islice(self._queue, FLUSH_CHUNK))
             chunk = {key: self._queue.pop(key) for key in keys}
             try:
                 written += await self.store.refresh_bindings(list(chunk.values()))

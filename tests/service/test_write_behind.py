@@ -11,7 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from msilo.routing.writebehind import FLUSH_CHUNK, RefreshWriteBehind
 from msilo.storage.base import NewMessage
+from msilo.storage.location import Binding
 from tests.service.conftest import Running, ServerFactory, rename_table, stop_worker
 
 DOMAIN = "127.0.0.1"
@@ -160,3 +162,38 @@ async def test_other_databases_write_every_refresh_through(server: ServerFactory
     await _next_second()
     assert (await bob.register(600)).status == 200
     assert srv.stats()["refreshes_deferred"] == 0
+
+
+@postgres
+async def test_more_refreshes_than_one_transaction_takes_are_all_written(
+    server: ServerFactory,
+) -> None:
+    srv = await server()
+    behind = RefreshWriteBehind(srv.store, 30)
+    now = int(time.time())
+    users = [f"u{i}" for i in range(FLUSH_CHUNK + 20)]
+
+    def binding(user: str, cseq: int, expires: int) -> Binding:
+        return Binding(
+            user, DOMAIN, f"sip:{user}@10.0.0.1", expires, callid=f"c-{user}", cseq=cseq,
+            received="udp:10.0.0.1:5060", transport="udp", last_modified=now,
+        )  # fmt: skip
+
+    firsts = await asyncio.gather(
+        *(behind.register(binding(u, 1, now + 600), now=now, device=None) for u in users)
+    )
+    assert all(o is not None for o in firsts) and behind.pending == 0  # CSeq 1: written
+    refreshed = await asyncio.gather(
+        *(behind.register(binding(u, 2, now + 900), now=now, device=None) for u in users)
+    )
+    assert all(o is not None and o.bindings[0].expires == now + 900 for o in refreshed)
+    assert behind.pending == len(users)
+    assert await behind.flush() == len(users)
+    conn = await asyncpg.connect(srv.config.msilo.db_url)
+    try:
+        written = await conn.fetchval(
+            "SELECT count(*) FROM location WHERE expires = $1 AND cseq = 2", now + 900
+        )
+    finally:
+        await conn.close()
+    assert written == len(users)

@@ -548,6 +548,11 @@ def prepare_ramp(server: Server, wl: Workload, workdir: Path, opts: Options) -> 
     Returns the reasons the ramp cannot run (a priming round that did not get a 200 for
     every user), empty when it can. Nothing to do for other workloads.
     """
+    if wl.runner == "store":
+        # Its users must be offline: a register ramp earlier in the run left them bindings
+        # (to a sipp UAS long gone), and every MESSAGE would be relayed into a timeout.
+        server.reset_bindings()
+        return []
     if wl.runner != "register" or wl.kind != "refresh":
         return []
     server.reset()

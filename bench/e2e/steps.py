@@ -543,7 +543,8 @@ def _register_argv(
 
 
 def prepare_ramp(server: Server, wl: Workload, workdir: Path, opts: Options) -> list[str]:
-    """Before a refresh ramp: no binding, then every user registered once (CSeq 1).
+    """Before a refresh ramp: no binding, then every user registered once (CSeq 1);
+    before a store ramp: no binding.
 
     Returns the reasons the ramp cannot run (a priming round that did not get a 200 for
     every user), empty when it can. Nothing to do for other workloads.

@@ -284,12 +284,40 @@ def ramp(
             stepdir.mkdir(parents=True)
             waited = idle()
             started = time.time()
-            over, rec = overload.run_store_overload(server, wl, best_rate, factor, stepdir, opts)
+            try:
+                over, rec = overload.run_store_overload(
+                    server, wl, best_rate, factor, stepdir, opts
+                )
+            except BenchError as exc:
+                # The load generator gave up (sipp at its call limit): the step failed; the
+                # run goes on to the next server, and what was measured is kept.
+                print(f"| {server.name} | {wl.name} | {rate} | overload step aborted: {exc} |")
+                results.append(
+                    {
+                        "server": server.name, "workload": wl.name, "rate": rate,
+                        "started": started, "overload": True, "factor": factor, **waited,
+                        **_aborted(exc),
+                    }
+                )  # fmt: skip
+                continue
             flags = {"overload": True, "factor": factor, **waited}
             record(rate, over, started, **flags)
             record(best_rate, rec, started + opts.overload_duration, recovery=True)
         elif wl.runner == "register" and rate not in rates_run:
             run(rate, overload=True, factor=factor)
+
+
+def _aborted(exc: BenchError) -> dict[str, Any]:
+    """The outcome of a step whose load generator stopped with ``exc``."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return {
+        "passed": False,
+        "reasons": [f"aborted: {reason}"],
+        "aborted": True,
+        "achieved_rate": 0.0,
+        "failed": None,
+        "retransmissions": None,
+    }
 
 
 def parse_factors(text: str) -> tuple[float, ...]:

@@ -197,3 +197,22 @@ async def test_more_refreshes_than_one_transaction_takes_are_all_written(
     finally:
         await conn.close()
     assert written == len(users)
+
+
+@postgres
+async def test_a_refresh_whose_read_fails_gets_503_and_nothing_is_deferred(
+    server: ServerFactory,
+) -> None:
+    srv = await server("registrar.write_behind=30")
+    bob = await srv.agent("bob", DOMAIN)
+    assert (await bob.register(600)).status == 200
+    behind = srv.worker.write_behind
+    assert behind is not None
+    await rename_table(srv, "location", broken=True)
+    refused = await bob.register(600)
+    assert refused.status == 503 and refused.get_header("Retry-After") is not None
+    assert behind.pending == 0 and srv.stats()["refreshes_deferred"] == 0
+    await rename_table(srv, "location", broken=False)
+    await _next_second()
+    assert (await bob.register(600)).status == 200
+    assert behind.pending == 1
